@@ -1,0 +1,17 @@
+"""fastmdl: multi-domain convolutional networks pruned to a budget and served in one
+pass through fused mixed-domain kernels.
+
+The hot path is the op ``fastmdl.ops.domain_conv2d`` (``torch.ops.fastmdl.domain_conv2d``).
+"""
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402  (declares torch.ops.fastmdl.domain_conv2d)
+from .backends import cpp as _cpp  # noqa: E402
+
+if _cpp.status()[0]:
+    from . import _ops as _ops_module
+
+    _ops_module.register_cpp_fake()
+
+__all__ = ["ops", "__version__"]

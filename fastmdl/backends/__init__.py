@@ -1,0 +1,72 @@
+"""Backends of ``fastmdl::domain_conv2d`` and how one is chosen.
+
+| name        | runs on                                  | module                  |
+|-------------|------------------------------------------|-------------------------|
+| `reference` | any device (pure PyTorch, the oracle)    | `backends/reference.py` |
+| `cpp`       | CPU, when the extension `fastmdl._C` built | `backends/cpp.py`     |
+| `triton`    | CUDA; CPU only under `TRITON_INTERPRET=1`  | `backends/triton.py`  |
+
+``backend=None`` (or ``"auto"``) picks the fastest usable one for the device:
+``cpp`` on the CPU, ``triton`` on CUDA, the reference otherwise. When the fast
+backend is missing, the reference runs and a warning says so once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, Tuple
+
+import torch
+
+from . import cpp, reference, triton
+
+NAMES = ("reference", "cpp", "triton")
+
+_IMPLS: Dict[str, Callable] = {
+    "reference": reference.domain_conv2d,
+    "cpp": cpp.domain_conv2d,
+    "triton": triton.domain_conv2d,
+}
+
+_warned = set()
+
+
+def status(name: str, device_type: str) -> Tuple[bool, str]:
+    """(usable, reason) for backend ``name`` on tensors of ``device_type``."""
+    if name == "reference":
+        return True, "pure PyTorch"
+    if name == "cpp":
+        if device_type != "cpu":
+            return False, f"the C++ kernel takes CPU tensors, not {device_type}"
+        return cpp.status()
+    if name == "triton":
+        return triton.status(device_type)
+    raise ValueError(f"backend must be one of {NAMES} or None, got {name!r}")
+
+
+def _auto(device_type: str, dtype: torch.dtype) -> str:
+    preferred = {"cpu": "cpp", "cuda": "triton"}.get(device_type)
+    if preferred is None:
+        return "reference"
+    ok, why = status(preferred, device_type)
+    if preferred == "triton" and dtype not in triton.SUPPORTED_DTYPES:
+        ok, why = False, f"Triton does not take {dtype}"
+    if ok:
+        return preferred
+    key = (device_type, preferred, why)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"fastmdl: backend '{preferred}' is not usable on {device_type} ({why}); "
+                      "domain_conv2d runs on the pure-PyTorch reference instead. "
+                      "`fastmdl info` shows every backend's state.", RuntimeWarning, stacklevel=4)
+    return "reference"
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Callable:
+    """The implementation to run for backend ``name`` ("auto" or one of NAMES)."""
+    if name == "auto":
+        return _IMPLS[_auto(device.type, dtype)]
+    ok, why = status(name, device.type)
+    if not ok:
+        raise RuntimeError(f"backend {name!r} is not usable for {device.type} tensors: {why}")
+    return _IMPLS[name]

@@ -1,0 +1,81 @@
+"""``fastmdl info``: versions, and which backends really run here.
+
+Each backend is not only imported but run once on a tiny problem and compared
+with the reference, so the table says what works, not what is installed.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import List, Tuple
+
+import torch
+
+from . import __version__, backends
+
+
+def _smoke(name: str, device: str) -> Tuple[bool, str]:
+    ok, why = backends.status(name, device)
+    if not ok:
+        return False, why
+    from .ops import domain_conv2d
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 6, 6, generator=gen).to(device)
+    w = torch.randn(4, 5, 3, 3, generator=gen).to(device)
+    dom = torch.tensor([1, 0, 1], device=device)
+    ii = torch.tensor([0, 2, 4, 1, 2, 3], device=device)
+    io = torch.tensor([0, 3, 6], device=device)
+    oi = torch.tensor([1, 3, 0, 1, 2, 3], device=device)
+    oo = torch.tensor([0, 2, 6], device=device)
+    try:
+        got = domain_conv2d(x, w, dom, ii, io, oi, oo, padding=1, backend=name)
+    except Exception as exc:  # report, don't crash: this is a diagnostic
+        return False, f"{why}; but a test call failed: {type(exc).__name__}: {exc}"
+    want = domain_conv2d(x, w, dom, ii, io, oi, oo, padding=1, backend="reference")
+    if not torch.allclose(got, want, rtol=1e-2, atol=1e-2):
+        return False, f"{why}; but it disagrees with the reference"
+    return True, why
+
+
+def rows() -> List[Tuple[str, str, str]]:
+    """(backend, device, 'yes'/'no' with the reason) for every backend and device."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    out = []
+    for device in devices:
+        for name in backends.NAMES:
+            if name == "cpp" and device != "cpu":
+                continue
+            if name == "triton" and device == "cpu" and not backends.triton.interpreting():
+                ok, why = backends.triton._import_status()
+                out.append((name, device, ("installed; " if ok else "no: ") + why
+                            + ("; runs on CPU only under TRITON_INTERPRET=1" if ok else "")))
+                continue
+            ok, why = _smoke(name, device)
+            out.append((name, device, ("yes: " if ok else "no: ") + why))
+    if not torch.cuda.is_available():
+        out.append(("triton", "cuda", "no: no CUDA device"))
+    out.append(("cuda", "cuda", "no: the CUDA C++ kernel is not part of this build yet"))
+    return out
+
+
+def report() -> str:
+    """The text ``fastmdl info`` prints."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = "not installed"
+    lines = [
+        f"fastmdl  {__version__}",
+        f"python   {platform.python_version()} ({platform.machine()})",
+        f"torch    {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}, "
+        f"CUDA device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'})",
+        f"triton   {triton_version}",
+        f"threads  {torch.get_num_threads()}",
+        "",
+        f"{'backend':<10} {'device':<7} usable",
+        f"{'-' * 10} {'-' * 7} {'-' * 50}",
+    ]
+    lines += [f"{name:<10} {device:<7} {state}" for name, device, state in rows()]
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""Public entry points of fastmdl's ops.
+
+``domain_conv2d`` checks and normalises its arguments, then calls the op
+``torch.ops.fastmdl.domain_conv2d`` (declared in ``fastmdl/_ops.py``).
+``index_lists`` turns per-domain 0/1 masks into the CSR index lists it takes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _ops, _shapes, backends  # noqa: F401  (_ops declares the op)
+
+IntPair = Union[int, Sequence[int]]
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def domain_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    domain: Union[int, torch.Tensor],
+    in_index: torch.Tensor,
+    in_offsets: torch.Tensor,
+    out_index: torch.Tensor,
+    out_offsets: torch.Tensor,
+    *,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    relu: bool = False,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    r"""Mixed-domain convolution in one call.
+
+    Domain d reads input channels ``in_d = in_index[in_offsets[d]:in_offsets[d+1]]`` and
+    writes output filters ``out_d = out_index[out_offsets[d]:out_offsets[d+1]]``. For
+    sample n of domain d = ``domain[n]`` and output channel c:
+
+    .. math::
+        y_{n,c} = \mathrm{act}\Big([c \in out_d]\big(\textstyle\sum_{i \in in_d}
+                  W_{c,i} \star x_{n,i} \cdot s_{d,c} + t_{d,c}\big) + r_{n,c}\Big)
+
+    with s = ``scale`` (default 1), t = ``shift`` (default 0), r = ``residual``
+    (default 0, added on every channel) and act = ReLU if ``relu``. Channels outside
+    out_d are exactly 0 before the residual.
+
+    Args:
+        x: (N, C_in, H, W), float32/float16/bfloat16 (float64 for gradcheck),
+            contiguous, channels_last or strided.
+        weight: (C_out, C_in, kh, kw), x's dtype and device.
+        domain: an int for the whole batch, or an int64 tensor of shape (N,).
+        in_index, in_offsets, out_index, out_offsets: int64 CSR lists; each
+            domain's indices sorted, unique and in range; D = len(in_offsets) - 1.
+        scale, shift: optional (D, C_out) per-domain affine (folded BatchNorm).
+        residual: optional tensor of the output's shape.
+        stride, padding, dilation: int or (h, w) pair.
+        backend: None/"auto", "reference", "cpp" or "triton".
+
+    Returns:
+        (N, C_out, H_out, W_out) in x's dtype and memory format; every element written.
+    """
+    stride = _pair(stride, "stride", minimum=1)
+    padding = _pair(padding, "padding", minimum=0)
+    dilation = _pair(dilation, "dilation", minimum=1)
+    backend = _backend_name(backend)
+    _check_tensor(x, "x", dims=4, dtypes=_FLOAT_DTYPES)
+    _check_tensor(weight, "weight", dims=4, dtype=x.dtype, device=x.device)
+    n, c_in = x.shape[:2]
+    c_out = weight.shape[0]
+    if weight.shape[1] != c_in:
+        raise ValueError(f"weight must be (C_out, C_in={c_in}, kh, kw) to match x, "
+                         f"got shape {tuple(weight.shape)}")
+    ho, wo = _shapes.conv_output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"x of spatial size {tuple(x.shape[2:])} is too small for a "
+                         f"{tuple(weight.shape[2:])} kernel with padding {padding} and dilation "
+                         f"{dilation}: the output would be {ho}x{wo}")
+
+    for name, t in (("in_index", in_index), ("in_offsets", in_offsets),
+                    ("out_index", out_index), ("out_offsets", out_offsets)):
+        _check_tensor(t, name, dims=1, dtype=torch.int64, device=x.device)
+    num_domains = in_offsets.numel() - 1
+    if num_domains < 1:
+        raise ValueError(f"in_offsets must have D + 1 >= 2 entries, got {in_offsets.numel()}")
+    if out_offsets.numel() != num_domains + 1:
+        raise ValueError(f"out_offsets must have D + 1 = {num_domains + 1} entries like "
+                         f"in_offsets, got {out_offsets.numel()}")
+
+    if isinstance(domain, bool) or not isinstance(domain, (int, torch.Tensor)):
+        raise TypeError(f"domain must be an int or an int64 tensor of shape (N,), "
+                        f"got {type(domain).__name__}")
+    if isinstance(domain, int):
+        if not 0 <= domain < num_domains:
+            raise ValueError(f"domain {domain} is out of range [0, {num_domains})")
+        domain = torch.full((n,), domain, dtype=torch.int64, device=x.device)
+    else:
+        _check_tensor(domain, "domain", dims=1, dtype=torch.int64, device=x.device)
+        if domain.shape[0] != n:
+            raise ValueError(f"domain must have shape (N,) = ({n},), got {tuple(domain.shape)}")
+
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None:
+            _check_tensor(t, name, dims=2, dtype=x.dtype, device=x.device)
+            if tuple(t.shape) != (num_domains, c_out):
+                raise ValueError(f"{name} must be (D, C_out) = ({num_domains}, {c_out}), "
+                                 f"got {tuple(t.shape)}")
+    if residual is not None:
+        _check_tensor(residual, "residual", dims=4, dtype=x.dtype, device=x.device)
+        if tuple(residual.shape) != (n, c_out, ho, wo):
+            raise ValueError(f"residual must have the output's shape {(n, c_out, ho, wo)}, "
+                             f"got {tuple(residual.shape)}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+
+    if _can_read_values():
+        _check_values(domain, num_domains, in_index, in_offsets, c_in, out_index, out_offsets,
+                      c_out)
+    return torch.ops.fastmdl.domain_conv2d(x, weight, domain, in_index, in_offsets, out_index,
+                                           out_offsets, scale, shift, residual, relu, stride,
+                                           padding, dilation, backend)
+
+
+def index_lists(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CSR lists (index, offsets) of a (D, C) 0/1 mask: domain d's list is
+    ``index[offsets[d]:offsets[d+1]] = {c : masks[d, c] != 0}``, ascending."""
+    if not isinstance(masks, torch.Tensor) or masks.dim() != 2:
+        raise TypeError("masks must be a 2-D tensor of shape (D, C)")
+    keep = masks != 0
+    index = keep.nonzero()[:, 1].contiguous()
+    offsets = torch.zeros(masks.shape[0] + 1, dtype=torch.int64, device=masks.device)
+    offsets[1:] = keep.sum(dim=1).cumsum(0)
+    return index, offsets
+
+
+def _can_read_values() -> bool:
+    # Value checks read tensors on the host; inside torch.compile or a CUDA graph
+    # capture that would break the graph, so there only the shapes are checked.
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _check_values(domain, num_domains, in_index, in_offsets, c_in, out_index, out_offsets, c_out):
+    if domain.numel() and (int(domain.min()) < 0 or int(domain.max()) >= num_domains):
+        bad = domain[(domain < 0) | (domain >= num_domains)][0].item()
+        raise ValueError(f"domain id {bad} is out of range [0, {num_domains})")
+    for index, offsets, width, iname, oname in (
+            (in_index, in_offsets, c_in, "in_index", "in_offsets"),
+            (out_index, out_offsets, c_out, "out_index", "out_offsets")):
+        off = offsets.cpu()
+        if int(off[0]) != 0 or int(off[-1]) != index.numel():
+            raise ValueError(f"{oname} must start at 0 and end at len({iname}) = {index.numel()}, "
+                             f"got {off[0].item()} and {off[-1].item()}")
+        if bool((off[1:] < off[:-1]).any()):
+            raise ValueError(f"{oname} must be non-decreasing, got {off.tolist()}")
+        idx = index.cpu()
+        if idx.numel() == 0:
+            continue
+        if int(idx.min()) < 0 or int(idx.max()) >= width:
+            raise ValueError(f"{iname} entries must lie in [0, {width}), got values in "
+                             f"[{idx.min().item()}, {idx.max().item()}]")
+        segment_start = torch.zeros(idx.numel(), dtype=torch.bool)
+        segment_start[off[:-1][off[:-1] < idx.numel()]] = True
+        if not bool(((idx[1:] > idx[:-1]) | segment_start[1:]).all()):
+            raise ValueError(f"{iname} must be sorted and unique within each domain")
+
+
+def _check_tensor(t, name, *, dims, dtype=None, dtypes=None, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have one of dtypes {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on x's device {device}, got {t.device}")
+
+
+def _pair(v, name, *, minimum) -> list:
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if isinstance(v, int):
+        v = (v, v)
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or not all(isinstance(e, int) and not isinstance(e, bool) for e in v)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"{name} entries must be >= {minimum}, got {tuple(v)}")
+    return list(v)
+
+
+def _backend_name(backend) -> str:
+    if backend is None:
+        return "auto"
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be None or a str, got {type(backend).__name__}")
+    if backend != "auto" and backend not in backends.NAMES:
+        raise ValueError(f"backend must be one of {backends.NAMES} or None, got {backend!r}")
+    return backend
