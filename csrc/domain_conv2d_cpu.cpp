@@ -5,8 +5,8 @@
 //           = 0                                                          otherwise
 // then + residual (every channel), then ReLU.
 //
-// Work is cut into (sample, pixel tile) items, ordered so that samples of one
-// domain are adjacent (each domain's packed weight stays hot in cache). Each item
+// Work is cut into items of whole output rows of one or more samples of ONE
+// domain (samples are grouped by domain, so its packed weight stays hot). Each item
 // builds an im2col tile that reads ONLY the domain's input channels (the gather is
 // part of the im2col), multiplies it by the domain's packed weight with one
 // single-threaded BLAS call, and writes every output channel of the tile in the
@@ -125,13 +125,26 @@ void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& domain
     }
   });
 
-  // Pixel tiles: big enough for an efficient GEMM, small enough that the im2col
-  // tile (K x P) stays in the per-core L2 cache.
-  const int64_t budget_elems = (int64_t(512) * 1024) / int64_t(sizeof(acc_t));
-  int64_t P = std::max<int64_t>(64, budget_elems / max_k);
-  P = std::min(P, HWo);
-  const int64_t tiles_per_sample = (HWo + P - 1) / P;
-  const int64_t items = s.N * tiles_per_sample;
+  // Work items are tiles of whole output rows: big enough for an efficient GEMM,
+  // small enough that the im2col tile (K x P) stays in the per-core L2 cache.
+  // Whole rows let the im2col copy runs of contiguous pixels with no per-element
+  // index math. When a whole image is smaller than that, one item takes several
+  // consecutive samples of the same domain (the order is grouped by domain).
+  struct Item { int64_t first, count, oh0, nrows, d; };
+  const int64_t budget_elems = (int64_t(2) * 1024 * 1024) / int64_t(sizeof(acc_t));
+  const int64_t rows_per_tile =
+      std::min(s.Ho, std::max<int64_t>(1, budget_elems / (max_k * s.Wo)));
+  const int64_t samples_per_tile =
+      rows_per_tile < s.Ho ? 1 : std::max<int64_t>(1, budget_elems / (max_k * HWo));
+  std::vector<Item> items;
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t first = start[d]; first < start[d + 1]; first += samples_per_tile) {
+      const int64_t count = std::min(samples_per_tile, start[d + 1] - first);
+      for (int64_t oh0 = 0; oh0 < s.Ho; oh0 += rows_per_tile)
+        items.push_back({first, count, oh0, std::min(rows_per_tile, s.Ho - oh0), d});
+    }
+  }
+  const int64_t P = samples_per_tile * rows_per_tile * s.Wo;
 
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const int64_t xsN = x.stride(0), xsC = x.stride(1), xsH = x.stride(2), xsW = x.stride(3);
@@ -144,33 +157,49 @@ void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& domain
   const scalar_t* scp = scale ? scale->data_ptr<scalar_t>() : nullptr;
   const scalar_t* shp = shift ? shift->data_ptr<scalar_t>() : nullptr;
 
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> cols(max_k * P);
     std::vector<acc_t> acc(max_rows * P);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = order[item / tiles_per_sample];
-      const int64_t p0 = (item % tiles_per_sample) * P;
-      const int64_t np = std::min(P, HWo - p0);
-      const int64_t d = dom[n];
+    std::vector<int64_t> y_off(P), r_off(P);
+    for (int64_t it = begin; it < end; ++it) {
+      const Item& item = items[it];
+      const int64_t d = item.d, oh0 = item.oh0, nrows = item.nrows;
+      const int64_t per_sample = nrows * s.Wo;
+      const int64_t np = item.count * per_sample;
       const DomainSlice& sl = slices[d];
       const int64_t K = sl.in_count * KK;
       const int64_t rows = sl.out_count;
 
       if (rows > 0) {
-        // im2col over the domain's input channels only.
-        const scalar_t* xn = xp + n * xsN;
+        // im2col over the domain's input channels only, one output row at a time:
+        // the valid output columns [lo, hi) of each tap are found once per tap.
         for (int64_t i = 0; i < sl.in_count; ++i) {
-          const scalar_t* xc = xn + in_idx[sl.in_begin + i] * xsC;
+          const int64_t x_chan = in_idx[sl.in_begin + i] * xsC;
           for (int64_t r = 0; r < s.KH; ++r) {
             for (int64_t t = 0; t < s.KW; ++t) {
+              const int64_t off_w = t * s.dw - s.pw;  // iw = ow * sw + off_w
+              const int64_t lo = std::min(s.Wo, off_w >= 0 ? 0 : (-off_w + s.sw - 1) / s.sw);
+              const int64_t hi = std::max(lo, std::min(s.Wo, (s.W - 1 - off_w) / s.sw + 1));
+              const int64_t step = s.sw * xsW;
               acc_t* dst = cols.data() + ((i * s.KH + r) * s.KW + t) * np;
-              for (int64_t q = 0; q < np; ++q) {
-                const int64_t p = p0 + q;
-                const int64_t ih = (p / s.Wo) * s.sh - s.ph + r * s.dh;
-                const int64_t iw = (p % s.Wo) * s.sw - s.pw + t * s.dw;
-                dst[q] = (ih >= 0 && ih < s.H && iw >= 0 && iw < s.W)
-                             ? static_cast<acc_t>(xc[ih * xsH + iw * xsW])
-                             : acc_t(0);
+              for (int64_t m = 0; m < item.count; ++m) {
+                const scalar_t* xc = xp + order[item.first + m] * xsN + x_chan;
+                for (int64_t orow = 0; orow < nrows; ++orow, dst += s.Wo) {
+                  const int64_t ih = (oh0 + orow) * s.sh - s.ph + r * s.dh;
+                  if (ih < 0 || ih >= s.H) {
+                    std::fill(dst, dst + s.Wo, acc_t(0));
+                    continue;
+                  }
+                  std::fill(dst, dst + lo, acc_t(0));
+                  const scalar_t* src = xc + ih * xsH + (lo * s.sw + off_w) * xsW;
+                  if (step == 1) {
+                    for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = static_cast<acc_t>(src[ow - lo]);
+                  } else {
+                    for (int64_t ow = lo; ow < hi; ++ow)
+                      dst[ow] = static_cast<acc_t>(src[(ow - lo) * step]);
+                  }
+                  std::fill(dst + hi, dst + s.Wo, acc_t(0));
+                }
               }
             }
           }
@@ -188,6 +217,12 @@ void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& domain
         }
       }
 
+      for (int64_t q = 0; q < np; ++q) {
+        const int64_t n = order[item.first + q / per_sample];
+        const int64_t oh = oh0 + (q % per_sample) / s.Wo, ow = q % s.Wo;
+        y_off[q] = n * ysN + oh * ysH + ow * ysW;
+        r_off[q] = n * rsN + oh * rsH + ow * rsW;
+      }
       const int64_t* row_of = out_row.data() + d * s.C_out;
       auto emit = [&](int64_t c, int64_t q) {
         const int64_t j = row_of[c];
@@ -197,10 +232,9 @@ void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& domain
           if (scp) v *= static_cast<acc_t>(scp[d * s.C_out + c]);
           if (shp) v += static_cast<acc_t>(shp[d * s.C_out + c]);
         }
-        const int64_t p = p0 + q, oh = p / s.Wo, ow = p % s.Wo;
-        if (rp) v += static_cast<acc_t>(rp[n * rsN + c * rsC + oh * rsH + ow * rsW]);
+        if (rp) v += static_cast<acc_t>(rp[r_off[q] + c * rsC]);
         if (relu && !(v > acc_t(0))) v = (v != v) ? v : acc_t(0);  // ReLU keeps NaN, like torch
-        yp[n * ysN + c * ysC + oh * ysH + ow * ysW] = static_cast<scalar_t>(v);
+        yp[y_off[q] + c * ysC] = static_cast<scalar_t>(v);
       };
       if (channels_inner) {
         for (int64_t q = 0; q < np; ++q)
