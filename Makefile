@@ -1,0 +1,10 @@
+# Thin wrappers; each target sets up its own environment from scratch.
+.PHONY: test bench bench-pytest info
+test:
+	bash scripts/test.sh
+bench:
+	bash scripts/bench.sh
+bench-pytest:
+	bash scripts/bootstrap.sh && .venv/bin/pytest benchmarks/test_cpu_op.py --benchmark-only
+info:
+	.venv/bin/python -m fastmdl info
