@@ -146,19 +146,23 @@ def _can_read_values() -> bool:
 
 
 def _check_values(domain, num_domains, in_index, in_offsets, c_in, out_index, out_offsets, c_out):
-    if domain.numel() and (int(domain.min()) < 0 or int(domain.max()) >= num_domains):
-        bad = domain[(domain < 0) | (domain >= num_domains)][0].item()
-        raise ValueError(f"domain id {bad} is out of range [0, {num_domains})")
-    for index, offsets, width, iname, oname in (
-            (in_index, in_offsets, c_in, "in_index", "in_offsets"),
-            (out_index, out_offsets, c_out, "out_index", "out_offsets")):
-        off = offsets.cpu()
-        if int(off[0]) != 0 or int(off[-1]) != index.numel():
-            raise ValueError(f"{oname} must start at 0 and end at len({iname}) = {index.numel()}, "
+    # One transfer to the host for every value checked (one synchronisation on a GPU).
+    parts = [in_offsets, out_offsets, in_index, out_index]
+    if domain.numel():
+        parts.append(torch.stack([domain.min(), domain.max()]))
+    host = torch.cat(parts).cpu()
+    sizes = [t.numel() for t in parts]
+    in_off, out_off, in_idx, out_idx, *dom_range = torch.split(host, sizes)
+    if dom_range and (int(dom_range[0][0]) < 0 or int(dom_range[0][1]) >= num_domains):
+        bad = dom_range[0][0] if int(dom_range[0][0]) < 0 else dom_range[0][1]
+        raise ValueError(f"domain id {int(bad)} is out of range [0, {num_domains})")
+    for idx, off, width, iname, oname in ((in_idx, in_off, c_in, "in_index", "in_offsets"),
+                                          (out_idx, out_off, c_out, "out_index", "out_offsets")):
+        if int(off[0]) != 0 or int(off[-1]) != idx.numel():
+            raise ValueError(f"{oname} must start at 0 and end at len({iname}) = {idx.numel()}, "
                              f"got {off[0].item()} and {off[-1].item()}")
         if bool((off[1:] < off[:-1]).any()):
             raise ValueError(f"{oname} must be non-decreasing, got {off.tolist()}")
-        idx = index.cpu()
         if idx.numel() == 0:
             continue
         if int(idx.min()) < 0 or int(idx.max()) >= width:
