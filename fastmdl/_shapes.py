@@ -35,5 +35,6 @@ def domain_masks(index: torch.Tensor, offsets: torch.Tensor, width: int,
     owner = torch.repeat_interleave(torch.arange(num_domains, device=index.device), counts,
                                     output_size=index.numel())
     mask = torch.zeros((num_domains, width), dtype=dtype, device=index.device)
+    # A device scalar: a Python 1 would be a host copy, which CUDA graph capture forbids.
     mask.index_put_((owner, index), torch.ones((), dtype=dtype, device=index.device))
     return mask

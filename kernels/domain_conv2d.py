@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._shapes import conv_output_hw, domain_masks, output_memory_format
+
 
 @triton.jit
 def domain_conv2d_kernel(
@@ -121,11 +123,9 @@ def domain_conv2d(x, weight, domain, in_index, in_offsets, out_index, out_offset
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     num_domains = in_offsets.numel() - 1
-    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    h_out, w_out = conv_output_hw((h, w), (kh, kw), stride, padding, dilation)
     y = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device,
-                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                    memory_format=output_memory_format(x))
     if n == 0:
         return y
     block_m, block_n, block_k, num_warps, num_stages = _blocks(x.device.type)
@@ -144,13 +144,8 @@ def domain_conv2d(x, weight, domain, in_index, in_offsets, out_index, out_offset
                                      torch.arange(grid_m, device=dev), right=True)
 
     # Each domain's columns: its filters in ascending order, then the rest.
-    owner = torch.repeat_interleave(torch.arange(num_domains, device=dev),
-                                    out_offsets[1:] - out_offsets[:-1],
-                                    output_size=out_index.numel())
-    unused = torch.ones((num_domains, c_out), dtype=torch.int8, device=dev)
-    # A device scalar: a Python 0 would be a host copy, which CUDA graph capture forbids.
-    unused.index_put_((owner, out_index), torch.zeros((), dtype=torch.int8, device=dev))
-    col_order = torch.argsort(unused, dim=1, stable=True).contiguous()
+    used = domain_masks(out_index, out_offsets, c_out, torch.int8)
+    col_order = torch.argsort(1 - used, dim=1, stable=True).contiguous()
 
     if x.dtype == torch.float32:
         precision = "tf32" if torch.backends.cudnn.allow_tf32 and dev.type == "cuda" else "ieee"
