@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import Optional, Tuple
 
 import torch
@@ -12,6 +13,9 @@ import torch
 @functools.lru_cache(maxsize=None)
 def status() -> Tuple[bool, str]:
     """(usable, reason): whether the compiled extension loaded, and why not if it did not."""
+    if importlib.util.find_spec("fastmdl._C") is None:
+        return False, ("the C++ extension fastmdl._C is not installed: it did not build when "
+                       "fastmdl was installed (reinstall with `pip install -v .` to see why)")
     try:
         from .. import _C  # noqa: F401  (importing registers the ops)
     except Exception as exc:  # an ImportError or an undefined-symbol OSError alike
