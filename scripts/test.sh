@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-.venv/bin/python -m fastmdl info
+.venv/bin/fastmdl info   # the console script: the source tree in the CWD must not shadow the install
 exec .venv/bin/pytest "$@"

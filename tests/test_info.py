@@ -4,15 +4,19 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 
 def _run(code_or_args, env_changes=None, module=False):
+    """Run in a fresh interpreter from a neutral directory, so that a source
+    checkout in the current directory cannot shadow the installed package."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(env_changes or {})
     cmd = [sys.executable] + (["-m"] + code_or_args if module else ["-c", code_or_args])
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tempfile.gettempdir())
 
 
 def test_python_m_fastmdl_info_lists_every_backend():
@@ -21,13 +25,17 @@ def test_python_m_fastmdl_info_lists_every_backend():
     for word in ("fastmdl", "torch", "triton", "reference", "cpp", "cuda"):
         assert word in out.stdout
     assert "reference  cpu     yes" in out.stdout
+    from fastmdl.backends import cpp
+    if cpp.status()[0]:  # the installed package has its extension: info must say so
+        assert "cpp        cpu     yes" in out.stdout, out.stdout
 
 
 def test_console_script_matches_module():
     exe = shutil.which("fastmdl", path=os.path.dirname(sys.executable))
     if exe is None:
         pytest.skip("the console script is not installed beside this interpreter")
-    out = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=300,
+                         cwd=tempfile.gettempdir())
     assert out.returncode == 0 and "backend" in out.stdout
 
 
