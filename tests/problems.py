@@ -100,3 +100,27 @@ CASES = [
     Case("no_epilogue", epilogue=False),
     Case("single_domain", d=1),
 ]
+
+
+OP_ORDER = ("x", "weight", "domain", "in_index", "in_offsets", "out_index", "out_offsets",
+            "scale", "shift", "residual", "relu", "stride", "padding", "dilation")
+
+
+def op_args(args, backend=None):
+    """``args`` as the positional arguments of torch.ops.fastmdl.domain_conv2d
+    (with ``backend`` appended), or of domain_conv2d_cpu when backend is None."""
+    full = {"scale": None, "shift": None, "residual": None, "relu": False, **args}
+    out = tuple(list(full[k]) if k in ("stride", "padding", "dilation") else full[k]
+                for k in OP_ORDER)
+    return out if backend is None else out + (backend,)
+
+
+def require_backend(name, device="cpu"):
+    """Skip the calling test, with the reason, when backend ``name`` can't run on ``device``."""
+    import pytest
+
+    from fastmdl import backends
+
+    ok, why = backends.status(name, device)
+    if not ok:
+        pytest.skip(why)

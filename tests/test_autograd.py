@@ -4,26 +4,19 @@ gradients against the reference's."""
 import pytest
 import torch
 
-from fastmdl import backends
 from fastmdl.ops import domain_conv2d
 
-from problems import Case, make
+from problems import Case, make, require_backend
 
 GRAD_ARGS = ("x", "weight", "scale", "shift", "residual")
 SMALL = Case("grad", n=4, c_in=5, c_out=6, d=3, hw=(5, 5), stride=(2, 1), padding=(1, 1),
              domains=[2, 0, 2, 1])
 
 
-def _usable(name, device="cpu"):
-    ok, why = backends.status(name, device)
-    if not ok:
-        pytest.skip(why)
-
-
 @pytest.mark.parametrize("name", ["reference", "cpp"])
 @pytest.mark.parametrize("relu", [False, True])
 def test_gradcheck_float64(name, relu):
-    _usable(name)
+    require_backend(name)
     a = make(SMALL, torch.float64, "cpu", seed=2)
     a["relu"] = relu
     inputs = tuple(a[k].detach().clone().requires_grad_() for k in GRAD_ARGS)
@@ -35,7 +28,7 @@ def test_gradcheck_float64(name, relu):
 
 
 def test_gradcheck_channels_last_and_dilation():
-    _usable("cpp")
+    require_backend("cpp")
     case = Case("grad_cl", n=3, c_in=4, c_out=5, d=2, hw=(7, 6), dilation=(2, 1), padding=(2, 1),
                 layout="channels_last")
     a = make(case, torch.float64, "cpu", seed=4)
@@ -55,7 +48,7 @@ def _grads(a, name):
 
 @pytest.mark.parametrize("name", ["cpp", "triton"])
 def test_backend_gradients_equal_reference(name):
-    _usable(name)
+    require_backend(name)
     a = make(SMALL, torch.float32, "cpu", seed=6)
     want, got = _grads(a, "reference"), _grads(a, name)
     for k in GRAD_ARGS:

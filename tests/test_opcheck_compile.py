@@ -4,25 +4,9 @@ import pytest
 import torch
 
 import fastmdl  # noqa: F401  (registers the ops)
-from fastmdl import backends
 from fastmdl.ops import domain_conv2d
 
-from problems import Case, make
-
-ORDER = ("x", "weight", "domain", "in_index", "in_offsets", "out_index", "out_offsets",
-         "scale", "shift", "residual", "relu", "stride", "padding", "dilation")
-
-
-def _op_args(a, backend):
-    full = {"scale": None, "shift": None, "residual": None, "relu": False, **a}
-    return tuple(list(full[k]) if k in ("stride", "padding", "dilation") else full[k]
-                 for k in ORDER) + (backend,)
-
-
-def _usable(name):
-    ok, why = backends.status(name, "cpu")
-    if not ok:
-        pytest.skip(why)
+from problems import Case, make, op_args, require_backend
 
 
 @pytest.mark.parametrize("name", ["reference", "cpp", "triton"])
@@ -31,23 +15,23 @@ def _usable(name):
                                        layout="channels_last", epilogue=False, stride=(2, 2))],
                          ids=lambda c: c.name)
 def test_opcheck(name, case):
-    _usable(name)
+    require_backend(name)
     a = make(case, torch.float32, "cpu", seed=3)
     for k in ("x", "weight", "scale", "shift", "residual"):
         if k in a:
             a[k].requires_grad_()
-    torch.library.opcheck(torch.ops.fastmdl.domain_conv2d.default, _op_args(a, name))
+    torch.library.opcheck(torch.ops.fastmdl.domain_conv2d.default, op_args(a, name))
 
 
 def test_opcheck_cpp_kernel_op():
-    _usable("cpp")
+    require_backend("cpp")
     a = make(Case("opcheck_cpp", n=3, c_in=5, c_out=4, hw=(6, 6), d=2), torch.float32, "cpu", 4)
-    torch.library.opcheck(torch.ops.fastmdl.domain_conv2d_cpu.default, _op_args(a, "cpp")[:-1],
+    torch.library.opcheck(torch.ops.fastmdl.domain_conv2d_cpu.default, op_args(a),
                           test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
-    _usable("cpp")
+    require_backend("cpp")
     torch._dynamo.reset()
     a = make(Case("compile", n=4, c_in=6, c_out=8, hw=(8, 8), d=2), torch.float32, "cpu", 5)
     keys = ("domain", "in_index", "in_offsets", "out_index", "out_offsets")

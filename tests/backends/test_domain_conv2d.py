@@ -38,8 +38,6 @@ def _backend_dtypes():
                 dtypes = (torch.float32, torch.float16)
             for dtype in dtypes:
                 marks = [] if ok else [pytest.mark.skip(reason=f"{name} on {device}: {why}")]
-                if device == "cpu" and name == "triton" and not ok:
-                    marks = [pytest.mark.skip(reason=why)]
                 out.append(pytest.param(name, device, dtype, marks=marks,
                                         id=f"{name}-{device}-{str(dtype)[6:]}"))
     return out

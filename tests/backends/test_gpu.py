@@ -4,35 +4,24 @@ CUDA graph (the launch path must not synchronise with the host)."""
 import pytest
 import torch
 
-from fastmdl import backends
 from fastmdl.ops import domain_conv2d
 
-from problems import Case, make
+from problems import Case, make, op_args, require_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-ORDER = ("x", "weight", "domain", "in_index", "in_offsets", "out_index", "out_offsets",
-         "scale", "shift", "residual", "relu", "stride", "padding", "dilation")
-
-
-def _usable():
-    ok, why = backends.status("triton", "cuda")
-    if not ok:
-        pytest.skip(why)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_opcheck_cuda(dtype):
-    _usable()
+    require_backend("triton", "cuda")
     a = make(Case("opcheck_gpu", n=5, c_in=20, c_out=24, hw=(8, 8), d=3), dtype, "cuda", seed=1)
     for k in ("x", "weight", "scale", "shift", "residual"):
         a[k].requires_grad_()
-    args = tuple(list(a[k]) if k in ("stride", "padding", "dilation") else a[k] for k in ORDER)
-    torch.library.opcheck(torch.ops.fastmdl.domain_conv2d.default, args + ("triton",))
+    torch.library.opcheck(torch.ops.fastmdl.domain_conv2d.default, op_args(a, "triton"))
 
 
 def test_cuda_graph_capture_and_replay():
-    _usable()
+    require_backend("triton", "cuda")
     a = make(Case("graph", n=16, c_in=48, c_out=64, hw=(14, 14), d=4), torch.float16, "cuda", seed=2)
     eager = domain_conv2d(**a, backend="triton")
     stream = torch.cuda.Stream()
