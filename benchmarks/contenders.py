@@ -12,6 +12,7 @@ convolution):
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -20,7 +21,10 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
+from fastmdl._shapes import conv_output_hw
 from fastmdl.ops import domain_conv2d, index_lists
+
+BASELINES = ("(a) loop", "(b) mask", "(c) dense")
 
 # ResNet-like layers: (name, C_in, C_out, H=W, k, stride, padding).
 RESNET_LAYERS = [
@@ -60,10 +64,8 @@ class Problem:
         return float(2 * self.x.shape[0] * c_out * c_in * kh * kw * ho * wo)
 
     def out_hw(self):
-        h = self.x.shape[2]
-        k = self.weight.shape[2]
-        o = (h + 2 * self.padding - k) // self.stride + 1
-        return o, o
+        return conv_output_hw(self.x.shape[2:], self.weight.shape[2:], (self.stride,) * 2,
+                              (self.padding,) * 2, (1, 1))
 
 
 def make_problem(c_in, c_out, hw, k, stride, padding, *, n=32, domains=4, keep=0.5,
@@ -118,7 +120,7 @@ def contenders(p: Problem, backends: List[str]) -> Dict[str, Callable[[], torch.
     def dense():
         return F.conv2d(p.x, p.weight, None, p.stride, p.padding)
 
-    out = {"(a) loop": loop, "(b) mask": mask, "(c) dense": dense}
+    out = dict(zip(BASELINES, (loop, mask, dense)))
     for name in backends:
         out[name] = (lambda name=name: domain_conv2d(p.x, p.weight, p.domain, in_idx, in_off,
                                                      out_idx, out_off, stride=p.stride,
@@ -145,3 +147,11 @@ def matmul_gflops(size: int = 2048, repeats: int = 9) -> float:
     b = torch.randn(size, size)
     t = median_seconds(lambda: a @ b, warmup=5, repeats=repeats)
     return 2 * size ** 3 / t / 1e9
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write atomically: a reader sees the old file or the new one, never half."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

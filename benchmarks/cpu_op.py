@@ -21,7 +21,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from contenders import RESNET_LAYERS, contenders, make_problem, matmul_gflops, median_seconds  # noqa: E402
+from contenders import (BASELINES, RESNET_LAYERS, contenders, make_problem, matmul_gflops,  # noqa: E402
+                        median_seconds, write_atomic)
 
 import fastmdl  # noqa: E402
 from fastmdl import backends  # noqa: E402
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     print(f"measured float32 matmul: {peak:.1f} GFLOP/s; N={args.n}, D={args.domains}, "
           f"keep={args.keep} of input channels and output filters per domain\n")
 
-    names = ["(a) loop", "(b) mask", "(c) dense", "cpp"]
+    names = [*BASELINES, "cpp"]
     rows = []
     try:
         from tqdm import tqdm
@@ -108,21 +109,13 @@ def main(argv=None) -> int:
     header = (f"CPU op benchmark, {stamp}: {machine}; torch {torch.__version__}; matmul "
               f"{peak:.1f} GFLOP/s; N={args.n}, D={args.domains}, keep={args.keep}; "
               f"medians of {repeats} runs")
-    _write(os.path.join(args.out, "cpu_op.md"), f"{header}\n\n{table}\n\n{summary}\n")
-    _write(os.path.join(args.out, "cpu_op.json"), json.dumps(
+    write_atomic(os.path.join(args.out, "cpu_op.md"), f"{header}\n\n{table}\n\n{summary}\n")
+    write_atomic(os.path.join(args.out, "cpu_op.json"), json.dumps(
         {"date": stamp, "machine": machine, "torch": torch.__version__, "matmul_gflops": peak,
          "n": args.n, "domains": args.domains, "keep": args.keep, "rows": rows,
          "median_speedup_vs_loop": med_a, "median_speedup_vs_mask": med_b}, indent=2))
     print(f"\nwrote {args.out}/cpu_op.md and cpu_op.json")
     return 0
-
-
-def _write(path: str, text: str) -> None:
-    """Write atomically: a reader sees the old file or the new one, never half."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from contenders import RESNET_LAYERS, contenders, make_problem  # noqa: E402
+from contenders import BASELINES, RESNET_LAYERS, contenders, make_problem, write_atomic  # noqa: E402
 
 
 def ceilings(dtype):
@@ -64,7 +64,7 @@ def main(argv=None):
     stamp = datetime.date.today().isoformat()
     print(f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, {stamp}")
     print(f"ceilings: {args.dtype} matmul {peak:.0f} TFLOP/s, device copy {bw:.0f} GB/s\n")
-    names = ["(a) loop", "(b) mask", "(c) dense", "triton", "triton graphed"]
+    names = [*BASELINES, "triton", "triton graphed"]
     rows = []
     for n in (8, 64, 256):
         for (label, c_in, c_out, hw, k, s, pad) in RESNET_LAYERS:
@@ -97,10 +97,9 @@ def main(argv=None):
               f"{args.dtype}, channels_last, D=4, keep=0.5; matmul {peak:.0f} TFLOP/s, copy {bw:.0f} GB/s")
     print(table)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
-        f.write(header + "\n\n" + table + "\n")
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(dict(gpu=gpu, date=stamp, peak_tflops=peak, copy_gbs=bw, rows=rows), f, indent=2)
+    write_atomic(os.path.join(args.out, "gpu_check.md"), header + "\n\n" + table + "\n")
+    write_atomic(os.path.join(args.out, "gpu_check.json"),
+                 json.dumps(dict(gpu=gpu, date=stamp, peak_tflops=peak, copy_gbs=bw, rows=rows), indent=2))
 
 
 if __name__ == "__main__":

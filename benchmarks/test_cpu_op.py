@@ -6,9 +6,9 @@ import torch
 
 from fastmdl import backends
 
-from contenders import RESNET_LAYERS, contenders, make_problem
+from contenders import BASELINES, RESNET_LAYERS, contenders, make_problem
 
-NAMES = ["(a) loop", "(b) mask", "(c) dense", "cpp"]
+NAMES = [*BASELINES, "cpp"]
 
 
 @pytest.mark.parametrize("layer", RESNET_LAYERS, ids=lambda l: l[0])
