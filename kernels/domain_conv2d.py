@@ -152,19 +152,16 @@ def domain_conv2d(x, weight, domain, in_index, in_offsets, out_index, out_offset
     else:
         precision = "ieee"
     res = residual if residual is not None else y
-    # Weights laid out (kh, kw, C_in, C_out) under their logical OIHW shape: a
-    # B tile's columns (output filters) then sit next to each other in memory.
-    w_t = weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     grid = (grid_m, triton.cdiv(c_out, block_n))
     domain_conv2d_kernel[grid](
-        x, w_t, y,
+        x, weight, y,
         scale.contiguous() if scale is not None else y,
         shift.contiguous() if shift is not None else y,
         res,
         in_index.contiguous(), in_offsets.contiguous(), out_offsets.contiguous(), col_order,
         order, sample_start, tile_start, tile_domain,
         num_domains, c_in, h, w, c_out, h_out, w_out,
-        *x.stride(), *w_t.stride(), *y.stride(), *res.stride(),
+        *x.stride(), *weight.stride(), *y.stride(), *res.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH=kh, KW=kw,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
