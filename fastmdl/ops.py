@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _ops, _shapes, backends  # noqa: F401  (_ops declares the op)
+from . import _domain, _ops, _shapes, backends  # noqa: F401  (_ops declares the op)
 
 IntPair = Union[int, Sequence[int]]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -117,7 +117,7 @@ def domain_conv2d(
     if not isinstance(relu, bool):
         raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
 
-    if _can_read_values():
+    if _domain.can_read_values():
         _check_values(domain, num_domains, in_index, in_offsets, c_in, out_index, out_offsets,
                       c_out)
     return torch.ops.fastmdl.domain_conv2d(x, weight, domain, in_index, in_offsets, out_index,
@@ -135,14 +135,6 @@ def index_lists(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     offsets = torch.zeros(masks.shape[0] + 1, dtype=torch.int64, device=masks.device)
     offsets[1:] = keep.sum(dim=1).cumsum(0)
     return index, offsets
-
-
-def _can_read_values() -> bool:
-    # Value checks read tensors on the host; inside torch.compile or a CUDA graph
-    # capture that would break the graph, so there only the shapes are checked.
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def _check_values(domain, num_domains, in_index, in_offsets, c_in, out_index, out_offsets, c_out):

@@ -1,0 +1,74 @@
+"""How a sample's domain reaches the layers.
+
+``MultiDomainModel.forward(x, domain)`` runs the user's unmodified ``forward(x)``;
+the domain travels beside it in a :class:`contextvars.ContextVar`. Each thread
+(and each asyncio task) sees its own value, so several threads may run forward
+at once on one model without seeing each other's domains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Optional, Union
+
+import torch
+
+Domain = Union[int, torch.Tensor]
+
+_CURRENT: contextvars.ContextVar[Optional[Domain]] = contextvars.ContextVar(
+    "fastmdl_domain", default=None)
+
+
+@contextlib.contextmanager
+def domain_scope(domain: Domain) -> Iterator[None]:
+    """Make ``domain`` the current domain of fastmdl layers called inside the block."""
+    token = _CURRENT.set(domain)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_domain() -> Optional[Domain]:
+    """The domain set by the innermost :func:`domain_scope`, or None."""
+    return _CURRENT.get()
+
+
+def check_domain(domain, n: int, num_domains: int, device: torch.device) -> Domain:
+    """Validate ``domain`` for a batch of ``n`` samples: an int in [0, D), or an int64
+    tensor of shape (n,) on ``device`` with values in [0, D). Returns it unchanged."""
+    if isinstance(domain, bool) or not isinstance(domain, (int, torch.Tensor)):
+        raise TypeError(f"domain must be an int or an int64 tensor of shape (N,), "
+                        f"got {type(domain).__name__}")
+    if isinstance(domain, int):
+        if not 0 <= domain < num_domains:
+            raise ValueError(f"domain {domain} is out of range [0, {num_domains})")
+        return domain
+    if domain.dtype != torch.int64:
+        raise TypeError(f"domain must have dtype torch.int64, got {domain.dtype}")
+    if domain.dim() != 1 or domain.shape[0] != n:
+        raise ValueError(f"domain must have shape (N,) = ({n},), got {tuple(domain.shape)}")
+    if domain.device != device:
+        raise ValueError(f"domain must be on the input's device {device}, got {domain.device}")
+    if n and can_read_values():
+        lo, hi = torch.stack([domain.min(), domain.max()]).tolist()
+        if lo < 0 or hi >= num_domains:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"domain id {bad} is out of range [0, {num_domains})")
+    return domain
+
+
+def as_tensor(domain: Domain, n: int, device: torch.device) -> torch.Tensor:
+    """``domain`` as an int64 tensor of shape (n,) (an int fills the batch)."""
+    if isinstance(domain, int):
+        return torch.full((n,), domain, dtype=torch.int64, device=device)
+    return domain
+
+
+def can_read_values() -> bool:
+    """False inside torch.compile or a CUDA graph capture, where reading a tensor's
+    values on the host would break the graph."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())

@@ -1,0 +1,194 @@
+"""``fastmdl.convert``: any CNN into a :class:`MultiDomainModel`."""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import _domain, graph
+from .layers import BatchNorm2d, Conv2d, DomainHeads, _check_classes, _check_num_domains
+from .masks import MaskGroup, Segment
+
+
+class MultiDomainModel(nn.Module):
+    """A network whose convolutions, BatchNorms and classifier are per-domain.
+
+    ``forward(x, domain)`` runs the wrapped model's own, unmodified ``forward(x)``
+    with ``domain`` (an int or an int64 tensor of shape (N,)) made visible to its
+    fastmdl layers for the duration of the call; the hand-over is per thread, so
+    several threads may run one model at once. Returns the head's
+    (N, max(num_classes)) logits, -inf past each domain's classes.
+
+    Built by :func:`convert`; ``mask_groups()`` lists the prunable filter groups.
+    """
+
+    def __init__(self, module: nn.Module, num_domains: int, num_classes: Sequence[int],
+                 input_size: Tuple[int, int, int], channel_graph: graph.ChannelGraph):
+        super().__init__()
+        self.module = module
+        self.num_domains = num_domains
+        self.num_classes = list(num_classes)
+        self.input_size = tuple(input_size)
+        self._graph = channel_graph
+        self._groups = _wire_masks(module, channel_graph)
+
+    def forward(self, x: torch.Tensor, domain: _domain.Domain) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        domain = _domain.check_domain(domain, x.shape[0], self.num_domains, x.device)
+        with _domain.domain_scope(domain):
+            return self.module(x)
+
+    def mask_groups(self) -> List[MaskGroup]:
+        """The prunable groups: filters tied by the graph share one (D, C) ``scores``."""
+        return list(self._groups)
+
+    def layer_infos(self) -> Dict[str, graph.LayerInfo]:
+        """Every conv, BatchNorm, linear layer and head with the channel segments it
+        reads (see ``fastmdl/graph.py``); used by the cost model and ``prune``."""
+        return self._graph.layers
+
+    def extra_repr(self) -> str:
+        return (f"num_domains={self.num_domains}, num_classes={self.num_classes}, "
+                f"mask_groups={len(self._groups)}")
+
+
+def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[int]] = None, *,
+            input_size: Tuple[int, int, int] = None, score_init: float = 1.0) -> MultiDomainModel:
+    """A multi-domain copy of ``model`` (the original is left untouched).
+
+    Every ``nn.Conv2d`` becomes a :class:`fastmdl.Conv2d` and every
+    ``nn.BatchNorm2d`` a :class:`fastmdl.BatchNorm2d`, with weights and statistics
+    copied into each of the ``num_domains`` domains; the classifier (the
+    ``nn.Linear`` whose output is the model's output) becomes
+    :class:`fastmdl.DomainHeads` with ``num_classes[d]`` classes for domain d
+    (default: the original classifier's, for every domain). The model is traced
+    with torch.fx at ``input_size`` = (C, H, W) (default (C_in, 224, 224)) to find
+    the filters tied together, which then share one mask.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    num_domains = _check_num_domains(num_domains)
+    inner = copy.deepcopy(model)
+    convs = [m for m in inner.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"model ({type(model).__name__}) has no nn.Conv2d: fastmdl prunes "
+                         "convolution filters, so there is nothing to convert")
+    input_size = _check_input_size(input_size, convs[0].in_channels)
+    if num_classes is not None:
+        num_classes = _check_classes(num_classes)
+        if len(num_classes) != num_domains:
+            raise ValueError(f"num_classes must list one class count per domain "
+                             f"({num_domains}), got {len(num_classes)}")
+
+    for name, m in list(inner.named_modules()):
+        if isinstance(m, (Conv2d, BatchNorm2d, DomainHeads)):
+            if m.num_domains != num_domains:
+                raise ValueError(f"{name} already has {m.num_domains} domains, not {num_domains}")
+        elif isinstance(m, nn.Conv2d):
+            _replace(inner, name, Conv2d.from_conv(m, num_domains, score_init))
+        elif isinstance(m, nn.BatchNorm2d):
+            _replace(inner, name, BatchNorm2d.from_batchnorm(m, num_domains))
+
+    example = torch.randn((1,) + input_size, device=convs[0].weight.device,
+                          dtype=convs[0].weight.dtype)
+    gm = _traced(inner, example, input_size)
+    head_name = _find_head(gm)
+    if head_name is None:
+        raise ValueError("could not find the classifier head: the model's output must come "
+                         "from an nn.Linear (possibly through dropout), or be a "
+                         "fastmdl.DomainHeads")
+    head = inner.get_submodule(head_name)
+    if isinstance(head, nn.Linear):
+        classes = num_classes or [head.out_features] * num_domains
+        _replace(inner, head_name, DomainHeads.from_linear(head, classes))
+        gm = _traced(inner, example, input_size)
+    else:
+        if num_classes is not None and list(num_classes) != head.num_classes:
+            raise ValueError(f"the model's DomainHeads has num_classes {head.num_classes}, "
+                             f"not {list(num_classes)}")
+        classes = head.num_classes
+    return MultiDomainModel(inner, num_domains, classes, input_size, graph.analyse(gm))
+
+
+def analyse_at(model: MultiDomainModel, input_size: Tuple[int, int, int]) -> graph.ChannelGraph:
+    """The channel graph of ``model`` with layer sizes for inputs of ``input_size``;
+    the groups are the model's own (they do not depend on the size)."""
+    if tuple(input_size) == model.input_size:
+        return model._graph
+    p = next(model.parameters())
+    example = torch.randn((1,) + tuple(input_size), device=p.device, dtype=p.dtype)
+    return graph.analyse(_traced(model.module, example, tuple(input_size)))
+
+
+def _traced(inner: nn.Module, example: torch.Tensor, input_size) -> fx.GraphModule:
+    gm = graph.trace(inner)
+    try:
+        graph.shape_propagate(gm, example)
+    except Exception as e:
+        raise ValueError(f"running the model on an input of size {input_size} failed "
+                         f"({type(e).__name__}: {e}); pass input_size=(C, H, W) that the "
+                         "model accepts") from e
+    return gm
+
+
+def _find_head(gm: fx.GraphModule) -> Optional[str]:
+    modules = dict(gm.named_modules())
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    node = out.args[0]
+    passthrough = (nn.Dropout, nn.Identity)
+    while isinstance(node, fx.Node):
+        if node.op == "call_module":
+            m = modules[node.target]
+            if isinstance(m, (nn.Linear, DomainHeads)):
+                return node.target
+            if not isinstance(m, passthrough):
+                return None
+        elif not (node.op == "call_function" and node.target is torch.nn.functional.dropout):
+            return None
+        node = node.args[0]
+    return None
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def _check_input_size(input_size, channels: int) -> Tuple[int, int, int]:
+    if input_size is None:
+        return (channels, 224, 224)
+    if (not isinstance(input_size, (tuple, list)) or len(input_size) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                       for v in input_size)):
+        raise ValueError(f"input_size must be (C, H, W) of positive ints, got {input_size!r}")
+    return tuple(input_size)
+
+
+def _wire_masks(module: nn.Module, g: graph.ChannelGraph) -> List[MaskGroup]:
+    """Tie the scores of each group's convolutions to one Parameter, mark the
+    convolutions of frozen spaces unprunable, and give each BatchNorm the masks of
+    its channels."""
+    groups = []
+    scores_of: Dict[int, nn.Parameter] = {}
+    for root, members in g.groups().items():
+        convs = [g.layers[m].module for m in members]
+        scores = convs[0].scores
+        for c in convs:
+            c.scores = scores
+            c.prunable = True
+        scores_of[root] = scores
+        groups.append(MaskGroup(members[0], tuple(members), scores))
+    for info in g.layers.values():
+        if info.kind == "conv" and g.find(info.out_space) not in scores_of:
+            info.module.prunable = False
+            info.module.scores.requires_grad_(False)
+        if info.kind == "bn":
+            segs = [(scores_of.get(g.find(s)), w) for s, w in info.in_axis.segments]
+            info.module.mask_segments = segs if any(p is not None for p, _ in segs) else None
+    return groups

@@ -1,0 +1,336 @@
+"""Which channels are tied together: tracing a model with torch.fx.
+
+Every tensor's channel axis (dim 1) is labelled with the *space* its channels
+belong to: a convolution's output opens a new space; BatchNorm, ReLU, pooling and
+other ops that map 0 to 0 channel-wise keep the label; an elementwise add/sub/mul
+of two tensors ties their spaces into one (a residual block's convolutions then
+share one mask); ``cat`` on channels concatenates labels; a flatten to features
+repeats each channel's label over its pixels. Spaces that fastmdl must not prune
+are *frozen*: the image, anything that reaches the model's output other than
+through the classifier head, and anything touched by an op it does not
+understand (a conservative default: it can only cost pruning opportunities,
+never correctness). Each unfrozen space becomes one mask group.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import _domain
+from .layers import BatchNorm2d, Conv2d, DomainHeads
+
+LEAVES = (Conv2d, BatchNorm2d, DomainHeads)
+
+
+class Tracer(fx.Tracer):
+    """torch.fx tracer that keeps fastmdl's layers as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, LEAVES) or super().is_leaf_module(m, qualname)
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``module``; a clear error if its forward cannot be traced."""
+    try:
+        graph = Tracer().trace(module)
+    except Exception as e:  # fx raises many types for untraceable code
+        raise ValueError(
+            f"fastmdl could not trace {type(module).__name__}.forward with torch.fx to find "
+            f"which channels are tied ({type(e).__name__}: {e}). Data-dependent control flow "
+            "is the usual cause; move it out of forward or into a leaf module.") from e
+    return fx.GraphModule(module, graph)
+
+
+def shape_propagate(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Record every node's output shape (``node.meta['tensor_meta']``) for ``example``,
+    in evaluation mode and without touching running statistics."""
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        with torch.no_grad(), _domain.domain_scope(0):
+            ShapeProp(gm).propagate(example)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+# -- channel spaces ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Axis:
+    """A channel axis: consecutive (space id, width) segments, each channel
+    repeated ``repeat`` times (a flattened (C, H, W) map has repeat H*W)."""
+
+    segments: Tuple[Tuple[int, int], ...]
+    repeat: int = 1
+
+    @property
+    def width(self) -> int:
+        return sum(w for _, w in self.segments)
+
+
+@dataclass
+class LayerInfo:
+    """A layer whose cost or masks depend on channel spaces."""
+
+    name: str
+    kind: str  # "conv", "bn", "linear" or "head"
+    module: nn.Module
+    in_axis: Optional[Axis]
+    out_space: Optional[int] = None
+    out_hw: Tuple[int, ...] = ()
+
+
+@dataclass
+class ChannelGraph:
+    """The result of :func:`analyse`: every layer with the spaces it reads and
+    writes, spaces merged with union-find, frozen spaces marked."""
+
+    layers: Dict[str, LayerInfo] = field(default_factory=dict)
+    parent: List[int] = field(default_factory=list)
+    widths: List[int] = field(default_factory=list)
+    frozen: List[bool] = field(default_factory=list)
+    head: Optional[str] = None
+
+    def new_space(self, width: int, frozen: bool = False) -> int:
+        self.parent.append(len(self.parent))
+        self.widths.append(width)
+        self.frozen.append(frozen)
+        return len(self.parent) - 1
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            if self.widths[a] != self.widths[b]:
+                self.frozen[a] = self.frozen[b] = True
+                return
+            self.parent[b] = a
+            self.frozen[a] = self.frozen[a] or self.frozen[b]
+
+    def freeze(self, axis: Optional[Axis]) -> None:
+        if axis is not None:
+            for s, _ in axis.segments:
+                self.frozen[self.find(s)] = True
+
+    def is_frozen(self, s: int) -> bool:
+        return self.frozen[self.find(s)]
+
+    def scores_by_root(self) -> Dict[int, nn.Parameter]:
+        """Unfrozen space root -> the mask scores its convolutions share."""
+        out = {}
+        for info in self.layers.values():
+            if (info.kind == "conv" and info.module.groups == 1 and info.module.prunable
+                    and not self.is_frozen(info.out_space)):
+                out[self.find(info.out_space)] = info.module.scores
+        return out
+
+    def segments(self, axis: Axis) -> List[Tuple[Optional[nn.Parameter], int]]:
+        """``axis`` as (scores, width) segments, scores None where channels are kept whole."""
+        scores = self.scores_by_root()
+        return [(scores.get(self.find(s)), w) for s, w in axis.segments]
+
+    def groups(self) -> Dict[int, List[str]]:
+        """Unfrozen spaces (roots) -> the convolutions that write them, in graph order."""
+        out: Dict[int, List[str]] = {}
+        for info in self.layers.values():
+            if info.kind == "conv" and info.out_space is not None:
+                root = self.find(info.out_space)
+                if not self.frozen[root]:
+                    out.setdefault(root, []).append(info.name)
+        return out
+
+
+# Ops that map a zero channel to a zero channel and keep channels where they are.
+_KEEP_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish,
+                 nn.Hardswish, nn.Tanh, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d,
+                 nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_KEEP_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish,
+                   F.hardswish, torch.tanh, F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d,
+                   F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.clone, torch.relu_}
+_KEEP_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone", "detach"}
+_TIE_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul,
+                  operator.imul, torch.add, torch.sub, torch.mul}
+_TIE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
+_SCALE_FUNCTIONS = {operator.mul, operator.imul, torch.mul}  # times a number keeps 0
+_SCALE_METHODS = {"mul", "mul_"}
+_FLATTEN = {torch.flatten, "flatten", "view", "reshape"}
+_REDUCE = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
+
+
+def analyse(gm: fx.GraphModule) -> ChannelGraph:
+    """Label every node of a shape-propagated trace with channel spaces (see the
+    module docstring) and collect the layers."""
+    g = ChannelGraph()
+    labels: Dict[fx.Node, Optional[Axis]] = {}
+    modules = dict(gm.named_modules())
+    seen_modules: Dict[str, Axis] = {}
+
+    def shape(node) -> Optional[torch.Size]:
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        return getattr(meta, "shape", None)
+
+    def fresh(node, frozen=True) -> Optional[Axis]:
+        s = shape(node)
+        if s is None or len(s) < 2:
+            return None
+        return Axis(((g.new_space(s[1], frozen), s[1]),))
+
+    def tensor_args(node) -> List[Any]:
+        found: List[Any] = []
+        fx.node.map_aggregate((node.args, node.kwargs), found.append)
+        return [a for a in found if isinstance(a, fx.Node) and shape(a) is not None]
+
+    def tie(a: Axis, b: Axis) -> Axis:
+        if a.repeat == b.repeat and [w for _, w in a.segments] == [w for _, w in b.segments]:
+            for (sa, _), (sb, _) in zip(a.segments, b.segments):
+                g.union(sa, sb)
+        else:
+            g.freeze(a)
+            g.freeze(b)
+        return a
+
+    def unknown(node) -> Optional[Axis]:
+        for a in tensor_args(node):
+            g.freeze(labels.get(a))
+        return fresh(node)
+
+    for node in gm.graph.nodes:
+        op, target = node.op, node.target
+        first = node.args[0] if node.args else None
+        in_axis = labels.get(first) if isinstance(first, fx.Node) else None
+        out: Optional[Axis]
+        if op == "placeholder":
+            out = fresh(node)
+        elif op == "get_attr":
+            out = None
+        elif op == "output":
+            for a in tensor_args(node):
+                g.freeze(labels.get(a))
+            continue
+        elif op == "call_module":
+            m = modules[target]
+            if isinstance(m, (Conv2d, BatchNorm2d, DomainHeads, nn.Linear)) and target in seen_modules:
+                # A layer applied twice has one mask for two inputs: keep it whole.
+                g.freeze(seen_modules[target])
+                g.freeze(in_axis)
+                out = unknown(node)
+            elif isinstance(m, Conv2d) and in_axis is not None:
+                seen_modules[target] = in_axis
+                s = shape(node)
+                if m.groups == 1:
+                    out = Axis(((g.new_space(m.out_channels), m.out_channels),))
+                else:
+                    g.freeze(in_axis)
+                    out = fresh(node)
+                g.layers[target] = LayerInfo(target, "conv", m, in_axis, out.segments[0][0],
+                                             tuple(s[2:]))
+            elif isinstance(m, BatchNorm2d) and in_axis is not None:
+                seen_modules[target] = in_axis
+                out = in_axis
+                g.layers[target] = LayerInfo(target, "bn", m, in_axis, None, tuple(shape(node)[2:]))
+            elif isinstance(m, (nn.Linear, DomainHeads)) and in_axis is not None:
+                seen_modules[target] = in_axis
+                kind = "head" if isinstance(m, DomainHeads) else "linear"
+                if kind == "head":
+                    g.head = target
+                out = fresh(node)
+                g.layers[target] = LayerInfo(target, kind, m, in_axis,
+                                             out.segments[0][0] if out else None)
+            elif isinstance(m, _KEEP_MODULES):
+                out = in_axis
+            elif isinstance(m, nn.Flatten):
+                out = _flatten(in_axis, shape(first), shape(node)) if in_axis else None
+                if out is None:
+                    out = unknown(node)
+            else:
+                out = unknown(node)
+        else:  # call_function / call_method
+            name = target if op == "call_method" else None
+            fn = target if op == "call_function" else None
+            if fn in _KEEP_FUNCTIONS or name in _KEEP_METHODS:
+                out = in_axis
+            elif fn in _TIE_FUNCTIONS or name in _TIE_METHODS:
+                out = _binary(node, labels, g, tie, unknown,
+                              scale_ok=fn in _SCALE_FUNCTIONS or name in _SCALE_METHODS)
+            elif fn is torch.cat or name == "cat":
+                out = _cat(node, labels, g, shape, unknown)
+            elif (fn in _FLATTEN or name in _FLATTEN) and in_axis is not None:
+                out = _flatten(in_axis, shape(first), shape(node)) or unknown(node)
+            elif (fn in _REDUCE or name in _REDUCE) and in_axis is not None:
+                s_in, s_out = shape(first), shape(node)
+                same = (s_out is not None and len(s_out) >= 2 and s_out[0] == s_in[0]
+                        and s_out[1] == s_in[1] and _reduces_spatial_only(node, len(s_in)))
+                out = in_axis if same else unknown(node)
+            elif shape(node) is None:
+                out = None  # sizes, dims, dtypes: read, never mixed into channels
+            else:
+                out = unknown(node)
+        labels[node] = out
+    return g
+
+
+def _binary(node, labels, g, tie, unknown, scale_ok):
+    args = list(node.args[:2])
+    if len(args) < 2 and "other" in node.kwargs:
+        args.append(node.kwargs["other"])
+    axes = [labels.get(a) if isinstance(a, fx.Node) else None for a in args]
+    nodes = [a for a in args if isinstance(a, fx.Node)]
+    if len(args) == 2 and len(nodes) == 2 and None not in axes:
+        if node.kwargs.get("alpha", 1) == 0:
+            return unknown(node)
+        return tie(axes[0], axes[1])
+    # x * number keeps a zero channel zero; x + number does not.
+    numbers = [a for a in args if not isinstance(a, fx.Node)]
+    if (len(nodes) == 1 and labels.get(nodes[0]) is not None and scale_ok
+            and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in numbers)):
+        return labels[nodes[0]]
+    return unknown(node)
+
+
+def _cat(node, labels, g, shape, unknown):
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    rank = len(shape(node)) if shape(node) is not None else 0
+    axes = [labels.get(t) for t in tensors] if isinstance(tensors, (list, tuple)) else [None]
+    if rank < 2 or any(a is None for a in axes):
+        return unknown(node)
+    if dim % rank == 1 and len({a.repeat for a in axes}) == 1:
+        return Axis(tuple(s for a in axes for s in a.segments), axes[0].repeat)
+    if dim % rank == 0:  # stacking batches: the same channels in each part
+        if all(a == axes[0] for a in axes):
+            return axes[0]
+    return unknown(node)
+
+
+def _flatten(axis: Axis, s_in, s_out) -> Optional[Axis]:
+    # (N, C, H, W) -> (N, C*H*W) with channel-major order: each label repeats H*W times.
+    if s_in is None or s_out is None or len(s_out) != 2 or len(s_in) < 2:
+        return None
+    pixels = 1
+    for v in s_in[2:]:
+        pixels *= v
+    if s_out[0] != s_in[0] or s_out[1] != s_in[1] * pixels:
+        return None
+    return Axis(axis.segments, axis.repeat * pixels)
+
+
+def _reduces_spatial_only(node, rank: int) -> bool:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None:
+        return False
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    return all(isinstance(d, int) and d % rank >= 2 for d in dims)

@@ -1,0 +1,68 @@
+"""Binary per-domain filter masks learned through real-valued scores.
+
+A mask group owns a Parameter ``scores`` of shape (D, C): entry [d, c] > 0 means
+filter c is kept for domain d. The forward pass uses the binary mask
+``m = [scores > 0]``; the backward pass is straight-through, dm/dscores = 1, so
+the task loss and the budget loss both move the scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+# A channel axis described as consecutive segments; a segment is (scores, width)
+# for channels masked by a group's scores, or (None, width) for channels that are
+# never pruned (the image, outputs of layers fastmdl cannot prune).
+Segment = Tuple[Optional[nn.Parameter], int]
+
+
+def binarize(scores: torch.Tensor) -> torch.Tensor:
+    """``[scores > 0]`` in the forward pass, identity gradient in the backward pass."""
+    hard = (scores > 0).to(scores.dtype)
+    return scores + (hard - scores).detach()
+
+
+def segment_masks(segments: Sequence[Segment], num_domains: int, *, hard: bool = False,
+                  device=None, dtype=torch.float32) -> torch.Tensor:
+    """(D, C) mask of a channel axis made of ``segments``: binarised scores where a
+    segment has scores, ones where it has none. ``hard`` detaches the scores."""
+    parts = []
+    for scores, width in segments:
+        if scores is None:
+            parts.append(torch.ones((num_domains, width), device=device, dtype=dtype))
+        else:
+            m = (scores > 0).to(dtype) if hard else binarize(scores).to(dtype)
+            parts.append(m.to(device) if device is not None else m)
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def apply_mask(y: torch.Tensor, masks: torch.Tensor, domain: Union[int, torch.Tensor]) -> torch.Tensor:
+    """Multiply channel c of sample n by ``masks[domain[n], c]`` (broadcast over pixels)."""
+    m = masks[domain].to(y.dtype)
+    shape = (1, -1) if isinstance(domain, int) else (y.shape[0], -1)
+    return y * m.reshape(shape + (1,) * (y.dim() - 2))
+
+
+@dataclass
+class MaskGroup:
+    """Filters whose masks are tied: the convolutions in ``members`` all write the
+    same channels (e.g. they meet at a residual add), so one (D, C) ``scores``
+    Parameter decides, per domain, which of those C channels exist. Write
+    ``group.scores.data`` to set masks directly."""
+
+    name: str
+    members: Tuple[str, ...]
+    scores: nn.Parameter
+
+    @property
+    def width(self) -> int:
+        """Number of channels C in the group."""
+        return self.scores.shape[1]
+
+    def mask(self) -> torch.Tensor:
+        """The current (D, C) 0/1 mask, detached."""
+        return (self.scores.detach() > 0).to(torch.float32)

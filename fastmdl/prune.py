@@ -1,0 +1,219 @@
+"""``fastmdl.prune``: remove the filters no domain uses and fuse the rest.
+
+From the traced graph of a :class:`MultiDomainModel`:
+
+1. every channel space keeps the channels some domain's mask keeps (frozen
+   spaces keep all); a space no domain uses keeps one channel that every domain
+   masks, so no tensor is ever empty;
+2. each fastmdl layer is replaced by its pruned form (weights sliced to the kept
+   channels, per-domain index lists relative to them), and a plain ``nn.Linear``
+   that reads pruned features is sliced along its inputs;
+3. fusion: a BatchNorm that only reads a convolution is folded into the
+   convolution's per-domain scale and shift; a residual add that only reads the
+   convolution becomes its residual input; a ReLU after either becomes its
+   ``relu`` flag. Each fused step is exact: masked channels stay 0 throughout.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Dict, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from . import graph
+from .convert import MultiDomainModel, _traced
+from .cost import baseline_costs
+from .layers import BatchNorm2d, Conv2d, DomainHeads
+from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear, PrunedModel
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+_RELUS = {F.relu, torch.relu, torch.relu_}
+
+
+@torch.no_grad()
+def prune(model: MultiDomainModel, *, fuse: bool = True) -> PrunedModel:
+    """A physically smaller :class:`PrunedModel` computing the same function as
+    ``model.eval()``: for every domain d, ``prune(model)(x, d) == model.eval()(x, d)``
+    up to float rounding; a mixed batch gives the same rows as one domain at a time.
+    ``fuse=False`` keeps BatchNorm, residual adds and ReLUs as separate steps."""
+    if not isinstance(model, MultiDomainModel):
+        raise TypeError(f"model must be a fastmdl.MultiDomainModel (from fastmdl.convert), "
+                        f"got {type(model).__name__}")
+    inner = copy.deepcopy(model.module).eval()
+    p = next(inner.parameters())
+    example = torch.randn((1,) + model.input_size, device=p.device, dtype=p.dtype)
+    gm = _traced(inner, example, model.input_size)
+    g = graph.analyse(gm)
+    kept, masks = _kept_channels(g, model.num_domains, p.device)
+
+    def axis_masks(axis: graph.Axis):
+        """(kept index, (D, kept) masks) of an input axis, in the axis' channel order."""
+        idx, ms, start = [], [], 0
+        for s, w in axis.segments:
+            root = g.find(s)
+            idx.append(kept[root] + start)
+            ms.append(masks[root][:, kept[root]])
+            start += w
+        idx, m = torch.cat(idx), torch.cat(ms, dim=1)
+        if axis.repeat > 1:
+            idx = (idx[:, None] * axis.repeat + torch.arange(axis.repeat, device=idx.device)).flatten()
+            m = m.repeat_interleave(axis.repeat, dim=1)
+        return idx, m
+
+    replacements: Dict[str, nn.Module] = {}
+    for name, info in g.layers.items():
+        m = info.module
+        in_idx, in_m = axis_masks(info.in_axis)
+        if info.kind == "conv":
+            root = g.find(info.out_space)
+            out_idx, out_m = kept.get(root), masks.get(root)
+            if m.groups != 1:  # never pruned: every channel kept
+                out_idx = torch.arange(m.out_channels, device=p.device)
+                out_m = torch.ones((model.num_domains, m.out_channels), device=p.device)
+            else:
+                out_m = out_m[:, out_idx]
+            w = m.weight[out_idx][:, in_idx] if m.groups == 1 else m.weight
+            shift = None
+            if m.bias is not None:
+                shift = m.bias[out_idx].expand(model.num_domains, -1)
+            replacements[name] = PrunedConv2d(
+                w, in_m if m.groups == 1 else torch.ones_like(in_m), out_m, None, shift,
+                stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
+                padding_mode=m.padding_mode)
+        elif info.kind == "bn":
+            scale, shift = m.scale_shift()
+            replacements[name] = PrunedBatchNorm2d(scale[:, in_idx], shift[:, in_idx], in_m)
+        elif info.kind == "head":
+            weight = torch.cat(list(m.weights))[:, in_idx]
+            bias = torch.cat(list(m.biases)) if m.biases is not None else None
+            replacements[name] = PrunedHeads(weight, bias, m.num_classes, in_m)
+        elif info.kind == "linear":
+            replacements[name] = PrunedLinear(m.weight[:, in_idx], m.bias, in_m)
+
+    net = _rebuild(gm, replacements)
+    if fuse:
+        _fuse(net)
+    net.delete_all_unused_submodules()
+    net.recompile()
+    pruned = PrunedModel(net, model.num_domains, model.num_classes, model.input_size,
+                         baseline_costs(model))
+    return pruned.eval()
+
+
+def _kept_channels(g: graph.ChannelGraph, num_domains: int, device: torch.device):
+    """Per space root: the kept channel indices (ascending) and the (D, C) masks."""
+    kept, masks = {}, {}
+    scores_of = g.scores_by_root()
+    for s in range(len(g.parent)):
+        root = g.find(s)
+        if root in kept:
+            continue
+        width = g.widths[root]
+        scores = scores_of.get(root) if not g.frozen[root] else None
+        if scores is None:
+            m = torch.ones((num_domains, width), device=device)
+        else:
+            m = (scores.detach() > 0).float().to(device)
+        any_domain = m.amax(dim=0) > 0
+        if not bool(any_domain.any()):
+            # Keep one channel that every domain masks: no empty tensors downstream.
+            any_domain[int(scores.detach().amax(dim=0).argmax())] = True
+        kept[root] = any_domain.nonzero().squeeze(1)
+        masks[root] = m
+    return kept, masks
+
+
+def _rebuild(gm: fx.GraphModule, replacements: Dict[str, nn.Module]) -> fx.GraphModule:
+    """The traced graph with pruned layers, and ``domain`` as a second input passed
+    to every domain-aware layer."""
+    for name, new in replacements.items():
+        parent, _, child = name.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, child, new)
+    g = gm.graph
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ValueError(f"prune needs a model whose forward takes one input, got "
+                         f"{len(placeholders)}")
+    with g.inserting_after(placeholders[-1]):
+        domain = g.placeholder("domain")
+    for node in list(g.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                   (PrunedConv2d, PrunedBatchNorm2d, PrunedHeads)):
+            node.args = (node.args[0], domain)
+            node.kwargs = {}
+    for node in list(g.nodes):
+        m = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(m, (Conv2d, BatchNorm2d, DomainHeads)):
+            raise RuntimeError(f"internal error: {node.target} was not pruned")
+    gm.recompile()
+    return gm
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELUS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _fuse(gm: fx.GraphModule) -> None:
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or calls.get(node.target) != 1:
+            continue
+        conv = gm.get_submodule(node.target)
+        if not isinstance(conv, PrunedConv2d):
+            continue
+        tail = node
+        nxt = _only_user(tail)
+        # Conv -> BatchNorm: fold into the per-domain scale and shift.
+        if (nxt is not None and nxt.op == "call_module" and calls.get(nxt.target) == 1
+                and isinstance(gm.get_submodule(nxt.target), PrunedBatchNorm2d)
+                and nxt.args[0] is tail):
+            bn = gm.get_submodule(nxt.target)
+            shift = bn.shift.detach().clone()
+            if conv.shift is not None:
+                shift = shift + conv.shift.detach() * bn.scale.detach()
+            conv.scale = nn.Parameter(bn.scale.detach().clone())
+            conv.shift = nn.Parameter(shift)
+            nxt.replace_all_uses_with(tail)
+            gm.graph.erase_node(nxt)
+            nxt = _only_user(tail)
+        # Conv -> add(other): the other operand becomes the residual.
+        if (nxt is not None and nxt.op == "call_function" and nxt.target in _ADDS
+                and len(nxt.args) == 2 and not nxt.kwargs
+                and all(isinstance(a, fx.Node) for a in nxt.args) and tail in nxt.args
+                and nxt.args[0] is not nxt.args[1]):
+            other = nxt.args[1] if nxt.args[0] is tail else nxt.args[0]
+            other_shape = other.meta.get("tensor_meta")
+            tail_shape = tail.meta.get("tensor_meta")
+            if other_shape is not None and tail_shape is not None and \
+                    tuple(other_shape.shape) == tuple(tail_shape.shape):
+                with gm.graph.inserting_before(nxt):
+                    fused = gm.graph.call_module(node.target, (node.args[0], node.args[1], other))
+                fused.meta = dict(nxt.meta)
+                nxt.replace_all_uses_with(fused)
+                gm.graph.erase_node(nxt)
+                gm.graph.erase_node(node)
+                node = tail = fused
+                nxt = _only_user(tail)
+        # -> ReLU: the epilogue's last step.
+        if nxt is not None and _is_relu(gm, nxt) and nxt.args[0] is tail:
+            conv.relu = True
+            nxt.replace_all_uses_with(tail)
+            gm.graph.erase_node(nxt)
+    gm.graph.eliminate_dead_code()

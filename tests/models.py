@@ -1,0 +1,91 @@
+"""Small plain-PyTorch models the tests convert: written like torchvision's, with
+forward(x) methods that know nothing of domains."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    """Stem, three stages of basic blocks (the second and third downsample), head."""
+
+    def __init__(self, widths=(8, 12, 16), num_classes=5, in_channels=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(BasicBlock(widths[0], widths[0]))
+        self.layer2 = nn.Sequential(BasicBlock(widths[0], widths[1], 2),
+                                    BasicBlock(widths[1], widths[1]))
+        self.layer3 = nn.Sequential(BasicBlock(widths[1], widths[2], 2))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(widths[2], num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+class TinyVGG(nn.Module):
+    """Plain conv/BN/ReLU stack with max pooling, a flatten of a 2x2 map and two
+    linear layers (the first is pruned along its inputs, the second is the head)."""
+
+    def __init__(self, num_classes=4):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 10, 3, padding=1), nn.BatchNorm2d(10), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(10, 14, 3, padding=1), nn.BatchNorm2d(14), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(14, 9, 3, padding=1, dilation=1), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Linear(9 * 2 * 2, 20), nn.ReLU(), nn.Dropout(0.1),
+                                        nn.Linear(20, num_classes))
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.classifier(x.view(x.size(0), -1))
+
+
+class CatNet(nn.Module):
+    """Two branches concatenated on channels, then a 1x1 conv with a bias and no BN,
+    a functional ReLU, and a mean over pixels."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(6)
+        self.b = nn.Conv2d(3, 5, 3, stride=1, padding=2, dilation=2)
+        self.bn_b = nn.BatchNorm2d(5)
+        self.mix = nn.Conv2d(11, 7, 1)
+        self.bn_cat = nn.BatchNorm2d(11)
+        self.head = nn.Linear(7, num_classes)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.bn_a(self.a(x))), F.relu(self.bn_b(self.b(x)))], dim=1)
+        y = F.relu(self.mix(self.bn_cat(y)))
+        return self.head(y.mean(dim=(2, 3)))
