@@ -18,8 +18,9 @@ from .layers import BatchNorm2d, Conv2d, DomainHeads  # noqa: E402
 from .masks import MaskGroup  # noqa: E402
 from .convert import MultiDomainModel, convert  # noqa: E402
 from .cost import CostReport, cost_report  # noqa: E402
+from .budget import BudgetLoss  # noqa: E402
 from .pruned import PrunedModel  # noqa: E402
 from .prune import prune  # noqa: E402
 
 __all__ = ["ops", "__version__", "Conv2d", "BatchNorm2d", "DomainHeads", "MaskGroup",
-           "MultiDomainModel", "convert", "cost_report", "CostReport", "PrunedModel", "prune"]
+           "MultiDomainModel", "convert", "BudgetLoss", "cost_report", "CostReport", "PrunedModel", "prune"]

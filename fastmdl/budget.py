@@ -1,0 +1,131 @@
+"""``fastmdl.BudgetLoss``: keep every domain under a cost budget, and pull the
+domains onto the same filters."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .cost import METRICS, costs, multidomain_layers
+
+SHARING = (None, "intersection", "union", "jaccard")
+_MAX_LEARNED_WEIGHT = 10.0
+
+
+class BudgetLoss(nn.Module):
+    r"""Budget and parameter-sharing penalty on a :class:`MultiDomainModel`'s masks.
+
+    With :math:`C_d` the cost (``metric``: "flops" or "params") of domain d's masked
+    network, :math:`B_d` the single-domain baseline's, :math:`C_\cup` and
+    :math:`C_\cap` the costs of the networks of channels that any / every domain
+    keeps (all through straight-through masks, see ``fastmdl/cost.py``):
+
+    .. math::
+        r_d = C_d / B_d, \qquad
+        L_{budget} = \textstyle\sum_d \max(0,\ r_d - b)
+
+    and, on the shared layers only (convolutions and linear layers; heads and
+    BatchNorms are per domain anyway), with :math:`\bar C = \mathrm{mean}_d C_d`,
+    the sharing term is one of
+
+    .. math::
+        S_{\cap} = 1 - C_\cap / \bar C, \qquad
+        S_{\cup} = C_\cup / \bar C - 1, \qquad
+        S_{J} = 1 - C_\cap / C_\cup
+
+    (each 0 when every domain keeps the same filters). The loss is
+    ``budget_weight`` * :math:`L_{budget}` + w * S. A float ``sharing_weight`` is w;
+    ``"learnable"`` learns :math:`w = e^{-s}` by adding :math:`w S + s`
+    (uncertainty weighting: w settles at 1/S), capped at 10. Call it with no
+    arguments; add its parameters to the optimiser when w is learnable.
+    ``parts()`` gives the last call's terms for logging.
+    """
+
+    def __init__(self, model, budget: float, metric: str = "flops",
+                 sharing: Optional[str] = None,
+                 sharing_weight: Union[str, float] = "learnable", *,
+                 budget_weight: float = 1.0, input_size: Optional[Tuple[int, int, int]] = None):
+        super().__init__()
+        from .convert import MultiDomainModel
+
+        if not isinstance(model, MultiDomainModel):
+            raise TypeError(f"model must be a fastmdl.MultiDomainModel, got {type(model).__name__}")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+            raise ValueError(f"budget must be a fraction in (0, 1] of the baseline's cost, "
+                             f"got {budget!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if sharing not in SHARING:
+            raise ValueError(f"sharing must be one of {SHARING}, got {sharing!r}")
+        if not model.mask_groups():
+            raise ValueError("the model has no prunable filter group: nothing to budget")
+        if isinstance(budget_weight, bool) or not isinstance(budget_weight, (int, float)) \
+                or budget_weight < 0:
+            raise ValueError(f"budget_weight must be a number >= 0, got {budget_weight!r}")
+        self.budget, self.metric, self.sharing = float(budget), metric, sharing
+        self.budget_weight = float(budget_weight)
+        self.input_size = input_size
+        self._model = [model]  # not a submodule: its parameters are not ours
+        if sharing_weight == "learnable":
+            self.log_sharing_weight = nn.Parameter(torch.zeros(()))
+            self.fixed_weight = None
+        elif isinstance(sharing_weight, (int, float)) and not isinstance(sharing_weight, bool) \
+                and sharing_weight >= 0:
+            self.log_sharing_weight = None
+            self.fixed_weight = float(sharing_weight)
+        else:
+            raise ValueError(f"sharing_weight must be 'learnable' or a number >= 0, "
+                             f"got {sharing_weight!r}")
+        self._parts: Dict[str, object] = {}
+
+    def sharing_weight(self) -> torch.Tensor:
+        """The current weight w of the sharing term."""
+        if self.log_sharing_weight is None:
+            return torch.tensor(self.fixed_weight)
+        s = self.log_sharing_weight.clamp(min=-math.log(_MAX_LEARNED_WEIGHT))
+        return torch.exp(-s)
+
+    def forward(self) -> torch.Tensor:
+        model = self._model[0]
+        layers = multidomain_layers(model, self.input_size)
+        c = costs(layers, self.metric)
+        # Sharing compares the shared layers only: heads and BatchNorms are per domain.
+        shared = costs([x for x in layers if x.kind in ("conv", "linear")], self.metric)
+        ratio = c.per_domain / c.baseline
+        budget_term = torch.relu(ratio - self.budget).sum()
+        total = self.budget_weight * budget_term
+        sharing = torch.zeros((), device=total.device)
+        mean = shared.per_domain.mean().clamp(min=1e-12)
+        if self.sharing == "intersection":
+            sharing = 1 - shared.intersection / mean
+        elif self.sharing == "union":
+            sharing = shared.union / mean - 1
+        elif self.sharing == "jaccard":
+            sharing = 1 - shared.intersection / shared.union.clamp(min=1e-12)
+        w = self.sharing_weight().to(total.device)
+        if self.sharing is not None:
+            total = total + w * sharing
+            if self.log_sharing_weight is not None:
+                total = total + self.log_sharing_weight.clamp(min=-math.log(_MAX_LEARNED_WEIGHT))
+        base = c.baseline.mean()
+        self._parts = {
+            "cost": ratio.detach().cpu().tolist(),
+            "union": float((c.union / base).detach()),
+            "intersection": float((c.intersection / base).detach()),
+            "budget_term": float(budget_term.detach()), "sharing": float(sharing.detach()),
+            "sharing_weight": float(w.detach()), "total": float(total.detach()),
+        }
+        return total
+
+    def parts(self) -> Dict[str, object]:
+        """The last call's terms: per-domain cost as a fraction of the baseline
+        ("cost"), union and intersection cost (fractions of the mean baseline), the
+        budget term, the sharing term, its weight and the total."""
+        return dict(self._parts)
+
+    def extra_repr(self) -> str:
+        return (f"budget={self.budget}, metric={self.metric!r}, sharing={self.sharing!r}, "
+                f"budget_weight={self.budget_weight}")

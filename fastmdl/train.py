@@ -1,0 +1,236 @@
+"""``fastmdl.train``: learn per-domain masks under a budget on mixed-domain batches."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from ._io import write_atomic_bytes
+from .budget import BudgetLoss
+from .convert import MultiDomainModel
+from .cost import costs, multidomain_layers
+
+CHECKPOINT_FORMAT = "fastmdl.train-checkpoint"
+
+
+def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optional[Sequence] = None,
+          *, budget: float = 1.0, epochs: int = 1, metric: str = "flops",
+          sharing: Optional[str] = None, sharing_weight: Union[str, float] = "learnable",
+          budget_weight: float = 1.0, lr: float = 1e-3, mask_lr: float = 1e-2,
+          train_weights: bool = False, device: Union[str, torch.device, None] = None,
+          checkpoint: Union[str, os.PathLike, None] = None, resume: bool = True,
+          progress: bool = True, log: Optional[Callable[[str], None]] = print) -> List[Dict]:
+    r"""Train ``model``'s masks, per-domain BatchNorms and heads (and, with
+    ``train_weights``, the shared weights) under a budget.
+
+    Each step takes one batch ``(x, y)`` from every domain's loader
+    (``train_loaders[d]``), runs them as one mixed batch and minimises
+
+    .. math:: \mathrm{CE}(\mathrm{model}(x, domain), y) + \mathrm{BudgetLoss}()
+
+    with Adam (``mask_lr`` for the mask scores, ``lr`` for the rest). An epoch is as
+    many steps as the longest loader has batches; shorter loaders start over.
+    After each epoch it evaluates on ``val_loaders`` (if given), logs each domain's
+    accuracy and cost (a fraction of the baseline), and, with ``checkpoint``,
+    writes model, optimiser and history there atomically; a later call with the
+    same path resumes after the last finished epoch (``resume=False`` starts over).
+
+    Returns one dict per epoch: ``epoch``, ``loss``, ``train_acc``, ``val_acc``
+    (lists over domains), ``cost`` (per-domain fractions), ``union`` and the
+    budget loss's parts.
+    """
+    if not isinstance(model, MultiDomainModel):
+        raise TypeError(f"model must be a fastmdl.MultiDomainModel, got {type(model).__name__}")
+    num_domains = model.num_domains
+    _check_loaders(train_loaders, "train_loaders", num_domains)
+    if val_loaders is not None:
+        _check_loaders(val_loaders, "val_loaders", num_domains)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    loss_fn = BudgetLoss(model, budget, metric, sharing, sharing_weight,
+                         budget_weight=budget_weight).to(device)
+
+    scores = {id(g.scores): g.scores for g in model.mask_groups()}
+    shared = _shared_weights(model)
+    shared_ids = {id(p) for p in shared}
+    was_trainable = [p.requires_grad for p in shared]
+    for p in shared:
+        p.requires_grad_(train_weights)
+    rest = [p for p in model.parameters() if id(p) not in scores and
+            (train_weights or id(p) not in shared_ids)]
+    groups = [{"params": list(scores.values()), "lr": mask_lr}, {"params": rest, "lr": lr}]
+    if loss_fn.log_sharing_weight is not None:
+        groups.append({"params": [loss_fn.log_sharing_weight], "lr": mask_lr})
+    optimizer = torch.optim.Adam(groups)
+
+    history: List[Dict] = []
+    start = 0
+    if checkpoint is not None and resume and os.path.exists(checkpoint):
+        start, history = _load_checkpoint(checkpoint, model, optimizer, loss_fn)
+        if log and start < epochs:
+            log(f"resuming from {os.fspath(checkpoint)} after epoch {start}")
+
+    steps = max(len(loader) for loader in train_loaders)
+    for epoch in range(start, epochs):
+        model.train()
+        iters = [_cycle(loader) for loader in train_loaders]
+        correct = torch.zeros(num_domains)
+        seen = torch.zeros(num_domains)
+        total_loss = 0.0
+        bar = _progress(range(steps), progress, f"epoch {epoch + 1}/{epochs}")
+        for _ in bar:
+            xs, ys, ds = [], [], []
+            for d, it in enumerate(iters):
+                x, y = next(it)
+                _check_labels(y, model.num_classes[d], d)
+                xs.append(x)
+                ys.append(y)
+                ds.append(torch.full((len(y),), d, dtype=torch.int64))
+            x, y, dom = (torch.cat(xs).to(device), torch.cat(ys).to(device),
+                         torch.cat(ds).to(device))
+            logits = model(x, dom)
+            task = F.cross_entropy(logits, y)
+            loss = task + loss_fn()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                hit = (logits.argmax(1) == y).float().cpu()
+                correct.index_add_(0, dom.cpu(), hit)
+                seen.index_add_(0, dom.cpu(), torch.ones_like(hit))
+            total_loss += float(loss.detach())
+            if hasattr(bar, "set_postfix"):
+                parts = loss_fn.parts()
+                bar.set_postfix(loss=f"{float(loss):.3f}",
+                                cost=" ".join(f"{c:.2f}" for c in parts["cost"]))
+        with torch.no_grad():
+            cost = costs(multidomain_layers(model, hard=True), metric)
+        record = {
+            "epoch": epoch + 1, "loss": total_loss / steps,
+            "train_acc": (correct / seen.clamp(min=1)).tolist(),
+            "val_acc": evaluate(model, val_loaders) if val_loaders is not None else None,
+            "cost": (cost.per_domain / cost.baseline).tolist(),
+            "union": float(cost.union / cost.baseline.mean()),
+            "budget_loss": loss_fn.parts(),
+        }
+        history.append(record)
+        if log:
+            log(_format(record, metric))
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, epoch + 1, model, optimizer, loss_fn, history)
+    for p, flag in zip(shared, was_trainable):
+        p.requires_grad_(flag)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate(model, loaders: Sequence) -> List[float]:
+    """Accuracy of ``model`` on each domain's loader (``loaders[d]`` for domain d)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for d, loader in enumerate(loaders):
+        correct = seen = 0
+        for x, y in loader:
+            pred = model(x.to(device), d).argmax(1).cpu()
+            correct += int((pred == y).sum())
+            seen += len(y)
+        out.append(correct / max(seen, 1))
+    model.train(was_training)
+    return out
+
+
+def _shared_weights(model: MultiDomainModel) -> List[torch.nn.Parameter]:
+    """Parameters every domain shares: all but the masks, BatchNorms and heads."""
+    from .layers import BatchNorm2d, Conv2d, DomainHeads
+
+    own = set()
+    for m in model.modules():
+        if isinstance(m, (BatchNorm2d, DomainHeads)):
+            own.update(id(p) for p in m.parameters())
+        elif isinstance(m, Conv2d):
+            own.add(id(m.scores))
+    return [p for p in model.parameters() if id(p) not in own]
+
+
+def _check_loaders(loaders, name: str, num_domains: int) -> None:
+    if isinstance(loaders, (str, bytes)) or not isinstance(loaders, Sequence):
+        raise TypeError(f"{name} must be a list with one loader per domain, got "
+                        f"{type(loaders).__name__}")
+    if len(loaders) != num_domains:
+        raise ValueError(f"{name} must have one loader per domain ({num_domains}), "
+                         f"got {len(loaders)}")
+    for d, loader in enumerate(loaders):
+        if not hasattr(loader, "__iter__") or not hasattr(loader, "__len__"):
+            raise TypeError(f"{name}[{d}] must be an iterable with a length (a DataLoader)")
+        if len(loader) == 0:
+            raise ValueError(f"{name}[{d}] is empty")
+
+
+def _check_labels(y, num_classes: int, d: int) -> None:
+    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64:
+        raise TypeError(f"labels of domain {d} must be an int64 tensor, got "
+                        f"{getattr(y, 'dtype', type(y).__name__)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels of domain {d} must lie in [0, {num_classes}), got values in "
+                         f"[{int(y.min())}, {int(y.max())}]")
+
+
+def _cycle(loader):
+    return itertools.chain.from_iterable(itertools.repeat(loader))
+
+
+def _progress(it, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return it
+    return tqdm(it, desc=desc, leave=False)
+
+
+def _format(r: Dict, metric: str) -> str:
+    def pct(v):
+        return " ".join(f"{100 * a:5.1f}" for a in v)
+
+    line = (f"epoch {r['epoch']}: loss {r['loss']:.4f} | train acc % [{pct(r['train_acc'])}]")
+    if r["val_acc"] is not None:
+        line += f" | val acc % [{pct(r['val_acc'])}]"
+    return line + f" | {metric} % of baseline [{pct(r['cost'])}] union {100 * r['union']:.1f}"
+
+
+def _save_checkpoint(path, epoch, model, optimizer, loss_fn, history) -> None:
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "budget_loss": loss_fn.state_dict(),
+                "history": history}, buf)
+    write_atomic_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path, model, optimizer, loss_fn):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {os.fspath(path)} cannot be read ({type(e).__name__}: {e}); "
+                         "delete it or pass resume=False") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{os.fspath(path)} is not a fastmdl training checkpoint")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        loss_fn.load_state_dict(state["budget_loss"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {os.fspath(path)} does not match this model or these "
+                         f"settings: {e}") from e
+    return int(state["epoch"]), list(state["history"])
