@@ -25,7 +25,13 @@ class BudgetLoss(nn.Module):
 
     .. math::
         r_d = C_d / B_d, \qquad
-        L_{budget} = \textstyle\sum_d \max(0,\ r_d - b)
+        L_{budget} = \textstyle\sum_d \lambda_d \max(0,\ r_d - b)
+
+    The multipliers :math:`\lambda_d` start at ``budget_weight`` and, in training
+    mode, rise by ``dual_lr`` :math:`(r_d - b)` after each call while domain d is
+    over budget and fall back (never below ``budget_weight``) once it is under:
+    dual ascent on the constraint :math:`r_d \le b`, so the budget is met whatever
+    the task and sharing terms pull for.
 
     and, on the shared layers only (convolutions and linear layers; heads and
     BatchNorms are per domain anyway), with :math:`\bar C = \mathrm{mean}_d C_d`,
@@ -47,7 +53,7 @@ class BudgetLoss(nn.Module):
     def __init__(self, model, budget: float, metric: str = "flops",
                  sharing: Optional[str] = None,
                  sharing_weight: Union[str, float] = "learnable", *,
-                 budget_weight: float = 1.0, input_size: Optional[Tuple[int, int, int]] = None):
+                 budget_weight: float = 1.0, dual_lr: float = 0.05, input_size: Optional[Tuple[int, int, int]] = None):
         super().__init__()
         from .convert import MultiDomainModel
 
@@ -65,8 +71,11 @@ class BudgetLoss(nn.Module):
         if isinstance(budget_weight, bool) or not isinstance(budget_weight, (int, float)) \
                 or budget_weight < 0:
             raise ValueError(f"budget_weight must be a number >= 0, got {budget_weight!r}")
+        if isinstance(dual_lr, bool) or not isinstance(dual_lr, (int, float)) or dual_lr < 0:
+            raise ValueError(f"dual_lr must be a number >= 0, got {dual_lr!r}")
         self.budget, self.metric, self.sharing = float(budget), metric, sharing
-        self.budget_weight = float(budget_weight)
+        self.budget_weight, self.dual_lr = float(budget_weight), float(dual_lr)
+        self.register_buffer("multipliers", torch.full((model.num_domains,), float(budget_weight)))
         self.input_size = input_size
         self._model = [model]  # not a submodule: its parameters are not ours
         if sharing_weight == "learnable":
@@ -95,8 +104,14 @@ class BudgetLoss(nn.Module):
         # Sharing compares the shared layers only: heads and BatchNorms are per domain.
         shared = costs([x for x in layers if x.kind in ("conv", "linear")], self.metric)
         ratio = c.per_domain / c.baseline
-        budget_term = torch.relu(ratio - self.budget).sum()
-        total = self.budget_weight * budget_term
+        over = ratio - self.budget
+        lam = self.multipliers.to(ratio.device).clone()
+        budget_term = (lam * torch.relu(over)).sum()
+        total = budget_term
+        if self.training and torch.is_grad_enabled() and self.dual_lr > 0:
+            with torch.no_grad():
+                self.multipliers.copy_((lam + self.dual_lr * over.detach()).clamp(
+                    min=self.budget_weight))
         sharing = torch.zeros((), device=total.device)
         mean = shared.per_domain.mean().clamp(min=1e-12)
         if self.sharing == "intersection":
@@ -115,6 +130,7 @@ class BudgetLoss(nn.Module):
             "cost": ratio.detach().cpu().tolist(),
             "union": float((c.union / base).detach()),
             "intersection": float((c.intersection / base).detach()),
+            "multipliers": lam.detach().cpu().tolist(),
             "budget_term": float(budget_term.detach()), "sharing": float(sharing.detach()),
             "sharing_weight": float(w.detach()), "total": float(total.detach()),
         }
@@ -122,10 +138,10 @@ class BudgetLoss(nn.Module):
 
     def parts(self) -> Dict[str, object]:
         """The last call's terms: per-domain cost as a fraction of the baseline
-        ("cost"), union and intersection cost (fractions of the mean baseline), the
+        ("cost"), the budget multipliers, union and intersection cost (fractions of the mean baseline), the
         budget term, the sharing term, its weight and the total."""
         return dict(self._parts)
 
     def extra_repr(self) -> str:
         return (f"budget={self.budget}, metric={self.metric!r}, sharing={self.sharing!r}, "
-                f"budget_weight={self.budget_weight}")
+                f"budget_weight={self.budget_weight}, dual_lr={self.dual_lr}")

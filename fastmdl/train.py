@@ -21,7 +21,8 @@ CHECKPOINT_FORMAT = "fastmdl.train-checkpoint"
 def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optional[Sequence] = None,
           *, budget: float = 1.0, epochs: int = 1, metric: str = "flops",
           sharing: Optional[str] = None, sharing_weight: Union[str, float] = "learnable",
-          budget_weight: float = 1.0, lr: float = 1e-3, mask_lr: float = 1e-2,
+          budget_weight: float = 1.0, dual_lr: float = 0.05, lr: float = 1e-3,
+          mask_lr: float = 1e-2,
           train_weights: bool = False, device: Union[str, torch.device, None] = None,
           checkpoint: Union[str, os.PathLike, None] = None, resume: bool = True,
           progress: bool = True, log: Optional[Callable[[str], None]] = print) -> List[Dict]:
@@ -33,7 +34,10 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
 
     .. math:: \mathrm{CE}(\mathrm{model}(x, domain), y) + \mathrm{BudgetLoss}()
 
-    with Adam (``mask_lr`` for the mask scores, ``lr`` for the rest). An epoch is as
+    with plain SGD on the mask scores (step ``mask_lr`` times the number of
+    prunable filters, so the budget's pull per filter does not shrink as the
+    network grows) and Adam at ``lr`` on the rest. ``budget_weight`` and
+    ``dual_lr`` go to :class:`BudgetLoss`. An epoch is as
     many steps as the longest loader has batches; shorter loaders start over.
     After each epoch it evaluates on ``val_loaders`` (if given), logs each domain's
     accuracy and cost (a fraction of the baseline), and, with ``checkpoint``,
@@ -56,7 +60,7 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
         model.to(device)
     device = next(model.parameters()).device
     loss_fn = BudgetLoss(model, budget, metric, sharing, sharing_weight,
-                         budget_weight=budget_weight).to(device)
+                         budget_weight=budget_weight, dual_lr=dual_lr).to(device)
 
     scores = {id(g.scores): g.scores for g in model.mask_groups()}
     shared = _shared_weights(model)
@@ -66,10 +70,13 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
         p.requires_grad_(train_weights)
     rest = [p for p in model.parameters() if id(p) not in scores and
             (train_weights or id(p) not in shared_ids)]
-    groups = [{"params": list(scores.values()), "lr": mask_lr}, {"params": rest, "lr": lr}]
     if loss_fn.log_sharing_weight is not None:
-        groups.append({"params": [loss_fn.log_sharing_weight], "lr": mask_lr})
-    optimizer = torch.optim.Adam(groups)
+        rest.append(loss_fn.log_sharing_weight)
+    # A budget gradient of 1 spread over F filters gives each about 1/F: scaling the
+    # scores' step by F makes mask_lr mean the same for a small and a large network.
+    num_filters = sum(g.width for g in model.mask_groups())
+    optimizer = _Optimizers(torch.optim.SGD(list(scores.values()), lr=mask_lr * num_filters),
+                            torch.optim.Adam(rest, lr=lr))
 
     history: List[Dict] = []
     start = 0
@@ -109,7 +116,7 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
             total_loss += float(loss.detach())
             if hasattr(bar, "set_postfix"):
                 parts = loss_fn.parts()
-                bar.set_postfix(loss=f"{float(loss):.3f}",
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}",
                                 cost=" ".join(f"{c:.2f}" for c in parts["cost"]))
         with torch.no_grad():
             cost = costs(multidomain_layers(model, hard=True), metric)
@@ -148,6 +155,33 @@ def evaluate(model, loaders: Sequence) -> List[float]:
         out.append(correct / max(seen, 1))
     model.train(was_training)
     return out
+
+
+class _Optimizers:
+    """SGD for the mask scores, Adam for the rest, stepped together.
+
+    SGD (without momentum) moves a score in proportion to its gradient, so filters
+    flip in the order of what they cost against what they are worth; Adam's
+    per-parameter normalisation, or momentum, moves every over-budget score at
+    about the same rate and flips them all at once, far past the budget."""
+
+    def __init__(self, masks: torch.optim.Optimizer, rest: torch.optim.Optimizer):
+        self.masks, self.rest = masks, rest
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.masks.zero_grad(set_to_none)
+        self.rest.zero_grad(set_to_none)
+
+    def step(self) -> None:
+        self.masks.step()
+        self.rest.step()
+
+    def state_dict(self) -> Dict:
+        return {"masks": self.masks.state_dict(), "rest": self.rest.state_dict()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.masks.load_state_dict(state["masks"])
+        self.rest.load_state_dict(state["rest"])
 
 
 def _shared_weights(model: MultiDomainModel) -> List[torch.nn.Parameter]:
