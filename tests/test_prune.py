@@ -143,3 +143,13 @@ def test_pruned_runs_on_cuda():
     with torch.no_grad():
         torch.testing.assert_close(p(x.cuda(), domain.cuda()).cpu(), m(x, domain),
                                    rtol=1e-2, atol=1e-2)  # TF32 on the GPU
+
+
+def test_pruned_model_compiles_in_one_graph():
+    m = trained(TinyResNet)
+    p = fastmdl.prune(m)
+    compiled = torch.compile(p, fullgraph=True)
+    x = torch.randn(6, 3, 8, 8)
+    domain = torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, domain), p(x, domain))
