@@ -12,7 +12,6 @@ convolution):
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
+from fastmdl._io import atomic_write
 from fastmdl._shapes import conv_output_hw
 from fastmdl.ops import domain_conv2d, index_lists
 
@@ -151,7 +151,5 @@ def matmul_gflops(size: int = 2048, repeats: int = 9) -> float:
 
 def write_atomic(path: str, text: str) -> None:
     """Write atomically: a reader sees the old file or the new one, never half."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         f.write(text)
-    os.replace(tmp, path)

@@ -34,7 +34,7 @@ _lib.define(SCHEMA)
 
 def _forward(x, weight, domain, in_index, in_offsets, out_index, out_offsets, scale, shift,
              residual, relu, stride, padding, dilation, backend):
-    impl = backends.resolve(backend, x.device, x.dtype)
+    impl = backends.resolve(backend, x.device, x.dtype, weight.shape[2] * weight.shape[3])
     return impl(x, weight, domain, in_index, in_offsets, out_index, out_offsets, scale, shift,
                 residual, relu, stride, padding, dilation)
 

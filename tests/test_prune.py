@@ -82,7 +82,7 @@ def test_a_group_nobody_uses_keeps_one_dead_channel():
         torch.testing.assert_close(p(x, 2), m(x, 2), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_backends_agree(backend):
     require_backend(backend, "cpu")
     m = trained(TinyResNet)

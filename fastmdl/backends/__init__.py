@@ -6,9 +6,12 @@
 | `cpp`       | CPU, when the extension `fastmdl._C` built | `backends/cpp.py`     |
 | `triton`    | CUDA; CPU only under `TRITON_INTERPRET=1`  | `backends/triton.py`  |
 
-``backend=None`` (or ``"auto"``) picks the fastest usable one for the device:
-``cpp`` on the CPU, ``triton`` on CUDA, the reference otherwise. When the fast
-backend is missing, the reference runs and a warning says so once.
+``backend=None`` (or ``"auto"``) picks the fastest usable one for the device and
+kernel: on the CPU ``cpp`` for 1x1 kernels and the reference for larger ones (its
+per-domain oneDNN convolutions measured faster there than the C++ kernel's
+im2col + GEMM: see benchmarks/NOTES.md), ``triton`` on CUDA, the reference
+otherwise. When the fast backend is missing, the reference runs and a warning
+says so once.
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ def status(name: str, device_type: str) -> Tuple[bool, str]:
     raise ValueError(f"backend must be one of {NAMES} or None, got {name!r}")
 
 
-def _auto(device_type: str, dtype: torch.dtype) -> str:
+def _auto(device_type: str, dtype: torch.dtype, kernel_elems: int = 1) -> str:
     preferred = {"cpu": "cpp", "cuda": "triton"}.get(device_type)
+    if device_type == "cpu" and kernel_elems > 1:
+        return "reference"
     if preferred is None:
         return "reference"
     ok, why = status(preferred, device_type)
@@ -62,10 +67,12 @@ def _auto(device_type: str, dtype: torch.dtype) -> str:
     return "reference"
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Callable:
-    """The implementation to run for backend ``name`` ("auto" or one of NAMES)."""
+def resolve(name: str, device: torch.device, dtype: torch.dtype,
+            kernel_elems: int = 1) -> Callable:
+    """The implementation to run for backend ``name`` ("auto" or one of NAMES) on a
+    convolution whose kernel has ``kernel_elems`` = kh * kw taps."""
     if name == "auto":
-        return _IMPLS[_auto(device.type, dtype)]
+        return _IMPLS[_auto(device.type, dtype, kernel_elems)]
     ok, why = status(name, device.type)
     if not ok:
         raise RuntimeError(f"backend {name!r} is not usable for {device.type} tensors: {why}")
