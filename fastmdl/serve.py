@@ -1,0 +1,339 @@
+"""``fastmdl.serve.Engine``: answer single mixed-domain requests at batch throughput.
+
+Requests arrive one at a time from any number of threads, each an image tensor
+and a domain id. Two threads do the work:
+
+- the *batcher* waits for a first request, then for up to ``max_delay_ms`` or
+  until ``max_batch_size`` requests are queued, and stacks them into one batch
+  (on CUDA into pinned memory, copied to the GPU on a side stream);
+- the *runner* runs each batch in one pass of the model and hands every request
+  its own output row, while the batcher is already assembling the next batch.
+
+On CUDA, batches are padded to a few fixed sizes (``buckets``) whose forward
+passes are captured once as CUDA graphs, so a batch costs one graph replay.
+A bad request fails its own future, never its batch; a full queue makes
+``submit`` raise :class:`Overloaded` at once; an exception in the model fails
+exactly the requests of that batch, and the engine keeps serving. ``close()``
+serves every accepted request before it returns.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import queue
+import threading
+import time
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+class Overloaded(RuntimeError):
+    """The engine's queue is full: retry later or raise ``max_queue``."""
+
+
+class EngineClosed(RuntimeError):
+    """``submit`` after ``close()``."""
+
+
+@dataclass
+class _Request:
+    x: torch.Tensor
+    domain: int
+    future: Future
+    arrived: float
+
+
+@dataclass
+class _Batch:
+    requests: List[_Request]
+    x: torch.Tensor
+    domain: torch.Tensor
+    ready: Optional[object] = None  # a CUDA event once the copy to the device is queued
+
+
+class Engine:
+    """Dynamic batching for a model called as ``model(x, domain)`` (a
+    :class:`fastmdl.PrunedModel` or :class:`fastmdl.MultiDomainModel`).
+
+    Args:
+        model: the model; it is put in eval mode and moved to ``device``.
+        device: where the model runs (default: where its parameters are).
+        max_batch_size: the most requests in one pass.
+        max_delay_ms: how long the first request of a batch may wait for others.
+        max_queue: the most accepted requests not yet batched; beyond it
+            ``submit`` raises :class:`Overloaded`.
+        input_shape: (C, H, W) of one request (default: ``model.input_size``).
+        num_domains: valid domain ids are [0, num_domains) (default: the model's).
+        cuda_graphs: capture fixed batch-size buckets as CUDA graphs (CUDA only).
+    """
+
+    def __init__(self, model: nn.Module, device=None, max_batch_size: int = 64,
+                 max_delay_ms: float = 2.0, max_queue: int = 4096,
+                 input_shape: Optional[Sequence[int]] = None,
+                 num_domains: Optional[int] = None, cuda_graphs: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _positive_int(max_batch_size, "max_batch_size")
+        _positive_int(max_queue, "max_queue")
+        if isinstance(max_delay_ms, bool) or not isinstance(max_delay_ms, (int, float)) \
+                or not 0 <= max_delay_ms < math.inf:
+            raise ValueError(f"max_delay_ms must be a finite number >= 0, got {max_delay_ms!r}")
+        param = next(model.parameters(), None)
+        self.device = torch.device(device) if device is not None else (
+            param.device if param is not None else torch.device("cpu"))
+        self.dtype = param.dtype if param is not None else torch.float32
+        self.model = model.eval().to(self.device)
+        shape = input_shape if input_shape is not None else getattr(model, "input_size", None)
+        if shape is None or len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
+            raise ValueError(f"input_shape must be (C, H, W) (the model has no input_size), "
+                             f"got {shape!r}")
+        self.input_shape = tuple(shape)
+        self.num_domains = num_domains if num_domains is not None else getattr(
+            model, "num_domains", None)
+        _positive_int(self.num_domains, "num_domains")
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.max_delay = max_delay_ms / 1e3
+
+        self._cv = threading.Condition()
+        self._pending: collections.deque = collections.deque()
+        self._handoff: "queue.Queue[Optional[_Batch]]" = queue.Queue(maxsize=2)
+        self._closed = False
+        self._stats_lock = threading.Lock()
+        self._latencies: collections.deque = collections.deque(maxlen=100_000)
+        self._batch_sizes: collections.Counter = collections.Counter()
+        self._served = self._failed = 0
+        self._first_arrival: Optional[float] = None
+        self._last_done: Optional[float] = None
+
+        self._cuda = self.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._buckets = _buckets(max_batch_size) if self._cuda else []
+        self._graphs: Dict[int, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor,
+                                      torch.Tensor]] = {}
+        self.graph_error: Optional[str] = None
+        if self._cuda and cuda_graphs:
+            self._capture_graphs()
+
+        self._batcher = threading.Thread(target=self._batch_loop, name="fastmdl-batcher",
+                                         daemon=True)
+        self._runner = threading.Thread(target=self._run_loop, name="fastmdl-runner", daemon=True)
+        self._batcher.start()
+        self._runner.start()
+
+    # -- the public side --------------------------------------------------------------
+
+    def submit(self, x: torch.Tensor, domain: int) -> Future:
+        """Queue one request: ``x`` of shape ``input_shape``, ``domain`` an int.
+        Returns a Future of the model's output row for it. A malformed request
+        gets an already-failed Future; a full queue raises :class:`Overloaded`."""
+        future: Future = Future()
+        problem = self._check(x, domain)
+        if problem is not None:
+            future.set_exception(problem)
+            with self._stats_lock:
+                self._failed += 1
+            return future
+        request = _Request(x.detach(), int(domain), future, time.perf_counter())
+        with self._cv:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            if len(self._pending) >= self.max_queue:
+                raise Overloaded(f"the queue holds max_queue={self.max_queue} requests")
+            if self._first_arrival is None:
+                self._first_arrival = request.arrived
+            self._pending.append(request)
+            self._cv.notify()
+        return future
+
+    def __call__(self, x: torch.Tensor, domain: int, timeout: Optional[float] = None):
+        """Submit and wait: the output row for one request."""
+        return self.submit(x, domain).result(timeout)
+
+    def close(self) -> None:
+        """Stop accepting requests, serve every accepted one, stop the threads."""
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify_all()
+        self._batcher.join()
+        self._runner.join()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stats(self) -> dict:
+        """Throughput (requests/s from the first request to the last answer),
+        latency percentiles (ms, submit to answer, over the last 100k requests),
+        counts, and the histogram {batch size: batches}."""
+        with self._stats_lock:
+            lat = sorted(self._latencies)
+            served, failed = self._served, self._failed
+            hist = dict(sorted(self._batch_sizes.items()))
+            span = (self._last_done - self._first_arrival
+                    if self._last_done is not None and self._first_arrival is not None else 0.0)
+
+        def pct(q):
+            return 1e3 * lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
+
+        return {"served": served, "failed": failed, "queued": len(self._pending),
+                "throughput": served / span if span > 0 else 0.0,
+                "latency_ms": {"p50": pct(0.50), "p99": pct(0.99)},
+                "batch_sizes": hist, "cuda_graphs": sorted(self._graphs)}
+
+    # -- checks -------------------------------------------------------------------------
+
+    def _check(self, x, domain) -> Optional[Exception]:
+        if not isinstance(x, torch.Tensor):
+            return TypeError(f"x must be a torch.Tensor of shape {self.input_shape}, "
+                             f"got {type(x).__name__}")
+        if tuple(x.shape) != self.input_shape:
+            return ValueError(f"x must have shape {self.input_shape} (one image), "
+                              f"got {tuple(x.shape)}")
+        if x.dtype != self.dtype:
+            return TypeError(f"x must have dtype {self.dtype}, got {x.dtype}")
+        if isinstance(domain, bool) or not isinstance(domain, int):
+            return TypeError(f"domain must be an int, got {type(domain).__name__}")
+        if not 0 <= domain < self.num_domains:
+            return ValueError(f"domain {domain} is out of range [0, {self.num_domains})")
+        return None
+
+    # -- the batcher ----------------------------------------------------------------------
+
+    def _next_requests(self) -> Optional[List[_Request]]:
+        with self._cv:
+            while not self._pending and not self._closed:
+                self._cv.wait()
+            if not self._pending:
+                return None  # closed and drained
+            deadline = self._pending[0].arrived + self.max_delay
+            while len(self._pending) < self.max_batch_size and not self._closed:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            n = min(len(self._pending), self.max_batch_size)
+            return [self._pending.popleft() for _ in range(n)]
+
+    def _batch_loop(self) -> None:
+        while True:
+            requests = self._next_requests()
+            if requests is None:
+                self._handoff.put(None)
+                return
+            requests = [r for r in requests if r.future.set_running_or_notify_cancel()]
+            if not requests:
+                continue
+            try:
+                self._handoff.put(self._assemble(requests))
+            except Exception as e:  # e.g. out of memory while stacking
+                self._fail(requests, e)
+
+    def _assemble(self, requests: List[_Request]) -> _Batch:
+        n = len(requests)
+        size = next((b for b in self._buckets if b >= n), n)
+        x = torch.empty((size,) + self.input_shape, dtype=self.dtype, pin_memory=self._cuda)
+        torch.stack([r.x for r in requests], out=x[:n])
+        if size > n:
+            x[n:].zero_()  # padding rows: any valid input, their outputs are dropped
+        domain = torch.zeros(size, dtype=torch.int64, pin_memory=self._cuda)
+        domain[:n] = torch.tensor([r.domain for r in requests], dtype=torch.int64)
+        if not self._cuda:
+            return _Batch(requests, x, domain)
+        with torch.cuda.stream(self._copy_stream):
+            xd = x.to(self.device, non_blocking=True)
+            dd = domain.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        return _Batch(requests, xd, dd, ready)
+
+    # -- the runner -----------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        while True:
+            batch = self._handoff.get()
+            if batch is None:
+                return
+            try:
+                out = self._forward(batch)
+            except Exception as e:
+                self._fail(batch.requests, e)
+                continue
+            done = time.perf_counter()
+            for i, r in enumerate(batch.requests):
+                r.future.set_result(out[i].clone())
+            with self._stats_lock:
+                self._served += len(batch.requests)
+                self._batch_sizes[len(batch.requests)] += 1
+                self._latencies.extend(done - r.arrived for r in batch.requests)
+                self._last_done = done
+
+    def _forward(self, batch: _Batch) -> torch.Tensor:
+        with torch.inference_mode():
+            if not self._cuda:
+                return self.model(batch.x, batch.domain)
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(batch.ready)
+            # The copy stream's tensors are used on this stream: keep them alive until done.
+            batch.x.record_stream(stream)
+            batch.domain.record_stream(stream)
+            size = batch.x.shape[0]
+            if size in self._graphs:
+                graph, sx, sd, sy = self._graphs[size]
+                sx.copy_(batch.x)
+                sd.copy_(batch.domain)
+                graph.replay()
+                y = sy
+            else:
+                y = self.model(batch.x, batch.domain)
+            return y.to("cpu")
+
+    def _fail(self, requests: List[_Request], error: Exception) -> None:
+        for r in requests:
+            if not r.future.done():
+                r.future.set_exception(error)
+        with self._stats_lock:
+            self._failed += len(requests)
+
+    def _capture_graphs(self) -> None:
+        try:
+            for size in self._buckets:
+                sx = torch.randn((size,) + self.input_shape, device=self.device, dtype=self.dtype)
+                sd = torch.arange(size, device=self.device) % self.num_domains
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side), torch.inference_mode():
+                    for _ in range(2):  # warm-up: kernels compiled, allocator settled
+                        self.model(sx, sd)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph), torch.inference_mode():
+                    sy = self.model(sx, sd)
+                self._graphs[size] = (graph, sx, sd, sy)
+        except Exception as e:  # a model that cannot be captured still serves, eagerly
+            self._graphs.clear()
+            self.graph_error = f"{type(e).__name__}: {e}"
+            warnings.warn(f"fastmdl.serve: CUDA graph capture failed ({self.graph_error}); "
+                          "batches run eagerly", RuntimeWarning, stacklevel=3)
+
+
+def _buckets(max_batch_size: int) -> List[int]:
+    sizes, b = [], 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch_size]
+
+
+def _positive_int(v, name: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
