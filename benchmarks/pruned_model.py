@@ -50,6 +50,22 @@ def set_masks(model, keep: float, shared: float, seed: int = 0) -> None:
         group.scores.data.copy_(scores)
 
 
+def pruned_resnet26(domains: int, keep: float, shared: float, size: int, width: float,
+                    seed: int = 0):
+    """(dense single-domain ResNet-26, converted model with set masks and per-domain
+    BatchNorm statistics, its pruned network), all in eval mode."""
+    torch.manual_seed(seed)
+    base = resnet26(num_classes=10, width=width).eval()
+    model = fastmdl.convert(base, domains, [10] * domains, input_size=(3, size, size))
+    set_masks(model, keep, shared, seed)
+    model.train()
+    with torch.no_grad():  # per-domain BatchNorm statistics that differ between domains
+        for _ in range(2):
+            model(torch.randn(4 * domains, 3, size, size), torch.arange(4 * domains) % domains)
+    model.eval()
+    return base, model, fastmdl.prune(model)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,18 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = ap.parse_args(argv)
 
-    torch.manual_seed(0)
-    base = resnet26(num_classes=10, width=args.width).eval()
-    model = fastmdl.convert(base, args.domains, [10] * args.domains,
-                            input_size=(3, args.size, args.size))
-    set_masks(model, args.keep, args.shared)
-    model.train()
-    with torch.no_grad():  # per-domain BatchNorm statistics that differ between domains
-        for _ in range(2):
-            model(torch.randn(4 * args.domains, 3, args.size, args.size),
-                  torch.arange(4 * args.domains) % args.domains)
-    model.eval()
-    pruned = fastmdl.prune(model)
+    base, model, pruned = pruned_resnet26(args.domains, args.keep, args.shared, args.size,
+                                          args.width)
     x = torch.randn(args.n, 3, args.size, args.size)
     domain = torch.randperm(args.n) % args.domains
 

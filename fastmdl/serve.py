@@ -1,13 +1,19 @@
 """``fastmdl.serve.Engine``: answer single mixed-domain requests at batch throughput.
 
 Requests arrive one at a time from any number of threads, each an image tensor
-and a domain id. Two threads do the work:
+and a domain id. Threads of the engine do the work:
 
 - the *batcher* waits for a first request, then for up to ``max_delay_ms`` or
   until ``max_batch_size`` requests are queued, and stacks them into one batch
   (on CUDA into pinned memory, copied to the GPU on a side stream);
-- the *runner* runs each batch in one pass of the model and hands every request
+- the *runners* run each batch in one pass of the model and hand every request
   its own output row, while the batcher is already assembling the next batch.
+
+On the CPU there is one runner per core, each with one intra-op thread, and the
+batcher splits the queue between them. Measured (benchmarks/NOTES.md): a model
+run from a thread other than the main one loses OpenMP's spin-waiting, and its
+many small parallel regions then cost 2.3x; single-threaded runners avoid them
+and keep every core busy on its own batch.
 
 On CUDA, batches are padded to a few fixed sizes (``buckets``) whose forward
 passes are captured once as CUDA graphs, so a batch costs one graph replay.
@@ -55,6 +61,7 @@ class _Batch:
     x: torch.Tensor
     domain: torch.Tensor
     ready: Optional[object] = None  # a CUDA event once the copy to the device is queued
+    taken: int = 0  # requests taken from the queue for it, cancelled ones included
 
 
 class Engine:
@@ -71,12 +78,15 @@ class Engine:
         input_shape: (C, H, W) of one request (default: ``model.input_size``).
         num_domains: valid domain ids are [0, num_domains) (default: the model's).
         cuda_graphs: capture fixed batch-size buckets as CUDA graphs (CUDA only).
+        workers: runner threads (default: one per intra-op thread on the CPU, one on CUDA).
+        threads_per_worker: intra-op threads of each CPU runner (default 1).
     """
 
     def __init__(self, model: nn.Module, device=None, max_batch_size: int = 64,
                  max_delay_ms: float = 2.0, max_queue: int = 4096,
                  input_shape: Optional[Sequence[int]] = None,
-                 num_domains: Optional[int] = None, cuda_graphs: bool = True):
+                 num_domains: Optional[int] = None, cuda_graphs: bool = True,
+                 workers: Optional[int] = None, threads_per_worker: int = 1):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _positive_int(max_batch_size, "max_batch_size")
@@ -99,19 +109,29 @@ class Engine:
         _positive_int(self.num_domains, "num_domains")
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.max_delay = max_delay_ms / 1e3
+        self._cuda = self.device.type == "cuda"
+        if workers is None:
+            workers = 1 if self._cuda else max(1, torch.get_num_threads() // threads_per_worker)
+        _positive_int(workers, "workers")
+        _positive_int(threads_per_worker, "threads_per_worker")
+        self.workers, self.threads_per_worker = workers, threads_per_worker
 
         self._cv = threading.Condition()
         self._pending: collections.deque = collections.deque()
-        self._handoff: "queue.Queue[Optional[_Batch]]" = queue.Queue(maxsize=2)
+        self._handoff: "queue.Queue[Optional[_Batch]]" = queue.Queue(maxsize=workers + 1)
         self._closed = False
+        # Batches handed to runners and not finished; on CUDA one more may wait
+        # assembled (its copy to the GPU overlapping the current batch).
+        self._in_flight = self._in_flight_requests = 0
+        self._capacity = workers + (1 if self._cuda else 0)
         self._stats_lock = threading.Lock()
         self._latencies: collections.deque = collections.deque(maxlen=100_000)
         self._batch_sizes: collections.Counter = collections.Counter()
         self._served = self._failed = 0
+        self._busy = 0.0  # seconds runners spent in forward passes
         self._first_arrival: Optional[float] = None
         self._last_done: Optional[float] = None
 
-        self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._buckets = _buckets(max_batch_size) if self._cuda else []
         self._graphs: Dict[int, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor,
@@ -122,9 +142,11 @@ class Engine:
 
         self._batcher = threading.Thread(target=self._batch_loop, name="fastmdl-batcher",
                                          daemon=True)
-        self._runner = threading.Thread(target=self._run_loop, name="fastmdl-runner", daemon=True)
+        self._runners = [threading.Thread(target=self._run_loop, name=f"fastmdl-runner-{i}",
+                                          daemon=True) for i in range(workers)]
         self._batcher.start()
-        self._runner.start()
+        for t in self._runners:
+            t.start()
 
     # -- the public side --------------------------------------------------------------
 
@@ -163,7 +185,8 @@ class Engine:
             self._closed = True
             self._cv.notify_all()
         self._batcher.join()
-        self._runner.join()
+        for t in self._runners:
+            t.join()
 
     def __enter__(self) -> "Engine":
         return self
@@ -174,13 +197,15 @@ class Engine:
     def stats(self) -> dict:
         """Throughput (requests/s from the first request to the last answer),
         latency percentiles (ms, submit to answer, over the last 100k requests),
-        counts, and the histogram {batch size: batches}."""
+        counts, the histogram {batch size: batches}, and ``utilisation``: the
+        fraction of that time the runners spent in forward passes."""
         with self._stats_lock:
             lat = sorted(self._latencies)
             served, failed = self._served, self._failed
             hist = dict(sorted(self._batch_sizes.items()))
             span = (self._last_done - self._first_arrival
                     if self._last_done is not None and self._first_arrival is not None else 0.0)
+            busy = self._busy
 
         def pct(q):
             return 1e3 * lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
@@ -188,7 +213,8 @@ class Engine:
         return {"served": served, "failed": failed, "queued": len(self._pending),
                 "throughput": served / span if span > 0 else 0.0,
                 "latency_ms": {"p50": pct(0.50), "p99": pct(0.99)},
-                "batch_sizes": hist, "cuda_graphs": sorted(self._graphs)}
+                "batch_sizes": hist, "cuda_graphs": sorted(self._graphs),
+                "utilisation": busy / (span * self.workers) if span > 0 else 0.0}
 
     # -- checks -------------------------------------------------------------------------
 
@@ -215,28 +241,48 @@ class Engine:
                 self._cv.wait()
             if not self._pending:
                 return None  # closed and drained
+            # Aim for the batch that splits everything outstanding evenly between the
+            # runners: waiting for a full max_batch_size would stall a closed loop of
+            # fewer clients, sending whatever is queued would fragment it.
             deadline = self._pending[0].arrived + self.max_delay
-            while len(self._pending) < self.max_batch_size and not self._closed:
+            while not self._closed and len(self._pending) < self._target():
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
                 self._cv.wait(left)
-            n = min(len(self._pending), self.max_batch_size)
+            # No runner free (and, on CUDA, one batch already waiting): let the batch
+            # grow until one is.
+            while self._in_flight >= self._capacity:
+                self._cv.wait()
+            n = min(len(self._pending), self._target())
+            self._in_flight += 1
+            self._in_flight_requests += n
             return [self._pending.popleft() for _ in range(n)]
+
+    def _target(self) -> int:
+        outstanding = len(self._pending) + self._in_flight_requests
+        return max(1, min(self.max_batch_size, -(-outstanding // self.workers)))
 
     def _batch_loop(self) -> None:
         while True:
             requests = self._next_requests()
             if requests is None:
-                self._handoff.put(None)
+                for _ in self._runners:
+                    self._handoff.put(None)
                 return
+            taken = len(requests)
             requests = [r for r in requests if r.future.set_running_or_notify_cancel()]
             if not requests:
+                self._finished(taken)
                 continue
             try:
-                self._handoff.put(self._assemble(requests))
+                batch = self._assemble(requests)
             except Exception as e:  # e.g. out of memory while stacking
                 self._fail(requests, e)
+                self._finished(taken)
+                continue
+            batch.taken = taken
+            self._handoff.put(batch)
 
     def _assemble(self, requests: List[_Request]) -> _Batch:
         n = len(requests)
@@ -259,15 +305,20 @@ class Engine:
     # -- the runner -----------------------------------------------------------------------
 
     def _run_loop(self) -> None:
+        if not self._cuda:
+            torch.set_num_threads(self.threads_per_worker)  # this thread's intra-op threads
         while True:
             batch = self._handoff.get()
             if batch is None:
                 return
+            began = time.perf_counter()
             try:
                 out = self._forward(batch)
             except Exception as e:
                 self._fail(batch.requests, e)
+                self._finished(batch.taken)
                 continue
+            self._finished(batch.taken)
             done = time.perf_counter()
             for i, r in enumerate(batch.requests):
                 r.future.set_result(out[i].clone())
@@ -276,6 +327,7 @@ class Engine:
                 self._batch_sizes[len(batch.requests)] += 1
                 self._latencies.extend(done - r.arrived for r in batch.requests)
                 self._last_done = done
+                self._busy += done - began
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
         with torch.inference_mode():
@@ -296,6 +348,12 @@ class Engine:
             else:
                 y = self.model(batch.x, batch.domain)
             return y.to("cpu")
+
+    def _finished(self, taken: int) -> None:
+        with self._cv:
+            self._in_flight -= 1
+            self._in_flight_requests -= taken
+            self._cv.notify_all()
 
     def _fail(self, requests: List[_Request], error: Exception) -> None:
         for r in requests:

@@ -173,3 +173,20 @@ def test_bad_arguments(pruned):
         Engine(lambda x, d: x)
     with pytest.raises(ValueError, match="input_shape"):
         Engine(nn.Linear(2, 2), num_domains=2)
+
+
+def test_cancelled_requests_are_skipped():
+    model = Gate()
+    model.open.clear()
+    engine = Engine(model, max_batch_size=1, max_delay_ms=0, workers=1)
+    first = engine.submit(torch.ones(3, 4, 4), 0)  # taken by the runner, which waits
+    time.sleep(0.2)
+    queued = [engine.submit(torch.ones(3, 4, 4), 1) for _ in range(3)]
+    assert queued[1].cancel()
+    model.open.set()
+    engine.close()
+    assert float(first.result()) == 48.0
+    assert [float(f.result()) for f in (queued[0], queued[2])] == [49.0, 49.0]
+    assert queued[1].cancelled()
+    assert engine.stats()["served"] == 3
+    assert engine._in_flight == engine._in_flight_requests == 0
