@@ -37,6 +37,6 @@ fi
 # Build tools first: the extension is built against the torch above (no build
 # isolation, which would fetch another torch).
 $PIP install setuptools wheel ninja numpy
-$PIP install pytest pytest-benchmark triton tqdm
+$PIP install pytest pytest-benchmark triton tqdm aiohttp
 $PIP install --no-build-isolation .
 echo "fastmdl: environment ready in $VENV"

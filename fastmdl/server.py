@@ -1,0 +1,450 @@
+"""``fastmdl serve``: a saved pruned model over HTTP, on :mod:`aiohttp`.
+
+Requests are handed one by one to a :class:`fastmdl.serve.Engine`, which batches
+whatever arrives together into one pass of the model, so many concurrent clients
+cost about what one batch costs. aiohttp is an optional dependency
+(``pip install 'fastmdl[serve]'``); it is imported only when a server is built.
+
+Endpoints
+---------
+
+``POST /v1/predict``
+    One image and its domain id; the answer holds only that domain's logits::
+
+        curl -s localhost:8000/v1/predict -H 'Content-Type: application/json' \\
+             -d '{"domain": 1, "image": [[[0.1, 0.2, ...], ...], ...]}'
+        {"domain": 1, "logits": [0.53, -1.2], "class": 0}
+
+    The JSON ``image`` is a nested list of numbers of shape (C, H, W), the model's
+    ``input_size``. The image may instead be sent as raw little-endian float32
+    bytes in C order, with the domain in the query string::
+
+        curl -s 'localhost:8000/v1/predict?domain=1' \\
+             -H 'Content-Type: application/octet-stream' --data-binary @image.f32
+
+    Errors carry ``{"error": "<what is wrong and what was expected>"}``: 400 for a
+    body that is not the expected JSON or a field of the wrong type, 422 for a
+    well-formed request the model cannot take (image shape, domain out of range,
+    NaN or infinite pixels), 413 for a body over ``max_body_bytes``, 503 with
+    ``Retry-After`` when the engine's queue is full or it is shutting down, 500 when
+    the model itself fails. Unknown paths answer 404 and wrong methods 405, also
+    in JSON.
+
+``GET /health``
+    ``{"status": "ok", "num_domains": 3, "num_classes": [5, 2, 7], "input_shape":
+    [3, 8, 8], ...}``: ``curl -s localhost:8000/health``.
+
+``GET /metrics``
+    The engine's :meth:`~fastmdl.serve.Engine.stats` (throughput, latency
+    percentiles, the batch-size histogram) and counts of HTTP answers by status,
+    as JSON; in the Prometheus text format with ``Accept: text/plain`` or
+    ``?format=prometheus``: ``curl -s 'localhost:8000/metrics?format=prometheus'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .serve import Engine, EngineClosed, Overloaded
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aiohttp import web
+
+__all__ = ["make_app", "serve", "default_max_body_bytes", "require_aiohttp", "INSTALL_HINT"]
+
+INSTALL_HINT = "pip install 'fastmdl[serve]'"
+PREDICT, HEALTH, METRICS = "/v1/predict", "/health", "/metrics"
+_ENDPOINTS = f"POST {PREDICT}, GET {HEALTH}, GET {METRICS}"
+# Decoding a large JSON image takes milliseconds of pure Python; beyond this size
+# it runs on a worker thread so the event loop keeps accepting other requests.
+_OFFLOAD_BYTES = 1 << 16
+_RETRY_AFTER_S = "1"
+_log = logging.getLogger("fastmdl.server")
+_dumps = functools.partial(json.dumps, allow_nan=False)  # strict JSON: never NaN/Infinity
+
+
+def require_aiohttp():
+    """aiohttp.web, or an ImportError that says how to get it."""
+    try:
+        import aiohttp  # noqa: F401
+        from aiohttp import web
+    except ImportError as e:
+        raise ImportError(f"the fastmdl HTTP server needs aiohttp: {INSTALL_HINT}") from e
+    return web
+
+
+def default_max_body_bytes(input_shape: Sequence[int]) -> int:
+    """The body limit :func:`make_app` uses by default: room for one image of
+    ``input_shape`` written as JSON (up to 32 characters per value), plus 1 MiB."""
+    return 32 * math.prod(input_shape) + (1 << 20)
+
+
+class _Reject(Exception):
+    """A request answered with an error status, never an internal failure."""
+
+    def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None) -> "web.Application":
+    """An :class:`aiohttp.web.Application` that answers predictions through ``engine``.
+
+    Args:
+        engine: a running :class:`fastmdl.serve.Engine`; the caller owns it (the app
+            never closes it) and must keep it open while the app serves.
+        max_body_bytes: the largest request body accepted, larger ones get 413
+            (default :func:`default_max_body_bytes` of the engine's input shape).
+
+    The endpoints are described in this module's docstring.
+    """
+    web = require_aiohttp()
+    if not isinstance(engine, Engine):
+        raise TypeError(f"engine must be a fastmdl.serve.Engine, got {type(engine).__name__}")
+    shape = tuple(engine.input_shape)
+    if max_body_bytes is None:
+        max_body_bytes = default_max_body_bytes(shape)
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) \
+            or max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
+    num_domains = engine.num_domains
+    classes = getattr(engine.model, "num_classes", None)
+    num_classes = [int(k) for k in classes] if classes is not None else None
+    binary_bytes = 4 * math.prod(shape)
+    domains = f"an int in [0, {num_domains})"
+    json_form = (f'{{"domain": <int in [0, {num_domains})>, "image": <nested list of numbers '
+                 f'of shape (C, H, W) = {shape}>}}')
+    status_counts: collections.Counter = collections.Counter()
+    started = time.time()
+
+    def reply(payload: Any, status: int = 200, headers: Optional[Dict[str, str]] = None):
+        return web.json_response(payload, status=status, headers=headers, dumps=_dumps)
+
+    @web.middleware
+    async def errors_as_json(request, handler):
+        # Every answer, aiohttp's own 404/405/413 included, is JSON and counted.
+        try:
+            response = await handler(request)
+        except _Reject as e:
+            response = reply({"error": e.message}, e.status, e.headers)
+        except web.HTTPException as e:
+            if e.status < 400:
+                status_counts[e.status] += 1
+                raise
+            response = reply({"error": _http_error_message(e, request)}, e.status,
+                             _kept_headers(e))
+        except Exception as e:
+            _log.exception("fastmdl.server: %s %s failed", request.method, request.path)
+            response = reply({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
+        status_counts[response.status] += 1
+        return response
+
+    def _http_error_message(e, request) -> str:
+        if e.status == 404:
+            return f"no endpoint at {request.path}; the endpoints are {_ENDPOINTS}"
+        if e.status == 405:
+            allowed = ", ".join(sorted(getattr(e, "allowed_methods", ()) or ()))
+            return f"method {request.method} is not allowed on {request.path}; use {allowed}"
+        if e.status == 413:
+            return (f"request body is larger than max_body_bytes={max_body_bytes} bytes; send "
+                    f"one image (binary float32: {binary_bytes} bytes)")
+        return e.reason if not e.text or e.text.startswith(f"{e.status}:") else e.text
+
+    async def read_body(request) -> bytes:
+        # Refuse on the declared length before reading anything; aiohttp's
+        # client_max_size still guards chunked bodies with no declared length.
+        if request.content_length is not None and request.content_length > max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=max_body_bytes,
+                                                actual_size=request.content_length)
+        return await request.read()
+
+    def decode_json(body: bytes) -> Tuple[torch.Tensor, int]:
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            where = f" ({e.msg} at line {e.lineno} column {e.colno})" \
+                if isinstance(e, json.JSONDecodeError) else ""
+            raise _Reject(400, f"body is not valid JSON{where}: send {json_form} with "
+                               f"Content-Type: application/json, or the image as "
+                               f"{binary_bytes} bytes of little-endian float32 with "
+                               f"Content-Type: application/octet-stream and ?domain=K")
+        if not isinstance(data, dict):
+            raise _Reject(400, f"body must be a JSON object {json_form}, "
+                               f"got {_json_type(data)}")
+        if "domain" not in data:
+            raise _Reject(400, f'"domain" is missing: expected {domains}')
+        domain = data["domain"]
+        if type(domain) is not int:
+            raise _Reject(400, f'"domain" must be {domains}, got {_json_type(domain)} '
+                               f'{_short(domain)}')
+        if "image" not in data:
+            raise _Reject(400, f'"image" is missing: expected a nested list of numbers of '
+                               f'shape (C, H, W) = {shape}')
+        image = data["image"]
+        if not isinstance(image, list):
+            raise _Reject(400, f'"image" must be a nested list of numbers of shape (C, H, W) = '
+                               f'{shape}, got {_json_type(image)}')
+        try:
+            x = torch.tensor(image, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            raise _image_problem(image, shape, e) from None
+        return x, domain
+
+    def decode_binary(request, body: bytes) -> Tuple[torch.Tensor, int]:
+        raw = request.query.get("domain")
+        if raw is None:
+            raise _Reject(400, f'query parameter "domain" is missing: with Content-Type: '
+                               f'application/octet-stream send ?domain=K, K {domains}')
+        try:
+            domain = int(raw, 10)
+        except ValueError:
+            raise _Reject(400, f'query parameter "domain" must be {domains}, '
+                               f'got {_short(raw)}') from None
+        if len(body) != binary_bytes:
+            raise _Reject(422, f"binary body must be {binary_bytes} bytes (little-endian float32 "
+                               f"of shape (C, H, W) = {shape}, C order), got {len(body)} bytes")
+        # "<f4" reads little-endian on any host; astype copies into a writable array.
+        x = torch.from_numpy(np.frombuffer(body, dtype="<f4").astype(np.float32)).reshape(shape)
+        return x, domain
+
+    def decode(request, body: bytes) -> Tuple[torch.Tensor, int]:
+        # Binary only when declared: aiohttp reports a missing Content-Type as
+        # octet-stream, and a client that names no type most likely sent JSON.
+        if "Content-Type" in request.headers \
+                and request.content_type == "application/octet-stream":
+            x, domain = decode_binary(request, body)
+        else:  # application/json, or whatever curl -d claims: the body decides
+            x, domain = decode_json(body)
+        if not 0 <= domain < num_domains:
+            raise _Reject(422, f'"domain" {domain} is out of range: expected {domains}')
+        if tuple(x.shape) != shape:
+            raise _Reject(422, f'"image" must have shape (C, H, W) = {shape}, '
+                               f'got {tuple(x.shape)}')
+        x = x.to(engine.dtype)
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise _Reject(422, f'"image" holds {bad} non-finite value(s) (NaN or +-Infinity, or '
+                               f'too large for {str(engine.dtype).removeprefix("torch.")}); '
+                               f'every pixel must be a finite number')
+        return x, domain
+
+    async def predict(request):
+        body = await read_body(request)
+        if len(body) > _OFFLOAD_BYTES:
+            x, domain = await asyncio.get_running_loop().run_in_executor(
+                None, decode, request, body)
+        else:
+            x, domain = decode(request, body)
+        try:
+            future = engine.submit(x, domain)
+        except Overloaded as e:
+            raise _Reject(503, f"server overloaded ({e}); retry later",
+                          {"Retry-After": _RETRY_AFTER_S}) from None
+        except EngineClosed:
+            raise _Reject(503, "server is shutting down; retry later",
+                          {"Retry-After": _RETRY_AFTER_S}) from None
+        try:
+            row = await asyncio.wrap_future(future)
+        except Exception as e:  # decode() checked all Engine.submit checks: the model failed
+            _log.error("fastmdl.server: the model failed: %s: %s", type(e).__name__, e)
+            raise _Reject(500, f"the model failed on this request: {type(e).__name__}: {e}") \
+                from None
+        logits = row.reshape(-1)
+        if num_classes is not None:
+            logits = logits[:num_classes[domain]]
+        logits = logits.float()
+        if not bool(torch.isfinite(logits).all()):
+            raise _Reject(500, f"the model produced non-finite logits for domain {domain}")
+        return reply({"domain": domain, "logits": logits.tolist(),
+                      "class": int(torch.argmax(logits))})
+
+    async def health(request):
+        return reply({"status": "ok", "num_domains": num_domains, "num_classes": num_classes,
+                      "input_shape": list(shape), "dtype": str(engine.dtype),
+                      "device": str(engine.device), "max_batch_size": engine.max_batch_size,
+                      "max_body_bytes": max_body_bytes})
+
+    def metrics_snapshot() -> dict:
+        return {**engine.stats(), "uptime_s": time.time() - started,
+                "http_requests": {str(k): v for k, v in sorted(status_counts.items())}}
+
+    async def metrics(request):
+        fmt = request.query.get("format")
+        accept = request.headers.get("Accept", "")
+        prometheus = fmt == "prometheus" or (
+            fmt is None and "text/plain" in accept and "application/json" not in accept)
+        snapshot = metrics_snapshot()
+        if not prometheus:
+            return reply(snapshot)
+        return web.Response(body=_prometheus(snapshot).encode(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[errors_as_json])
+    app.router.add_post(PREDICT, predict)
+    app.router.add_get(HEALTH, health)
+    app.router.add_get(METRICS, metrics)
+    return app
+
+
+def _kept_headers(e) -> Dict[str, str]:
+    return {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    return {bool: "a boolean", int: "an int", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def _short(v: Any, n: int = 40) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _image_problem(image: list, shape: Tuple[int, ...], error: Exception) -> _Reject:
+    """Why torch could not read ``image``: the first value that is not a number
+    (400), else the first place where it is ragged (422)."""
+    stack: List[Tuple[str, Any]] = [("image", image)]
+    seen_shape: Dict[int, Tuple[str, int]] = {}
+    while stack:
+        where, v = stack.pop()
+        depth = where.count("[")
+        if isinstance(v, list):
+            if depth in seen_shape and seen_shape[depth][1] != len(v):
+                other, n = seen_shape[depth]
+                return _Reject(422, f'"image" must have shape (C, H, W) = {shape}, but it is '
+                                    f'ragged: {where} has {len(v)} entries and {other} has {n}')
+            seen_shape.setdefault(depth, (where, len(v)))
+            stack.extend((f"{where}[{i}]", u) for i, u in reversed(list(enumerate(v))))
+        elif type(v) not in (int, float):
+            return _Reject(400, f'"{where}" must be a number, got {_json_type(v)} {_short(v)}; '
+                                f'"image" is a nested list of numbers of shape (C, H, W) = '
+                                f'{shape}')
+    return _Reject(422, f'"image" cannot be read as float32 of shape (C, H, W) = {shape}: '
+                        f'{error}')
+
+
+def _prometheus(m: dict) -> str:
+    """``m`` (from the /metrics handler) in the Prometheus text exposition format."""
+    lines: List[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples):
+        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
+        for labels, value in samples:
+            if value is None:
+                continue
+            label_text = "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""
+            lines.append(f"{name}{label_text} {_number(value)}")
+
+    family("fastmdl_requests_served_total", "counter", "Requests the engine answered.",
+           [((), m["served"])])
+    family("fastmdl_requests_failed_total", "counter",
+           "Requests the engine failed (refused input or a model error).", [((), m["failed"])])
+    family("fastmdl_queue_length", "gauge", "Accepted requests not yet batched.",
+           [((), m["queued"])])
+    family("fastmdl_throughput_requests_per_second", "gauge",
+           "Requests answered per second, from the first request to the last answer.",
+           [((), m["throughput"])])
+    lat = m["latency_ms"]
+    family("fastmdl_latency_seconds", "gauge",
+           "Submit-to-answer latency percentiles over the last 100k requests.",
+           [((("quantile", "0.5"),), None if lat["p50"] is None else lat["p50"] / 1e3),
+            ((("quantile", "0.99"),), None if lat["p99"] is None else lat["p99"] / 1e3)])
+    family("fastmdl_batches_total", "counter", "Batches run, by number of requests in them.",
+           [((("size", str(k)),), v) for k, v in m["batch_sizes"].items()])
+    family("fastmdl_http_requests_total", "counter", "HTTP requests answered, by status code.",
+           [((("code", k),), v) for k, v in m["http_requests"].items()])
+    family("fastmdl_uptime_seconds", "gauge", "Seconds since the server started.",
+           [((), m["uptime_s"])])
+    return "\n".join(lines) + "\n"
+
+
+def _number(v) -> str:
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("NaN" if v != v else ("+Inf" if v > 0 else "-Inf"))
+    return str(int(v))
+
+
+def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, *,
+          device: Optional[str] = None, max_batch_size: int = 64, max_delay_ms: float = 2.0,
+          max_queue: int = 4096, max_body_bytes: Optional[int] = None) -> None:
+    """Serve the model saved at ``model_path`` (by :func:`fastmdl.save`) on
+    ``http://host:port`` until SIGINT or SIGTERM.
+
+    ``port=0`` lets the OS pick a free port. Once the socket listens, one line
+    ``fastmdl: serving <model_path> on http://HOST:PORT`` (the real port) is printed
+    to stdout. On the way out the server stops accepting connections, answers every
+    request already accepted, then closes the engine.
+
+    The remaining arguments go to :class:`fastmdl.serve.Engine` (``device`` default:
+    CPU) and :func:`make_app`. Raises ``ImportError`` without aiohttp, ``OSError`` or
+    ``ValueError`` for a missing or invalid model file, a bad device or a port
+    that cannot be bound.
+    """
+    from .serialize import load
+
+    web = require_aiohttp()
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device {device!r} is not a device: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} is not available: no CUDA device here")
+    model = load(model_path)
+    engine = Engine(model, device=device, max_batch_size=max_batch_size,
+                    max_delay_ms=max_delay_ms, max_queue=max_queue)
+    try:
+        app = make_app(engine, max_body_bytes=max_body_bytes)
+        asyncio.run(_run(web, app, model_path, host, port))
+    finally:
+        engine.close()
+
+
+async def _run(web, app, model_path: str, host: str, port: int) -> None:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as e:
+            raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+        bound_host, bound_port = runner.addresses[0][:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                pass
+        # Printed only once the handlers are in place: whoever reads this line may
+        # send SIGINT at once and must get the graceful shutdown.
+        print(f"fastmdl: serving {model_path} on http://{shown}:{bound_port}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.remove_signal_handler(sig)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass
+    finally:
+        # Stops listening, then waits for in-flight handlers; the engine they wait
+        # on is closed only after this, by serve().
+        await runner.cleanup()
+    print("fastmdl: stopped", file=sys.stderr, flush=True)
