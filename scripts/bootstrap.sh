@@ -26,6 +26,19 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+# The built-in benchmark's Fashion-MNIST comes from Debian; without root the data
+# tests that need it skip and the demo says how to install it.
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${FASHION_MNIST_DIR:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "fastmdl: installing the Debian package dataset-fashion-mnist"
+    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ||
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist)) ||
+      echo "fastmdl: could not install dataset-fashion-mnist; Fashion-MNIST will be missing" >&2
+  else
+    echo "fastmdl: note: Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist)" >&2
+  fi
+fi
+
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 torch_spec=${FASTMDL_TORCH:-torch==2.13.0}
@@ -37,6 +50,6 @@ fi
 # Build tools first: the extension is built against the torch above (no build
 # isolation, which would fetch another torch).
 $PIP install setuptools wheel ninja numpy
-$PIP install pytest pytest-benchmark triton tqdm aiohttp
+$PIP install pytest pytest-benchmark triton tqdm aiohttp scikit-learn scikit-image matplotlib pillow
 $PIP install --no-build-isolation .
 echo "fastmdl: environment ready in $VENV"

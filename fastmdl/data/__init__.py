@@ -1,0 +1,16 @@
+"""Data for multi-domain experiments.
+
+- :func:`builtin_benchmark`: four real-image domains available offline
+  (Fashion-MNIST, scikit-learn digits, scikit-image faces and textures).
+- :func:`decathlon_domain` and :func:`image_folder_domain`: readers for the
+  Visual Decathlon devkit and ImageFolder-style trees (ImageNet-to-Sketch).
+"""
+
+from .benchmark import DOMAINS, Domain, MultiDomainData, builtin_benchmark, resize
+from .readers import (ImageFiles, decathlon_benchmark, decathlon_domain, image_folder_benchmark,
+                      image_folder_domain)
+from .sources import SourceMissing
+
+__all__ = ["DOMAINS", "Domain", "MultiDomainData", "builtin_benchmark", "resize",
+           "SourceMissing", "ImageFiles", "decathlon_domain", "decathlon_benchmark",
+           "image_folder_domain", "image_folder_benchmark"]
