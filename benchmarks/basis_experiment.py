@@ -1,0 +1,269 @@
+"""Basis scaling and double pruning on target domains (issue 8, method 3 of DESIGN.md).
+
+    python benchmarks/basis_experiment.py --smoke            # random tensors, seconds
+    python benchmarks/basis_experiment.py [--epochs 3] [--ratios 0.5,0.7,0.8,0.9]
+                                          [--budget 0.5] [--scope global] [--out benchmarks/out]
+
+For the target domains together (one multi-domain model; each domain has its own
+factors, BatchNorm and head, so the domains only share the frozen backbone):
+
+  basis     transfer with basis scaling only (decompose, train factors + BatchNorm +
+            a new head; no weight of the backbone changes), then basis pruning at
+            each ratio (Taylor importance on the training data, no fine-tuning of
+            individual weights; ``--retrain-epochs`` retrains factors/BN/heads only)
+  filters   filter masks learned by ``fastmdl.train`` at ``--budget`` (weights frozen)
+  double    those filter masks, then the basis rows above on the masked model
+
+Each row: accuracy per domain, its drop against the unpruned basis transfer of the
+same method, and params/FLOPs per domain and of the union network as a percentage
+of ONE backbone (the single-domain network). Writes basis_experiment.md and .json.
+The full run uses ``fastmdl.pretrained.pretrained_backbone`` and the built-in
+benchmark's domains other than the backbone's source (Fashion-MNIST).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from contenders import write_atomic  # noqa: E402
+
+import fastmdl  # noqa: E402
+from fastmdl import basis  # noqa: E402
+
+DomainSpec = Tuple[str, int, Sequence, Sequence]  # (name, num_classes, train_loader, val_loader)
+
+
+def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
+        ratios: Sequence[float] = (0.5, 0.7, 0.8, 0.9), budget: Optional[float] = 0.5,
+        scope: str = "global", lr: float = 1e-2, retrain_epochs: int = 0,
+        taylor_batches: Optional[int] = None, input_size=None, seed: int = 0,
+        log=print) -> Dict:
+    """Run the experiment (see the module docstring) and return
+    ``{"settings", "domains", "rows"}``; each row is a dict (see :func:`_row`).
+    ``budget=None`` leaves out the filter-pruning and double-pruning rows."""
+    names = [d[0] for d in domains]
+    classes = [int(d[1]) for d in domains]
+    train = [d[2] for d in domains]
+    val = [d[3] for d in domains]
+    if input_size is None:
+        input_size = tuple(next(iter(train[0]))[0].shape[1:])
+    log = log or (lambda *_: None)
+    rows: List[Dict] = []
+    start = time.perf_counter()
+
+    torch.manual_seed(seed)
+    model = _fresh(fastmdl.convert(backbone, len(domains), classes, input_size=input_size))
+    rows += _basis_rows("basis", 1.0, model, train, val, epochs, ratios, scope, lr,
+                        retrain_epochs, taylor_batches, log)
+    if budget is not None:
+        torch.manual_seed(seed)
+        masked = _fresh(fastmdl.convert(backbone, len(domains), classes, input_size=input_size))
+        fastmdl.train(masked, train, budget=budget, epochs=epochs, lr=lr, progress=False, log=None)
+        acc = fastmdl.evaluate(masked, val)
+        rows.append(_row("filters", budget, 0.0, fastmdl.cost_report(masked), acc, acc))
+        log(_line(rows[-1]))
+        rows += _basis_rows("double", budget, masked, train, val, epochs, ratios, scope, lr,
+                            retrain_epochs, taylor_batches, log)
+    settings = {"epochs": epochs, "ratios": list(ratios), "budget": budget, "scope": scope,
+                "lr": lr, "retrain_epochs": retrain_epochs, "taylor_batches": taylor_batches,
+                "input_size": list(input_size), "seed": seed,
+                "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                "machine": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(), "seconds": time.perf_counter() - start}
+    return {"settings": settings, "domains": names, "rows": rows}
+
+
+def _fresh(model):
+    """A new head per domain: nothing of the backbone's classifier is reused."""
+    for m in model.modules():
+        if isinstance(m, fastmdl.DomainHeads):
+            with torch.no_grad():
+                for w in m.weights:
+                    nn.init.kaiming_uniform_(w, a=5 ** 0.5)
+                for b in (m.biases or []):
+                    b.zero_()
+    return model
+
+
+def _basis_rows(method, budget, model, train, val, epochs, ratios, scope, lr, retrain_epochs,
+                taylor_batches, log) -> List[Dict]:
+    names = [str(d) for d in range(len(train))]
+    bm = basis.decompose(model)
+    fit(bm, train, epochs, lr)
+    full = fastmdl.evaluate(bm, val)
+    rows = [_row(method, budget, 0.0, basis.cost_report(bm), full, full)]
+    log(_line(rows[-1]))
+    importance = basis.taylor_importance(bm, train, max_batches=taylor_batches)
+    for ratio in ratios:
+        pruned = basis.prune(bm, importance, ratio=ratio, scope=scope)
+        if retrain_epochs:
+            fit(pruned, train, retrain_epochs, lr)
+        rows.append(_row(method, budget, ratio, basis.cost_report(pruned),
+                         fastmdl.evaluate(pruned, val), full))
+        log(_line(rows[-1]))
+    return rows
+
+
+def fit(model, loaders: Sequence, epochs: int, lr: float) -> None:
+    """Adam on the trainable parameters (after decompose: factors, BatchNorm, heads),
+    one mixed batch per step with a batch of every domain, as ``fastmdl.train``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    device = params[0].device
+    model.train()
+    for _ in range(epochs):
+        iters = [itertools.chain.from_iterable(itertools.repeat(loader)) for loader in loaders]
+        for _ in range(max(len(loader) for loader in loaders)):
+            xs, ys, ds = [], [], []
+            for d, it in enumerate(iters):
+                x, y = next(it)
+                xs.append(x)
+                ys.append(y)
+                ds.append(torch.full((len(y),), d, dtype=torch.int64))
+            loss = F.cross_entropy(model(torch.cat(xs).to(device), torch.cat(ds).to(device)),
+                                   torch.cat(ys).to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+def _row(method, budget, ratio, report, acc, ref_acc) -> Dict:
+    base_p, base_f = report.baseline["params"], report.baseline["flops"]
+    return {
+        "method": method, "filter_budget": budget, "basis_ratio": ratio,
+        "acc": list(acc), "mean_acc": sum(acc) / len(acc),
+        "drop_points": [100 * (r - a) for a, r in zip(acc, ref_acc)],
+        "params": [r["params"] for r in report.domains],
+        "flops": [r["flops"] for r in report.domains],
+        "params_pct": [100 * r["params"] / base_p for r in report.domains],
+        "flops_pct": [100 * r["flops"] / base_f for r in report.domains],
+        "union_params_pct": 100 * report.union["params"] / base_p,
+        "union_flops_pct": 100 * report.union["flops"] / base_f,
+        "backbone_params": base_p, "backbone_flops": base_f,
+    }
+
+
+def _line(r: Dict) -> str:
+    return (f"{r['method']:7s} budget {r['filter_budget']:.2f} ratio {r['basis_ratio']:.2f}: "
+            f"acc {' '.join(f'{100 * a:.1f}' for a in r['acc'])} | params % "
+            f"{' '.join(f'{p:.1f}' for p in r['params_pct'])} | union {r['union_params_pct']:.1f}%")
+
+
+def to_markdown(result: Dict) -> str:
+    """The rows as a markdown table (percentages of ONE backbone)."""
+    names = result["domains"]
+    s = result["settings"]
+    head = (["method", "filter budget", "basis ratio"] + [f"acc % {n}" for n in names]
+            + ["mean acc %", "max drop (points)", "params % (mean/domain)",
+               "FLOPs % (mean/domain)", "union params %", "union FLOPs %"])
+    lines = [f"Basis scaling and double pruning, {s['date']}, {s['machine']}, {s['threads']} "
+             f"threads, torch {s['torch']}; {s['epochs']} epochs, scope {s['scope']}, "
+             f"retrain epochs {s['retrain_epochs']}, input {tuple(s['input_size'])}, "
+             f"{s['seconds']:.0f} s. Percentages are of ONE backbone (the single-domain "
+             "network); drops are against the same method's unpruned basis transfer.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    for r in result["rows"]:
+        cells = [r["method"], f"{r['filter_budget']:.2f}", f"{r['basis_ratio']:.2f}"]
+        cells += [f"{100 * a:.1f}" for a in r["acc"]]
+        cells += [f"{100 * r['mean_acc']:.1f}", f"{max(r['drop_points']):.1f}",
+                  f"{sum(r['params_pct']) / len(names):.1f}",
+                  f"{sum(r['flops_pct']) / len(names):.1f}",
+                  f"{r['union_params_pct']:.1f}", f"{r['union_flops_pct']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _smoke_inputs(seed: int = 0):
+    """A random 'backbone' and two domains of random 12x12 greyscale tensors."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fastmdl.models import ResNet
+
+    torch.manual_seed(seed)
+    backbone = ResNet([4, 8], [1, 1], num_classes=10, in_channels=1).eval()
+    g = torch.Generator().manual_seed(seed)
+    domains = []
+    for name, k in (("random-a", 3), ("random-b", 5)):
+        def split(n):
+            return TensorDataset(torch.randn(n, 1, 12, 12, generator=g),
+                                 torch.randint(0, k, (n,), generator=g))
+        domains.append((name, k, DataLoader(split(24), batch_size=12),
+                        DataLoader(split(12), batch_size=12)))
+    return backbone, domains
+
+
+def _real_inputs(size: int, width: float, batch_size: int, seed: int):
+    try:
+        from fastmdl.data import builtin_benchmark
+        from fastmdl.pretrained import pretrained_backbone
+    except ImportError as e:
+        raise SystemExit(f"the full experiment needs fastmdl.data and fastmdl.pretrained "
+                         f"({e}); run with --smoke meanwhile")
+    backbone, _ = pretrained_backbone(size=size, width=width, seed=seed)
+    data = builtin_benchmark(size, domains=["digits", "faces", "textures"], seed=seed)
+    train = data.loaders("train", batch_size, seed=seed)
+    val = data.loaders("val", batch_size, shuffle=False)
+    return backbone, [(d.name, d.num_classes, t, v)
+                      for d, t, v in zip(data.domains, train, val)]
+
+
+def main(argv=None) -> Dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="random tensors, a few seconds")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--ratios", default="0.5,0.7,0.8,0.9")
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--scope", default="global", choices=basis.SCOPES)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--retrain-epochs", type=int, default=0)
+    ap.add_argument("--taylor-batches", type=int, default=None)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--width", type=float, default=0.25)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--out", default=os.path.join(here, "out"))
+    args = ap.parse_args(argv)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    threads = torch.get_num_threads()
+    if args.smoke:
+        backbone, domains = _smoke_inputs(args.seed)
+        args.epochs, ratios, args.taylor_batches = 1, [0.5, 0.8], 1
+        # Tiny tensors gain nothing from threads, and lose much on a busy machine.
+        torch.set_num_threads(1)
+    else:
+        backbone, domains = _real_inputs(args.size, args.width, args.batch_size, args.seed)
+    try:
+        result = run(backbone, domains, epochs=args.epochs, ratios=ratios, budget=args.budget,
+                     scope=args.scope, lr=args.lr, retrain_epochs=args.retrain_epochs,
+                     taylor_batches=args.taylor_batches, seed=args.seed)
+    finally:
+        torch.set_num_threads(threads)
+    result["settings"]["smoke"] = args.smoke
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "basis_experiment" + ("_smoke" if args.smoke and
+                                                         args.out == ap.get_default("out") else ""))
+    md = to_markdown(result)
+    write_atomic(stem + ".json", json.dumps(result, indent=1))
+    write_atomic(stem + ".md", md)
+    print(md)
+    print(f"wrote {stem}.md and {stem}.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()
