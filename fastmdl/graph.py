@@ -10,6 +10,12 @@ are *frozen*: the image, anything that reaches the model's output other than
 through the classifier head, and anything touched by an op it does not
 understand (a conservative default: it can only cost pruning opportunities,
 never correctness). Each unfrozen space becomes one mask group.
+
+Three kinds of network are understood: a plain one (``nn.Conv2d`` with
+groups=1, ``nn.BatchNorm2d``, ``nn.Linear``), a converted one (fastmdl's
+layers) and the graph of a :class:`fastmdl.PrunedModel` (its layers take the
+domain tensor as a second input, and a convolution with a fused residual writes
+the residual's space).
 """
 
 from __future__ import annotations
@@ -26,8 +32,13 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from . import _domain
 from .layers import BatchNorm2d, Conv2d, DomainHeads
+from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads
 
 LEAVES = (Conv2d, BatchNorm2d, DomainHeads)
+# fastmdl.Conv2d is an nn.Conv2d; PrunedLinear an nn.Linear.
+_CONVS = (nn.Conv2d, PrunedConv2d)
+_BNS = (BatchNorm2d, nn.BatchNorm2d, PrunedBatchNorm2d)
+_HEADS = (DomainHeads, PrunedHeads)
 
 
 class Tracer(fx.Tracer):
@@ -49,14 +60,15 @@ def trace(module: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(module, graph)
 
 
-def shape_propagate(gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Record every node's output shape (``node.meta['tensor_meta']``) for ``example``,
-    in evaluation mode and without touching running statistics."""
+def shape_propagate(gm: fx.GraphModule, example: torch.Tensor, *more: Any) -> None:
+    """Record every node's output shape (``node.meta['tensor_meta']``) for ``example``
+    (and ``more`` inputs, e.g. a pruned graph's domain), in evaluation mode and
+    without touching running statistics."""
     modes = {m: m.training for m in gm.modules()}
     gm.eval()
     try:
         with torch.no_grad(), _domain.domain_scope(0):
-            ShapeProp(gm).propagate(example)
+            ShapeProp(gm).propagate(example, *more)
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -133,7 +145,8 @@ class ChannelGraph:
         """Unfrozen space root -> the mask scores its convolutions share."""
         out = {}
         for info in self.layers.values():
-            if (info.kind == "conv" and info.module.groups == 1 and info.module.prunable
+            if (info.kind == "conv" and isinstance(info.module, Conv2d)
+                    and info.module.groups == 1 and info.module.prunable
                     and not self.is_frozen(info.out_space)):
                 out[self.find(info.out_space)] = info.module.scores
         return out
@@ -223,28 +236,34 @@ def analyse(gm: fx.GraphModule) -> ChannelGraph:
             continue
         elif op == "call_module":
             m = modules[target]
-            if isinstance(m, (Conv2d, BatchNorm2d, DomainHeads, nn.Linear)) and target in seen_modules:
+            if isinstance(m, _CONVS + _BNS + _HEADS + (nn.Linear,)) and target in seen_modules:
                 # A layer applied twice has one mask for two inputs: keep it whole.
                 g.freeze(seen_modules[target])
                 g.freeze(in_axis)
                 out = unknown(node)
-            elif isinstance(m, Conv2d) and in_axis is not None:
+            elif isinstance(m, _CONVS) and in_axis is not None:
                 seen_modules[target] = in_axis
                 s = shape(node)
                 if m.groups == 1:
-                    out = Axis(((g.new_space(m.out_channels), m.out_channels),))
+                    width = m.weight.shape[0]
+                    out = Axis(((g.new_space(width), width),))
                 else:
                     g.freeze(in_axis)
                     out = fresh(node)
+                residual = node.args[2] if len(node.args) > 2 else node.kwargs.get("residual")
+                if isinstance(m, PrunedConv2d) and isinstance(residual, fx.Node):
+                    # A fused residual add: the output lives in the residual's space.
+                    r_axis = labels.get(residual)
+                    out = tie(out, r_axis) if r_axis is not None else unknown(node)
                 g.layers[target] = LayerInfo(target, "conv", m, in_axis, out.segments[0][0],
                                              tuple(s[2:]))
-            elif isinstance(m, BatchNorm2d) and in_axis is not None:
+            elif isinstance(m, _BNS) and in_axis is not None:
                 seen_modules[target] = in_axis
                 out = in_axis
                 g.layers[target] = LayerInfo(target, "bn", m, in_axis, None, tuple(shape(node)[2:]))
-            elif isinstance(m, (nn.Linear, DomainHeads)) and in_axis is not None:
+            elif isinstance(m, (nn.Linear,) + _HEADS) and in_axis is not None:
                 seen_modules[target] = in_axis
-                kind = "head" if isinstance(m, DomainHeads) else "linear"
+                kind = "head" if isinstance(m, _HEADS) else "linear"
                 if kind == "head":
                     g.head = target
                 out = fresh(node)

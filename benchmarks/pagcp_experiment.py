@@ -1,0 +1,275 @@
+"""PAGCP on the built-in multi-domain benchmark (issue 7, method 2 of DESIGN.md).
+
+    python benchmarks/pagcp_experiment.py --smoke          # random tensors, seconds
+    python benchmarks/pagcp_experiment.py [--epochs 3] [--finetune-steps 200]
+                                          [--initial-threshold 5] [--topk 0.8]
+                                          [--out benchmarks/out]
+
+Two inputs, both multi-domain models of the same backbone:
+
+  budget 1.0   fastmdl.train at budget 1.0 (every filter kept): PAGCP on it
+  prune 0.5    fastmdl.train at budget 0.5, then fastmdl.prune: PAGCP prunes the
+               pruned network further ("global after budget-aware")
+
+For each input: PAGCP (every domain is a task, its loss the cross-entropy on its
+validation split) and, as the comparison, uniform L1 pruning (every group loses the
+same fraction of its lowest-norm filters) at the same FLOPs; both then get the same
+short fine-tune. Targets (issue 7): at least 40% fewer FLOPs than the input, at
+most 1 point of mean accuracy lost, better mean accuracy than uniform L1.
+Writes pagcp_experiment.md and .json (``_smoke`` suffix for --smoke in benchmarks/out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from contenders import write_atomic  # noqa: E402
+
+import fastmdl  # noqa: E402
+from fastmdl.pagcp import uniform_prune  # noqa: E402
+
+Accuracy = Callable[[nn.Module], List[float]]
+
+
+def run(model_budget_1: fastmdl.MultiDomainModel, model_pruned_05: fastmdl.PrunedModel,
+        val_tasks: Mapping[str, Callable[[nn.Module], float]],
+        finetune: Callable[[nn.Module], nn.Module], *, accuracy: Accuracy,
+        pagcp_kwargs: Optional[Dict] = None, log=print) -> Dict:
+    """Run the experiment (module docstring) and return ``{"settings", "rows",
+    "reports"}``. ``val_tasks`` are PAGCP's ``tasks`` (one loss per domain, on
+    held-out data); ``finetune(model) -> model`` is the equal-length short
+    fine-tune every pruned network gets; ``accuracy(model)`` lists per-domain test
+    accuracies. Rows: per input, the input itself, PAGCP and uniform L1 at
+    PAGCP's FLOPs, each with accuracy before and after the fine-tune."""
+    log = log or (lambda *_: None)
+    kwargs = dict(pagcp_kwargs or {})
+    rows: List[Dict] = []
+    reports: Dict[str, Dict] = {}
+    start = time.perf_counter()
+    for label, model in (("budget 1.0", model_budget_1), ("prune 0.5", model_pruned_05)):
+        acc_in = accuracy(model)
+        rows.append(_row(label, "input", model, acc_in, acc_in, acc_in))
+        log(_line(rows[-1]))
+        pruned, report = fastmdl.pagcp(model, val_tasks, log=log, **kwargs)
+        reports[label] = report.to_dict()
+        log(report.to_markdown())
+        raw = accuracy(pruned)
+        rows.append(_row(label, "PAGCP", finetune(pruned), raw, None, acc_in, accuracy))
+        log(_line(rows[-1]))
+        uniform, info = uniform_prune(model, flops=report.flops_after,
+                                      importance=kwargs.get("importance", "l1"))
+        raw = accuracy(uniform)
+        rows.append(_row(label, f"uniform L1 ({info['ratio']:.2f})", finetune(uniform), raw,
+                         None, acc_in, accuracy))
+        log(_line(rows[-1]))
+    settings = {"pagcp": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()},
+                "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                "machine": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(), "seconds": time.perf_counter() - start}
+    return {"settings": settings, "rows": rows, "reports": reports}
+
+
+def _row(label: str, method: str, model: nn.Module, acc_raw: List[float],
+         acc: Optional[List[float]], acc_in: List[float],
+         accuracy: Optional[Accuracy] = None) -> Dict:
+    acc = acc if acc is not None else accuracy(model)
+    cost = fastmdl.cost_report(model)
+    mean = sum(acc) / len(acc)
+    return {"input": label, "method": method, "acc": list(acc), "mean_acc": mean,
+            "mean_acc_before_finetune": sum(acc_raw) / len(acc_raw),
+            "drop_points": 100 * (sum(acc_in) / len(acc_in) - mean),
+            "union_flops": cost.union["flops"], "union_params": cost.union["params"],
+            "baseline_flops": cost.baseline["flops"], "baseline_params": cost.baseline["params"]}
+
+
+def _line(r: Dict) -> str:
+    return (f"{r['input']:10s} {r['method']:18s} mean acc {100 * r['mean_acc']:.1f}% "
+            f"(before fine-tune {100 * r['mean_acc_before_finetune']:.1f}%), union FLOPs "
+            f"{r['union_flops']:.4g}, params {r['union_params']:.4g}")
+
+
+def to_markdown(result: Dict) -> str:
+    """The rows as a markdown table, then the issue's targets for each input."""
+    s = result["settings"]
+    lines = [f"PAGCP experiment, {s['date']}, {s['machine']}, {s['threads']} threads, torch "
+             f"{s['torch']}, {s['seconds']:.0f} s; PAGCP settings {s['pagcp'] or 'default'}. "
+             "FLOPs and params are of the union network (what the model holds for all "
+             "domains); drop = input's mean accuracy minus the row's, after the fine-tune.", "",
+             "| input | method | union FLOPs | FLOPs vs input | union params | mean acc % "
+             "(no fine-tune) | mean acc % | drop (points) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    inputs = {}
+    for r in result["rows"]:
+        ref = inputs.setdefault(r["input"], r)
+        lines.append(f"| {r['input']} | {r['method']} | {r['union_flops']:.4g} | "
+                     f"{100 * r['union_flops'] / ref['union_flops']:.1f}% | "
+                     f"{r['union_params']:.4g} | {100 * r['mean_acc_before_finetune']:.1f} | "
+                     f"{100 * r['mean_acc']:.1f} | {r['drop_points']:.2f} |")
+    lines.append("")
+    for label, ref in inputs.items():
+        pg = next(r for r in result["rows"] if r["input"] == label and r["method"] == "PAGCP")
+        uni = next(r for r in result["rows"] if r["input"] == label
+                   and r["method"].startswith("uniform"))
+        cut = 1 - pg["union_flops"] / ref["union_flops"]
+        checks = [("FLOPs -40%", cut >= 0.4, f"{100 * cut:.1f}% fewer"),
+                  ("drop <= 1 point", pg["drop_points"] <= 1, f"{pg['drop_points']:.2f}"),
+                  ("beats uniform L1", pg["mean_acc"] > uni["mean_acc"],
+                   f"{100 * pg['mean_acc']:.1f} vs {100 * uni['mean_acc']:.1f}")]
+        lines.append(f"- {label}: " + "; ".join(f"{name} {'met' if ok else 'NOT met'} ({v})"
+                                                  for name, ok, v in checks))
+    return "\n".join(lines) + "\n"
+
+
+# -- building blocks for the command line ------------------------------------------------------
+
+def loss_tasks(loaders: Sequence, names: Sequence[str], max_batches: Optional[int] = None
+               ) -> Dict[str, Callable[[nn.Module], float]]:
+    """One task per domain: the mean cross-entropy of ``model(x, d)`` over the first
+    ``max_batches`` batches of ``loaders[d]`` (fixed data, so the loss is deterministic)."""
+    batches = [list(itertools.islice(loader, max_batches)) for loader in loaders]
+
+    def task(d):
+        def loss(model):
+            total = seen = 0
+            for x, y in batches[d]:
+                total += float(F.cross_entropy(model(x, d), y, reduction="sum"))
+                seen += len(y)
+            return total / max(seen, 1)
+        return loss
+    return {name: task(d) for d, name in enumerate(names)}
+
+
+def make_finetune(loaders: Sequence, steps: int, lr: float) -> Callable[[nn.Module], nn.Module]:
+    """``steps`` Adam steps on mixed batches (one batch of every domain each), on all
+    weights, BatchNorms and heads; mask scores stay fixed, so no filter comes back."""
+    def finetune(model: nn.Module) -> nn.Module:
+        params = [p for n, p in model.named_parameters() if not n.endswith("scores")]
+        opt = torch.optim.Adam(params, lr=lr)
+        iters = [itertools.chain.from_iterable(itertools.repeat(loader)) for loader in loaders]
+        model.train()
+        for _ in range(steps):
+            xs, ys, ds = [], [], []
+            for d, it in enumerate(iters):
+                x, y = next(it)
+                xs.append(x)
+                ys.append(y)
+                ds.append(torch.full((len(y),), d, dtype=torch.int64))
+            loss = F.cross_entropy(model(torch.cat(xs), torch.cat(ds)), torch.cat(ys))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return model.eval()
+    return finetune
+
+
+def _smoke_inputs(seed: int = 0):
+    """Random 12x12 greyscale tensors for two domains and a tiny ResNet: the budget
+    1.0 model is converted as is, the 0.5 one gets random half masks, then prune."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fastmdl.models import ResNet
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    classes = [3, 5]
+
+    def split(n, k):
+        return DataLoader(TensorDataset(torch.randn(n, 1, 12, 12, generator=g),
+                                        torch.randint(0, k, (n,), generator=g)), batch_size=12)
+    train = [split(24, k) for k in classes]
+    val = [split(12, k) for k in classes]
+    test = [split(12, k) for k in classes]
+    backbone = ResNet([4, 8], [1, 1], num_classes=10, in_channels=1).eval()
+    full = fastmdl.convert(backbone, 2, classes, input_size=(1, 12, 12)).eval()
+    half = fastmdl.convert(backbone, 2, classes, input_size=(1, 12, 12))
+    for group in half.mask_groups():
+        group.scores.data = torch.rand(group.scores.shape, generator=g) - 0.5
+    return full, fastmdl.prune(half.eval()), ["random-a", "random-b"], train, val, test
+
+
+def _real_inputs(args):
+    """The budget-1.0 and pruned budget-0.5 models on the built-in benchmark (not run
+    by the smoke test: it trains for minutes)."""
+    try:
+        from fastmdl.data import builtin_benchmark
+        from fastmdl.pretrained import pretrained_backbone
+    except ImportError as e:
+        raise SystemExit(f"the full experiment needs fastmdl.data and fastmdl.pretrained ({e}); "
+                         "run with --smoke meanwhile")
+    backbone, _ = pretrained_backbone(size=args.size, width=args.width, seed=args.seed)
+    data = builtin_benchmark(args.size, domains=["digits", "faces", "textures"], seed=args.seed)
+    train = data.loaders("train", args.batch_size, seed=args.seed)
+    val = data.loaders("val", args.batch_size, shuffle=False)
+    test = data.loaders("test", args.batch_size, shuffle=False)
+    size = (1, args.size, args.size)
+    models = []
+    for budget in (1.0, 0.5):
+        torch.manual_seed(args.seed)
+        m = fastmdl.convert(backbone, len(data.domains), data.num_classes, input_size=size)
+        fastmdl.train(m, train, val, budget=budget, epochs=args.epochs, lr=args.lr,
+                      train_weights=True, progress=False)
+        models.append(m.eval())
+    return models[0], fastmdl.prune(models[1]), data.names, train, val, test
+
+
+def main(argv=None) -> Dict:
+    """Command line: build the inputs (random with --smoke), run, write .md and .json."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="random tensors, a few seconds")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--finetune-steps", type=int, default=200)
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--val-batches", type=int, default=None,
+                    help="batches of each domain's validation split PAGCP's losses use")
+    ap.add_argument("--initial-rate", type=float, default=0.05)
+    ap.add_argument("--initial-threshold", type=float, default=5.0)
+    ap.add_argument("--topk", type=float, default=0.8)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--width", type=float, default=0.25)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--out", default=os.path.join(here, "out"))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        full, pruned, names, train, val, test = _smoke_inputs(args.seed)
+        args.finetune_steps = 1
+    else:
+        full, pruned, names, train, val, test = _real_inputs(args)
+    kwargs = {"initial_rate": args.initial_rate, "initial_threshold": args.initial_threshold,
+              "topk": args.topk}
+    if args.smoke:
+        kwargs["ratios"] = (0.25, 0.5, 0.75)
+    result = run(full, pruned, loss_tasks(val, names, args.val_batches),
+                 make_finetune(train, args.finetune_steps, args.finetune_lr),
+                 accuracy=lambda m: fastmdl.evaluate(m, test), pagcp_kwargs=kwargs,
+                 log=None if args.smoke else print)
+    result["settings"].update(smoke=args.smoke, domains=list(names),
+                              finetune_steps=args.finetune_steps, epochs=args.epochs)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "pagcp_experiment" + ("_smoke" if args.smoke and
+                                                        args.out == ap.get_default("out") else ""))
+    md = to_markdown(result)
+    write_atomic(stem + ".json", json.dumps(result, indent=1, allow_nan=False))
+    write_atomic(stem + ".md", md)
+    print(md)
+    print(f"wrote {stem}.md and {stem}.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,392 @@
+"""fastmdl.pagcp: the threshold schedule, the greedy pass's bounds, physical and
+exact channel surgery on plain, multi-domain and pruned networks, topk, bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmdl
+from fastmdl import surgery
+from fastmdl.pagcp import GroupResult, _top_groups, schedule, uniform_prune
+from fastmdl.pruned import PrunedConv2d
+from models import CatNet, TinyResNet, TinyVGG
+
+MODELS = {"resnet": TinyResNet, "vgg": TinyVGG, "cat": CatNet}
+FEW_RATIOS = (0.25, 0.5, 0.75)  # keeps the multi-domain runs short
+
+
+class MultiTaskNet(nn.Module):
+    """A shared residual backbone and two heads: classification (pooled, linear)
+    and a dense regression (1x1 conv); forward returns a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(12)
+        self.conv1 = nn.Conv2d(12, 10, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(10)
+        self.conv2 = nn.Conv2d(10, 12, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.wide = nn.Conv2d(12, 16, 3, stride=2, padding=1)
+        self.cls = nn.Linear(16 * 4 * 4, 5)
+        self.dense = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        feats = F.relu(self.wide(x))
+        return {"cls": self.cls(torch.flatten(feats, 1)), "dense": self.dense(x)}
+
+
+def _random_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model
+
+
+def plain_model_and_tasks(seed=0):
+    torch.manual_seed(seed)
+    model = _random_bn(MultiTaskNet(), seed).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(16, 3, 8, 8, generator=g)
+    y_cls = torch.randint(0, 5, (16,), generator=g)
+    y_dense = torch.randn(16, 2, 8, 8, generator=g)
+    tasks = {"cls": lambda m: F.cross_entropy(m(x)["cls"], y_cls).item(),
+             "dense": lambda m: F.mse_loss(m(x)["dense"], y_dense).item()}
+    return model, tasks, x
+
+
+def masked_model(make, num_classes=(5, 2, 7), seed=0, keep=0.7):
+    """A converted model with random masks and per-domain BatchNorm statistics."""
+    torch.manual_seed(seed)
+    m = fastmdl.convert(make(), len(num_classes), list(num_classes), input_size=(3, 8, 8))
+    g = torch.Generator().manual_seed(seed)
+    for group in m.mask_groups():
+        group.scores.data = torch.rand(group.scores.shape, generator=g) - (1 - keep)
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(12, 3, 8, 8, generator=g) * 2 + 0.5, torch.arange(12) % len(num_classes))
+    return m.eval()
+
+
+def domain_tasks(num_classes=(5, 2, 7), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, k, (8,), generator=g))
+               for k in num_classes]
+    def task(d):
+        return lambda m: F.cross_entropy(m(batches[d][0], d), batches[d][1]).item()
+    return {f"domain{d}": task(d) for d in range(len(num_classes))}
+
+
+def hand_count(model, x):
+    """Multiply-adds per sample of a plain model's convolutions and linear layers."""
+    total = [0]
+
+    def hook(m, args, y):
+        if isinstance(m, nn.Conv2d):
+            total[0] += m.weight[0].numel() * m.out_channels * y[0, 0].numel()
+        else:
+            total[0] += m.in_features * m.out_features
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(x[:1])
+    for h in hooks:
+        h.remove()
+    return total[0]
+
+
+def check_bounds(report):
+    """Every accepted step within (1 + d_i) x the baseline, baselines only moving up."""
+    prev = None
+    for i, r in enumerate(report.groups):
+        assert r.order == i
+        assert r.threshold == pytest.approx(report.initial_rate * report.lam ** i)
+        for t, before in r.loss_before.items():
+            assert r.bound[t] == pytest.approx((1 + r.threshold) * before)
+            assert r.loss_after[t] <= r.bound[t]
+            if prev is not None:
+                assert before == pytest.approx(max(prev.loss_before[t], prev.loss_after[t]))
+        prev = r
+    assert report.groups[0].loss_before == report.losses_before
+
+
+# -- the threshold schedule ----------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [2, 3, 7, 40, 150])
+@pytest.mark.parametrize("d0,total", [(0.05, 5.0), (0.01, 1.5), (0.3, 20.0), (0.06, 6.0)])
+def test_schedule_product_equals_initial_threshold(n, d0, total):
+    lam, d = schedule(d0, n, total)
+    assert len(d) == n and d[0] == pytest.approx(d0)
+    assert math.prod(1 + v for v in d) == pytest.approx(total, rel=1e-9)
+    for a, b in zip(d, d[1:]):
+        assert b == pytest.approx(a * lam)
+    assert (lam > 1) == (n * math.log1p(d0) < math.log(total))
+
+
+def test_schedule_without_exponential_is_flat():
+    lam, d = schedule(0.05, 6, 5.0, exponential=False)
+    assert lam == 1.0 and d == [0.05] * 6
+    assert schedule(0.05, 1, 5.0) == (1.0, [0.05])  # one factor cannot be tuned
+    with pytest.raises(ValueError, match="initial_threshold"):
+        schedule(0.5, 4, 1.4)  # 1 + d_0 alone passes the bound
+    with pytest.raises(ValueError, match="initial_rate"):
+        schedule(-0.1, 4, 5.0)
+
+
+# -- exact surgery --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_removing_unused_channels_is_exact(name):
+    """Slicing away the channels no domain uses leaves every domain's function
+    unchanged: filters, BN entries (mask segments after a cat), flattened features."""
+    m = masked_model(MODELS[name])
+    net = surgery.Network(m)
+    kept = {}
+    for grp in net.groups:
+        used = net.masks[grp.root].amax(0).nonzero().squeeze(1)
+        if 0 < len(used) < grp.width:
+            kept[grp.root] = used
+    assert kept
+    small = net.finish(net.materialise(kept))
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        for d in range(3):
+            torch.testing.assert_close(small(x, d), m(x, d), rtol=1e-5, atol=1e-5)
+    assert sum(g.width for g in small.mask_groups()) < sum(g.width for g in m.mask_groups())
+    for g in small.mask_groups():
+        assert all(small.module.get_submodule(n).scores is g.scores for n in g.members)
+    assert fastmdl.cost_report(small).union["flops"] == pytest.approx(net.flops(kept))
+    torch.testing.assert_close(fastmdl.prune(small)(x, 1), m(x, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_surgery_on_a_pruned_model_equals_pruning_more_masks(name):
+    """Cutting channels out of a PrunedModel (CSR lists re-indexed, fused residuals
+    followed) computes what fastmdl.prune gives when those channels are masked."""
+    a = masked_model(MODELS[name])
+    pa = fastmdl.prune(a)
+    net = surgery.Network(pa)
+    b = masked_model(MODELS[name])  # the same model: masks turned off below
+    g = torch.Generator().manual_seed(7)
+    kept = {}
+    for grp in net.groups:
+        mg = next(x for x in b.mask_groups() if set(x.members) == set(grp.members))
+        used = (mg.scores > 0).any(0).nonzero().squeeze(1)  # pa's channels, as b's indices
+        if len(used) != grp.width or grp.width < 2:
+            continue
+        keep = torch.randperm(grp.width, generator=g)[: grp.width // 2 + 1].sort().values
+        kept[grp.root] = keep
+        dropped = torch.ones(grp.width, dtype=torch.bool)
+        dropped[keep] = False
+        mg.scores.data[:, used[dropped]] = -1.0
+    assert kept
+    small = net.materialise(kept)
+    x = torch.randn(6, 3, 8, 8)
+    domain = torch.tensor([0, 1, 2, 2, 0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(small(x, domain), b(x, domain), rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in pa.parameters())
+    assert fastmdl.cost_report(small).union["flops"] == pytest.approx(net.flops(kept))
+    assert fastmdl.cost_report(small).union["flops"] == pytest.approx(
+        fastmdl.cost_report(b).union["flops"])
+
+
+# -- the three kinds of model ------------------------------------------------------------------
+
+def test_plain_multitask_network():
+    model, tasks, x = plain_model_and_tasks()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned, report = fastmdl.pagcp(model, tasks, example_input=x[:2])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
+    check_bounds(report)
+    assert type(pruned) is MultiTaskNet
+    out = pruned(x)
+    assert out["cls"].shape == (16, 5) and out["dense"].shape == (16, 2, 8, 8)
+    # The residual group: the stem and conv2 write it, conv1, wide and dense read it.
+    widths = {pruned.stem.out_channels, pruned.conv2.out_channels, pruned.bn0.num_features,
+              pruned.bn2.num_features, pruned.conv1.in_channels, pruned.wide.in_channels,
+              pruned.dense.in_channels}
+    assert len(widths) == 1
+    assert pruned.cls.in_features == pruned.wide.out_channels * 16
+    assert report.flops_after < report.flops_before
+    assert report.flops_before == hand_count(model, x)
+    assert report.flops_after == hand_count(pruned, x)
+    assert report.params_after == sum(p.numel() for p in pruned.parameters())
+    assert report.params_after < report.params_before == sum(p.numel() for p in model.parameters())
+    assert report.losses_after == {t: pytest.approx(fn(pruned)) for t, fn in tasks.items()}
+    assert any(r.applied for r in report.groups)
+    assert "limited by" in str(report)
+
+
+@pytest.mark.parametrize("name", ["resnet", "vgg"])
+def test_multidomain_model(name):
+    m = masked_model(MODELS[name])
+    tasks = domain_tasks()
+    pruned, report = fastmdl.pagcp(m, tasks, initial_threshold=3.0, ratios=FEW_RATIOS)
+    check_bounds(report)
+    assert isinstance(pruned, fastmdl.MultiDomainModel)
+    before, after = fastmdl.cost_report(m), fastmdl.cost_report(pruned)
+    assert report.flops_before == pytest.approx(before.union["flops"])
+    assert report.flops_after == pytest.approx(after.union["flops"])
+    assert report.params_after == pytest.approx(after.union["params"])
+    assert report.flops_after < report.flops_before
+    for g in pruned.mask_groups():  # coupled groups stay one width, one Parameter
+        convs = [pruned.module.get_submodule(n) for n in g.members]
+        assert all(c.scores is g.scores and c.out_channels == g.width for c in convs)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fastmdl.prune(pruned)(x, 2), pruned(x, 2), rtol=1e-5, atol=1e-5)
+    assert report.losses_after == {t: pytest.approx(fn(pruned)) for t, fn in tasks.items()}
+
+
+def test_pruned_model_is_pruned_further(tmp_path):
+    p = fastmdl.prune(masked_model(TinyResNet))
+    tasks = domain_tasks()
+    pruned, report = fastmdl.pagcp(p, tasks, initial_threshold=3.0, ratios=FEW_RATIOS)
+    check_bounds(report)
+    assert isinstance(pruned, fastmdl.PrunedModel)
+    assert report.flops_before == pytest.approx(fastmdl.cost_report(p).union["flops"])
+    assert report.flops_after == pytest.approx(fastmdl.cost_report(pruned).union["flops"])
+    assert report.params_after == fastmdl.cost_report(pruned).union["params"]
+    assert report.params_after < report.params_before
+    convs = dict(pruned.net.named_modules())
+    stage2 = {convs[n].weight.shape[0] for n in ("layer2.0.conv2", "layer2.0.downsample.0",
+                                                   "layer2.1.conv2")}
+    assert len(stage2) == 1 and convs["layer2.1.conv1"].weight.shape[1] in stage2
+    for conv in (c for c in convs.values() if isinstance(c, PrunedConv2d)):
+        in_m, out_m = conv.masks()
+        assert in_m.shape[1] == conv.weight.shape[1] and out_m.shape[1] == conv.weight.shape[0]
+    x = torch.randn(5, 3, 8, 8)
+    domain = torch.tensor([2, 0, 1, 1, 0])
+    with torch.no_grad():
+        y = pruned(x, domain)
+        for d in range(3):
+            torch.testing.assert_close(y[domain == d], pruned(x[domain == d], d))
+    path = tmp_path / "p.fastmdl"
+    fastmdl.save(pruned, path)
+    with torch.no_grad():
+        torch.testing.assert_close(fastmdl.load(path)(x, domain), y)
+
+
+# -- topk and the limiting task --------------------------------------------------------------
+
+def test_topk_keeps_the_lowest_loss_per_flop_groups():
+    model, tasks, x = plain_model_and_tasks(seed=3)
+    full, r_full = fastmdl.pagcp(model, tasks, topk=1.0, example_input=x[:1])
+    half, r_half = fastmdl.pagcp(model, tasks, topk=0.5, example_input=x[:1])
+    pruned_groups = [r for r in r_full.groups if r.kept < r.width]
+    assert len(pruned_groups) >= 2 and all(r.applied for r in pruned_groups)
+    # Same greedy pass; only the selection differs.
+    assert [(r.name, r.kept) for r in r_full.groups] == [(r.name, r.kept) for r in r_half.groups]
+    k = max(1, int(0.5 * len(r_half.groups)))
+    for r in r_half.groups:
+        if r.kept < r.width:
+            rise = sum(r.loss_after[t] - r.loss_before[t] for t in tasks)
+            assert r.score == pytest.approx(rise / r.flops_removed)
+    scored = sorted((r for r in r_half.groups if r.kept < r.width), key=lambda r: r.score)
+    assert {r.name for r in r_half.groups if r.applied} == {r.name for r in scored[:k]}
+    for r in r_half.groups:
+        width = half.get_submodule(r.name).out_channels
+        assert width == (r.kept if r.applied else r.width)
+    assert r_half.flops_after > r_full.flops_after
+    assert r_half.flops_after == hand_count(half, x)
+
+
+def test_top_groups_counts_against_all_groups():
+    def result(name, rise, flops, pruned=True):
+        r = GroupResult(name, [name], 0, 0.1, 8, 4 if pruned else 8)
+        r.loss_before, r.loss_after, r.flops_removed = {"a": 1.0}, {"a": 1.0 + rise}, flops
+        return r
+    rs = [result("a", 0.5, 10), result("b", 0.1, 10), result("c", 0.0, 0),
+          result("d", 0.2, 1), result("e", 0.0, 0, pruned=False)]
+    assert _top_groups(rs, 0.4, len(rs)) == {"c", "b"}  # floor(0.4 * 5) = 2; c is free
+    assert rs[2].score == -math.inf and rs[4].score is None
+    assert _top_groups(rs, 0.01, len(rs)) == {"c"}  # at least one
+
+
+def test_the_task_that_stops_a_group_is_recorded():
+    model, tasks, x = plain_model_and_tasks(seed=5)
+    size = sum(p.numel() for p in model.parameters())
+    # A loss that rises with every parameter removed: it is the one that stops each group.
+    tasks["size"] = lambda m: 1.0 + 20.0 * (1 - sum(p.numel() for p in m.parameters()) / size)
+    _, report = fastmdl.pagcp(model, tasks, initial_threshold=1.5, exponential=False,
+                              example_input=x[:1])
+    check_bounds(report)
+    limited = [r.limiting_task for r in report.groups if r.limiting_task]
+    assert limited and set(limited) == {"size"}
+
+
+def test_uniform_prune_matches_a_flops_target():
+    model, _, x = plain_model_and_tasks()
+    half, info = uniform_prune(model, ratio=0.5, example_input=x[:1])
+    assert half.conv1.out_channels == 5 and half.wide.out_channels == 8
+    target = info["flops_before"] * 0.6
+    matched, info = uniform_prune(model, flops=target, example_input=x[:1])
+    assert info["flops_after"] <= target < info["flops_before"]
+    assert info["flops_after"] == hand_count(matched, x)
+    matched(x)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+def test_bad_arguments_name_the_argument():
+    model, tasks, x = plain_model_and_tasks()
+    kw = {"example_input": x[:1]}
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match="topk"):
+            fastmdl.pagcp(model, tasks, topk=bad, **kw)
+    for bad in ((), (0.1, 0.1), (0.2, 0.1), (0.0, 0.5), (0.5, 1.0), ("a",)):
+        with pytest.raises(ValueError, match="ratios"):
+            fastmdl.pagcp(model, tasks, ratios=bad, **kw)
+    with pytest.raises(TypeError, match="ratios"):
+        fastmdl.pagcp(model, tasks, ratios=0.5, **kw)
+    with pytest.raises(ValueError, match="tasks"):
+        fastmdl.pagcp(model, {}, **kw)
+    with pytest.raises(TypeError, match="tasks"):
+        fastmdl.pagcp(model, {"cls": 1.0}, **kw)
+    with pytest.raises(TypeError, match="tasks"):
+        fastmdl.pagcp(model, [tasks["cls"]], **kw)
+    with pytest.raises(ValueError, match="importance"):
+        fastmdl.pagcp(model, tasks, importance="taylor", **kw)
+    with pytest.raises(ValueError, match="initial_rate"):
+        fastmdl.pagcp(model, tasks, initial_rate=0.0, **kw)
+    with pytest.raises(ValueError, match="initial_threshold"):
+        fastmdl.pagcp(model, tasks, initial_threshold=1.0, **kw)
+    with pytest.raises(TypeError, match="exponential"):
+        fastmdl.pagcp(model, tasks, exponential="yes", **kw)
+    with pytest.raises(ValueError, match="example_input"):
+        fastmdl.pagcp(model, tasks)
+    with pytest.raises(TypeError, match="example_input"):
+        fastmdl.pagcp(model, tasks, example_input=[1, 2])
+    with pytest.raises(TypeError, match="model"):
+        fastmdl.pagcp("resnet", tasks, **kw)
+    with pytest.raises(ValueError, match="'cls'"):
+        fastmdl.pagcp(model, {"cls": lambda m: float("nan")}, **kw)
+    with pytest.raises(ValueError, match="'cls'"):
+        fastmdl.pagcp(model, {"cls": lambda m: -1.0}, **kw)
+    with pytest.raises(TypeError, match="'cls'"):
+        fastmdl.pagcp(model, {"cls": lambda m: "low"}, **kw)
+    with pytest.raises(ValueError, match="no nn.Conv2d"):
+        fastmdl.pagcp(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), tasks, **kw)
+
+
+def test_experiment_smoke_mode_runs(tmp_path):
+    import json
+
+    import pagcp_experiment
+
+    result = pagcp_experiment.main(["--smoke", "--out", str(tmp_path)])
+    assert {r["method"].split(" (")[0] for r in result["rows"]} == {"input", "PAGCP", "uniform L1"}
+    saved = json.loads((tmp_path / "pagcp_experiment.json").read_text())
+    assert set(saved["reports"]) == {"budget 1.0", "prune 0.5"}
+    assert "beats uniform L1" in (tmp_path / "pagcp_experiment.md").read_text()
