@@ -53,7 +53,7 @@ class BudgetLoss(nn.Module):
     def __init__(self, model, budget: float, metric: str = "flops",
                  sharing: Optional[str] = None,
                  sharing_weight: Union[str, float] = "learnable", *,
-                 budget_weight: float = 1.0, dual_lr: float = 0.05, input_size: Optional[Tuple[int, int, int]] = None):
+                 budget_weight: float = 1.0, dual_lr: float = 0.01, input_size: Optional[Tuple[int, int, int]] = None):
         super().__init__()
         from .convert import MultiDomainModel
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -59,7 +59,8 @@ class MultiDomainModel(nn.Module):
 
 
 def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[int]] = None, *,
-            input_size: Tuple[int, int, int] = None, score_init: float = 1.0) -> MultiDomainModel:
+            input_size: Tuple[int, int, int] = None,
+            score_init: Union[float, str] = "magnitude") -> MultiDomainModel:
     """A multi-domain copy of ``model`` (the original is left untouched).
 
     Every ``nn.Conv2d`` becomes a :class:`fastmdl.Conv2d` and every
@@ -70,10 +71,18 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
     (default: the original classifier's, for every domain). The model is traced
     with torch.fx at ``input_size`` = (C, H, W) (default (C_in, 224, 224)) to find
     the filters tied together, which then share one mask.
+
+    ``score_init`` starts every mask score at that number, or with "magnitude"
+    (the default) at each filter's L1 norm (summed over the group's
+    convolutions) over the group's mean: every filter starts kept, and under a
+    budget the weakest filters of a group reach 0 first instead of all at once.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     num_domains = _check_num_domains(num_domains)
+    if score_init != "magnitude" and (isinstance(score_init, bool) or not isinstance(
+            score_init, (int, float)) or not score_init > 0):
+        raise ValueError(f"score_init must be a positive number or 'magnitude', got {score_init!r}")
     inner = copy.deepcopy(model)
     convs = [m for m in inner.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
@@ -91,7 +100,8 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
             if m.num_domains != num_domains:
                 raise ValueError(f"{name} already has {m.num_domains} domains, not {num_domains}")
         elif isinstance(m, nn.Conv2d):
-            _replace(inner, name, Conv2d.from_conv(m, num_domains, score_init))
+            _replace(inner, name, Conv2d.from_conv(
+                m, num_domains, 1.0 if score_init == "magnitude" else score_init))
         elif isinstance(m, nn.BatchNorm2d):
             _replace(inner, name, BatchNorm2d.from_batchnorm(m, num_domains))
 
@@ -113,7 +123,13 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
             raise ValueError(f"the model's DomainHeads has num_classes {head.num_classes}, "
                              f"not {list(num_classes)}")
         classes = head.num_classes
-    return MultiDomainModel(inner, num_domains, classes, input_size, graph.analyse(gm))
+    model = MultiDomainModel(inner, num_domains, classes, input_size, graph.analyse(gm))
+    if score_init == "magnitude":
+        with torch.no_grad():
+            for g in model.mask_groups():
+                l1 = sum(inner.get_submodule(n).weight.abs().flatten(1).sum(1) for n in g.members)
+                g.scores.copy_((l1 / l1.mean().clamp(min=1e-12)).clamp(min=1e-3).expand_as(g.scores))
+    return model
 
 
 def analyse_at(model: MultiDomainModel, input_size: Tuple[int, int, int]) -> graph.ChannelGraph:

@@ -110,7 +110,8 @@ class BatchNorm2d(nn.Module):
 
     In training, each domain's samples in a (mixed) batch are normalised with that
     domain's own batch statistics, which update that domain's running statistics;
-    in evaluation the domain's running statistics are used. ``weight``, ``bias``,
+    in evaluation the domain's running statistics are used (a channel the domain's
+    mask switches off keeps its statistics from before). ``weight``, ``bias``,
     ``running_mean`` and ``running_var`` have shape (D, C); a 1-D ``nn.BatchNorm2d``
     state_dict loads into every domain. Inside a converted model the output is
     multiplied by the masks of its channels, so a pruned channel is exactly 0.
@@ -180,9 +181,22 @@ class BatchNorm2d(nn.Module):
             self.num_batches_tracked[d] += 1
         if momentum is None:
             momentum = 1.0 / float(self.num_batches_tracked[d])
-        return F.batch_norm(x, self.running_mean[d], self.running_var[d],
-                            self.weight[d] if self.affine else None,
-                            self.bias[d] if self.affine else None, True, momentum, self.eps)
+        # Fresh copies take the update (the op keeps them for its backward pass);
+        # a channel the domain has switched off carries zeros, and its statistics
+        # would decay to 0 and blow the channel up in evaluation the moment the
+        # mask turns it back on, so it keeps its last real statistics.
+        mean, var = self.running_mean[d].clone(), self.running_var[d].clone()
+        y = F.batch_norm(x, mean, var, self.weight[d] if self.affine else None,
+                         self.bias[d] if self.affine else None, True, momentum, self.eps)
+        with torch.no_grad():
+            if self.mask_segments is not None:
+                keep = segment_masks(self.mask_segments, self.num_domains, hard=True,
+                                     device=x.device)[d] > 0
+                mean = torch.where(keep, mean, self.running_mean[d])
+                var = torch.where(keep, var, self.running_var[d])
+            self.running_mean[d] = mean
+            self.running_var[d] = var
+        return y
 
     def _train_forward(self, x: torch.Tensor, domain) -> torch.Tensor:
         if isinstance(domain, int):

@@ -21,11 +21,12 @@ CHECKPOINT_FORMAT = "fastmdl.train-checkpoint"
 def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optional[Sequence] = None,
           *, budget: float = 1.0, epochs: int = 1, metric: str = "flops",
           sharing: Optional[str] = None, sharing_weight: Union[str, float] = "learnable",
-          budget_weight: float = 1.0, dual_lr: float = 0.05, lr: float = 1e-3,
+          budget_weight: float = 1.0, dual_lr: float = 0.01, lr: float = 1e-3,
           mask_lr: float = 1e-2,
           train_weights: bool = False, device: Union[str, torch.device, None] = None,
           checkpoint: Union[str, os.PathLike, None] = None, resume: bool = True,
-          progress: bool = True, log: Optional[Callable[[str], None]] = print) -> List[Dict]:
+          progress: bool = True, log: Optional[Callable[[str], None]] = print,
+          anneal: float = 0.6, recalibrate: int = 20) -> List[Dict]:
     r"""Train ``model``'s masks, per-domain BatchNorms and heads (and, with
     ``train_weights``, the shared weights) under a budget.
 
@@ -34,15 +35,26 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
 
     .. math:: \mathrm{CE}(\mathrm{model}(x, domain), y) + \mathrm{BudgetLoss}()
 
-    with plain SGD on the mask scores (step ``mask_lr`` times the number of
-    prunable filters, so the budget's pull per filter does not shrink as the
-    network grows) and Adam at ``lr`` on the rest. ``budget_weight`` and
+    The budget the loss enforces falls linearly from 1 to ``budget`` over the
+    first ``anneal`` fraction of the steps (0: the full budget from the start),
+    with plain SGD on the mask scores (step ``mask_lr`` / c, c the cost of a
+    typical filter as a fraction of the baseline) and Adam at ``lr`` on the rest.
+    The budget loss's gradient on each group's scores is rescaled by c over the
+    cost of one of that group's filters (see :func:`filter_costs`), so the budget
+    pulls every filter down at the same pace and the task gradient decides which
+    go; unscaled, the costliest filters (the first stage's residual stream, at
+    full resolution) go first whatever they are worth, and the network with them. ``budget_weight`` and
     ``dual_lr`` go to :class:`BudgetLoss`. An epoch is as
     many steps as the longest loader has batches; shorter loaders start over.
     After each epoch it evaluates on ``val_loaders`` (if given), logs each domain's
     accuracy and cost (a fraction of the baseline), and, with ``checkpoint``,
     writes model, optimiser and history there atomically; a later call with the
     same path resumes after the last finished epoch (``resume=False`` starts over).
+
+    At the end of each epoch, the BatchNorm statistics are recomputed with the
+    epoch's final masks and weights over ``recalibrate`` batches of each domain
+    (statistics averaged while the masks moved do not describe the network that
+    is evaluated and pruned).
 
     Returns one dict per epoch: ``epoch``, ``loss``, ``train_acc``, ``val_acc``
     (lists over domains), ``cost`` (per-domain fractions), ``union`` and the
@@ -72,10 +84,14 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
             (train_weights or id(p) not in shared_ids)]
     if loss_fn.log_sharing_weight is not None:
         rest.append(loss_fn.log_sharing_weight)
-    # A budget gradient of 1 spread over F filters gives each about 1/F: scaling the
-    # scores' step by F makes mask_lr mean the same for a small and a large network.
-    num_filters = sum(g.width for g in model.mask_groups())
-    optimizer = _Optimizers(torch.optim.SGD(list(scores.values()), lr=mask_lr * num_filters),
+    group_scores = [g.scores for g in model.mask_groups()]
+    cost_each = filter_costs(model, metric)
+    widths = [g.width for g in model.mask_groups()]
+    typical = sum(c * w for c, w in zip(cost_each, widths)) / sum(widths)
+    # The budget's gradient on a group's scores is rescaled by typical / its filter
+    # cost, so every filter is pulled down at the pace of a typical one.
+    precondition = [typical / c for c in cost_each]
+    optimizer = _Optimizers(torch.optim.SGD(group_scores, lr=mask_lr / typical),
                             torch.optim.Adam(rest, lr=lr))
 
     history: List[Dict] = []
@@ -86,6 +102,9 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
             log(f"resuming from {os.fspath(checkpoint)} after epoch {start}")
 
     steps = max(len(loader) for loader in train_loaders)
+    if isinstance(anneal, bool) or not isinstance(anneal, (int, float)) or not 0 <= anneal <= 1:
+        raise ValueError(f"anneal must be a fraction in [0, 1], got {anneal!r}")
+    ramp = max(1, round(anneal * epochs * steps))
     for epoch in range(start, epochs):
         model.train()
         iters = [_cycle(loader) for loader in train_loaders]
@@ -93,7 +112,11 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
         seen = torch.zeros(num_domains)
         total_loss = 0.0
         bar = _progress(range(steps), progress, f"epoch {epoch + 1}/{epochs}")
-        for _ in bar:
+        for i in bar:
+            # The budget falls from 1 to its target over the first `anneal` of
+            # training: a few filters at a time, while the rest adapt.
+            t = min(1.0, (epoch * steps + i + 1) / ramp)
+            loss_fn.budget = 1.0 - (1.0 - budget) * t
             xs, ys, ds = [], [], []
             for d, it in enumerate(iters):
                 x, y = next(it)
@@ -105,10 +128,16 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
                          torch.cat(ds).to(device))
             logits = model(x, dom)
             task = F.cross_entropy(logits, y)
-            loss = task + loss_fn()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            task.backward()
+            penalty = loss_fn()
+            extra = [loss_fn.log_sharing_weight] if loss_fn.log_sharing_weight is not None else []
+            grads = torch.autograd.grad(penalty, group_scores + extra, allow_unused=True)
+            for p, g, k in zip(group_scores + extra, grads, precondition + [1.0] * len(extra)):
+                if g is not None:
+                    p.grad = g * k if p.grad is None else p.grad + g * k
             optimizer.step()
+            loss = task.detach() + penalty.detach()
             with torch.no_grad():
                 hit = (logits.argmax(1) == y).float().cpu()
                 correct.index_add_(0, dom.cpu(), hit)
@@ -118,6 +147,7 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
                 parts = loss_fn.parts()
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}",
                                 cost=" ".join(f"{c:.2f}" for c in parts["cost"]))
+        recalibrate_bn(model, train_loaders, batches=recalibrate)
         with torch.no_grad():
             cost = costs(multidomain_layers(model, hard=True), metric)
         record = {
@@ -137,6 +167,33 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
         p.requires_grad_(flag)
     model.eval()
     return history
+
+
+@torch.no_grad()
+def recalibrate_bn(model, loaders: Sequence, batches: int = 20) -> None:
+    """Recompute every per-domain BatchNorm's running statistics as the plain
+    average over up to ``batches`` batches of each domain's loader, with the
+    current masks and weights (nothing else changes; 0 does nothing)."""
+    from .layers import BatchNorm2d
+
+    if batches <= 0:
+        return
+    bns = [m for m in model.modules() if isinstance(m, BatchNorm2d)]
+    saved = [(m.momentum, m.training) for m in bns]
+    was_training = model.training
+    device = next(model.parameters()).device
+    for m in bns:
+        m.momentum = None  # cumulative average
+        m.running_mean.zero_()
+        m.running_var.fill_(1.0)
+        m.num_batches_tracked.zero_()
+    model.train()
+    for d, loader in enumerate(loaders):
+        for x, _ in itertools.islice(iter(loader), batches):
+            model(x.to(device), d)
+    for m, (momentum, _) in zip(bns, saved):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 @torch.no_grad()
@@ -182,6 +239,19 @@ class _Optimizers:
     def load_state_dict(self, state: Dict) -> None:
         self.masks.load_state_dict(state["masks"])
         self.rest.load_state_dict(state["rest"])
+
+
+def filter_costs(model: MultiDomainModel, metric: str = "flops") -> List[float]:
+    r"""For each mask group, what one of its filters costs at the current masks:
+    the mean over its filters and the domains of :math:`\partial r_d / \partial m`,
+    with :math:`r_d` domain d's cost as a fraction of the baseline (floored at
+    1e-6, for groups whose filters cost nothing)."""
+    groups = model.mask_groups()
+    scores = [g.scores for g in groups]
+    c = costs(multidomain_layers(model), metric)
+    ratio = (c.per_domain / c.baseline).mean()
+    grads = torch.autograd.grad(ratio, scores, allow_unused=True)
+    return [max(float(gr.mean()) if gr is not None else 0.0, 1e-6) for gr in grads]
 
 
 def _shared_weights(model: MultiDomainModel) -> List[torch.nn.Parameter]:

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastmdl
+from fastmdl.train import filter_costs, recalibrate_bn
 from models import TinyResNet
 
 
@@ -90,3 +91,43 @@ def test_bad_checkpoint_and_bad_loaders(tmp_path):
         fastmdl.train(m, loaders([4, 2, 3]), budget=0.0, progress=False, log=None)
     with pytest.raises(ValueError, match="epochs"):
         fastmdl.train(m, loaders([4, 2, 3]), epochs=0, progress=False, log=None)
+
+
+def test_recalibrated_statistics_are_the_average_over_batches():
+    m = make()
+    loaders_ = loaders([4, 2, 3], n=64, batch=16)
+    recalibrate_bn(m, loaders_, batches=2)
+    bn = m.module.bn1
+    x = torch.cat([b[0] for b, _ in zip(loaders_[1], range(2))])
+    with torch.no_grad():
+        z = m.module.conv1(x, 1)
+    keep = (m.module.conv1.scores[1] > 0)
+    # Each batch of 16 gives a mean; the running mean is their plain average.
+    means = torch.stack([z[:16].mean((0, 2, 3)), z[16:].mean((0, 2, 3))]).mean(0)
+    torch.testing.assert_close(bn.running_mean[1][keep], means[keep], rtol=1e-4, atol=1e-5)
+    assert bn.num_batches_tracked.tolist() == [2, 2, 2]
+
+
+def test_a_switched_off_channel_keeps_its_statistics():
+    bn = fastmdl.BatchNorm2d(4, num_domains=2)
+    scores = torch.nn.Parameter(torch.tensor([[1.0, -1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]))
+    bn.mask_segments = [(scores, 4)]
+    bn.running_mean[0] = torch.tensor([0.5, 0.7, 0.1, 0.2])
+    x = torch.randn(8, 4, 3, 3) + 2
+    x[:, 1] = 0  # what a switched-off channel carries
+    bn(x, 0)
+    assert bn.running_mean[0, 1] == pytest.approx(0.7)
+    assert bn.running_mean[0, 0] != pytest.approx(0.5)
+
+
+def test_filter_costs_rank_the_full_resolution_residual_stream_highest():
+    m = make()
+    c = filter_costs(m)
+    names = [g.name for g in m.mask_groups()]
+    assert all(v > 0 for v in c)
+    assert names[c.index(max(c))] == "conv1"  # the stem, tied to layer1's residual stream
+
+
+def test_anneal_must_be_a_fraction():
+    with pytest.raises(ValueError, match="anneal"):
+        fastmdl.train(make(), loaders([4, 2, 3], n=32), anneal=1.5, progress=False, log=None)
