@@ -1,6 +1,7 @@
 """Command line (also ``python -m fastmdl``):
 
 - ``fastmdl info``: versions, and which backends are usable here;
+- ``fastmdl demo [--out DIR]``: the whole method on the built-in benchmark (minutes on a CPU);
 - ``fastmdl serve MODEL_FILE --port P``: serve a model saved by ``fastmdl.save``
   over HTTP (needs aiohttp: ``pip install 'fastmdl[serve]'``).
 """
@@ -20,6 +21,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, and which backends are usable here")
+    dp = sub.add_parser("demo", help="pretrain, train masks at budget 0.5, prune and serve, "
+                                     "on the built-in benchmark")
+    dp.add_argument("--out", default="fastmdl-demo", help="report directory (default: %(default)s)")
+    dp.add_argument("--budget", type=float, default=0.5, help="(default: %(default)s)")
+    dp.add_argument("--epochs", type=int, default=3, help="mask-training epochs (default: %(default)s)")
+    ep = sub.add_parser("experiment", help="budgets 1.0/0.75/0.5/0.25 x sharing losses against "
+                                           "fine-tuned baselines, on the built-in benchmark")
+    ep.add_argument("--out", default="fastmdl-experiment", help="(default: %(default)s)")
+    ep.add_argument("--epochs", type=int, default=2, help="(default: %(default)s)")
     sp = sub.add_parser("serve", help="serve a saved pruned model over HTTP",
                         description="Serve a model saved by fastmdl.save over HTTP: "
                                     "POST /v1/predict, GET /health, GET /metrics. "
@@ -46,6 +56,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .info import report
 
         print(report())
+        return 0
+    if args.command == "experiment":
+        from .data import SourceMissing
+        from .experiment import run as run_experiment
+
+        try:
+            run_experiment(args.out, epochs=args.epochs)
+        except (SourceMissing, ValueError) as e:
+            print(f"fastmdl experiment: error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "demo":
+        from .data import SourceMissing
+        from .demo import run
+
+        try:
+            run(args.out, budget=args.budget, epochs=args.epochs)
+        except (SourceMissing, ValueError) as e:
+            print(f"fastmdl demo: error: {e}", file=sys.stderr)
+            return 2
         return 0
     return _serve(args)
 

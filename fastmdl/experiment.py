@@ -1,0 +1,155 @@
+"""The budget-aware pruning experiment on the built-in benchmark (``fastmdl experiment``):
+
+- per domain, a fine-tuned single-domain baseline (the whole backbone trained on
+  that domain): its test accuracy; D of them cost D times one network;
+- the multi-domain model at budget 1.0;
+- pruned multi-domain models at budgets 0.75, 0.5 and 0.25, with no sharing loss
+  and with each of intersection, union and Jaccard.
+
+For every row: test accuracy per domain, mean accuracy, decathlon score (against
+the baselines), params and FLOPs of the deployed network relative to ONE
+baseline, and each domain's own FLOPs. Writes experiment.md, experiment.json and
+experiment.png (budget against accuracy and FLOPs).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._io import atomic_write
+
+SHARING = (None, "intersection", "union", "jaccard")
+
+
+def run(out_dir: str = "fastmdl-experiment", *, budgets: Sequence[float] = (0.75, 0.5, 0.25),
+        sharing: Sequence[Optional[str]] = SHARING, epochs: int = 2, max_train: int = 1000,
+        size: int = 32, width: float = 0.25, batch_size: int = 32, seed: int = 0,
+        progress: bool = True, log=print) -> Dict:
+    """Run the experiment and write its report under ``out_dir``."""
+    from . import convert, cost_report, decathlon_score, evaluate, prune, train
+    from .data import builtin_benchmark
+    from .pretrained import pretrained_backbone
+
+    started = time.perf_counter()
+    backbone, info = pretrained_backbone(size=size, width=width, progress=progress, seed=seed)
+    data = builtin_benchmark(size, seed=seed, max_train=max_train, max_eval=600)
+    test = data.loaders("test", 256)
+    rows: List[Dict] = []
+
+    log("single-domain baselines")
+    base_acc = []
+    for i, d in enumerate(data.domains):
+        torch.manual_seed(seed)
+        net = convert(backbone, 1, [d.num_classes], input_size=(1, size, size))
+        _finetune(net, data.loaders("train", batch_size, seed=seed)[i], epochs, progress)
+        base_acc.append(evaluate(net, [test[i]])[0])
+    one = cost_report(convert(backbone, len(data.domains), data.num_classes,
+                              input_size=(1, size, size)))
+    rows.append({"name": f"{len(data.domains)} fine-tuned baselines", "budget": None,
+                 "sharing": None, "accuracy": base_acc, "params_vs_one": float(len(data.domains)),
+                 "flops_vs_one": float(len(data.domains)), "domain_flops": [1.0] * len(base_acc)})
+    base_err = [1 - a for a in base_acc]
+
+    configs = [(1.0, None)] + [(b, s) for b in budgets for s in sharing]
+    for budget, share in configs:
+        name = f"budget {budget}" + (f", {share}" if share else "")
+        log(name)
+        torch.manual_seed(seed)
+        model = convert(backbone, len(data.domains), data.num_classes, input_size=(1, size, size))
+        train(model, data.loaders("train", batch_size, seed=seed), None, budget=budget,
+              epochs=epochs, sharing=share, train_weights=True, progress=progress, log=None)
+        pruned = prune(model)
+        acc = evaluate(pruned, test)
+        rep = cost_report(pruned)
+        rows.append({"name": name, "budget": budget, "sharing": share, "accuracy": acc,
+                     "params_vs_one": rep.union["params"] / rep.baseline["params"],
+                     "flops_vs_one": rep.union["flops"] / rep.baseline["flops"],
+                     "domain_flops": [r["flops"] / r["baseline_flops"] for r in rep.domains]})
+    for r in rows:
+        r["mean_accuracy"] = sum(r["accuracy"]) / len(r["accuracy"])
+        r["decathlon"] = decathlon_score([1 - a for a in r["accuracy"]], base_err)
+    result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "domains": data.names, "epochs": epochs, "max_train": max_train, "size": size,
+              "backbone": {k: v for k, v in info.items() if k != "cache"},
+              "baseline_cost": one.baseline, "rows": rows,
+              "seconds": time.perf_counter() - started}
+    text = table(result)
+    log(text)
+    os.makedirs(out_dir, exist_ok=True)
+    with atomic_write(os.path.join(out_dir, "experiment.md"), "w") as f:
+        f.write(text + "\n")
+    with atomic_write(os.path.join(out_dir, "experiment.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    _plot(result, os.path.join(out_dir, "experiment.png"))
+    log(f"written to {os.path.abspath(out_dir)}")
+    return result
+
+
+def _finetune(model, loader, epochs: int, progress: bool) -> None:
+    """Train every weight of a one-domain model (no budget): the baseline."""
+    params = [p for n, p in model.named_parameters() if not n.endswith("scores")]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x, 0), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+def table(result: Dict) -> str:
+    """The experiment's rows as a markdown table."""
+    names = result["domains"]
+    head = ("| model | " + " | ".join(f"{n} %" for n in names) + " | mean % | decathlon | "
+            "params vs one | FLOPs vs one | each domain's FLOPs vs one |")
+    rows = [head, "|---|" + "---:|" * (len(names) + 5)]
+    for r in result["rows"]:
+        accs = " | ".join(f"{100 * a:.1f}" for a in r["accuracy"])
+        own = " ".join(f"{100 * f:.0f}%" for f in r["domain_flops"])
+        rows.append(f"| {r['name']} | {accs} | {100 * r['mean_accuracy']:.1f} | "
+                    f"{r['decathlon']:.0f} | {r['params_vs_one']:.2f} | {r['flops_vs_one']:.2f} | "
+                    f"{own} |")
+    return "\n".join(rows)
+
+
+def _plot(result: Dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for share in SHARING:
+        pts = sorted((r["budget"], r) for r in result["rows"]
+                     if r["budget"] is not None and (r["sharing"] == share or r["budget"] == 1.0))
+        if not pts:
+            continue
+        b = [p[0] for p in pts]
+        a1.plot(b, [100 * p[1]["mean_accuracy"] for p in pts], "o-", label=share or "no sharing")
+        a2.plot(b, [100 * p[1]["flops_vs_one"] for p in pts], "o-", label=share or "no sharing")
+    base = result["rows"][0]["mean_accuracy"]
+    a1.axhline(100 * base, color="grey", ls="--", lw=0.8, label="fine-tuned baselines")
+    a2.axhline(100, color="grey", ls="--", lw=0.8, label="one baseline")
+    a1.set_xlabel("budget")
+    a1.set_ylabel("mean test accuracy %")
+    a2.set_xlabel("budget")
+    a2.set_ylabel("deployed network FLOPs, % of one baseline")
+    a1.legend(fontsize=7)
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
