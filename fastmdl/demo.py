@@ -22,9 +22,11 @@ from ._io import atomic_write
 
 
 def run(out_dir: str = "fastmdl-demo", *, budget: float = 0.5, epochs: int = 3,
-        max_train: int = 1500, size: int = 32, width: float = 0.25, batch_size: int = 32,
-        progress: bool = True, seed: int = 0, log=print) -> Dict:
-    """Run the demo and write its report under ``out_dir``; returns the report dict."""
+        max_train: int = 1500, max_eval: int = 600, size: int = 32, width: float = 0.25, batch_size: int = 32,
+        progress: bool = True, seed: int = 0, log=print,
+        pretrain: Optional[Dict] = None) -> Dict:
+    """Run the demo and write its report under ``out_dir``; returns the report dict.
+    ``pretrain`` overrides :func:`fastmdl.pretrained.pretrained_backbone`'s settings."""
     from . import convert, cost_report, evaluate, prune, train
     from .data import builtin_benchmark
     from .pretrained import pretrained_backbone
@@ -32,10 +34,11 @@ def run(out_dir: str = "fastmdl-demo", *, budget: float = 0.5, epochs: int = 3,
     started = time.perf_counter()
     torch.manual_seed(seed)
     log("[1/5] backbone: ResNet-26 pretrained on Fashion-MNIST (cached after the first run)")
-    backbone, info = pretrained_backbone(size=size, width=width, progress=progress, seed=seed)
+    backbone, info = pretrained_backbone(size=size, width=width, progress=progress, seed=seed,
+                                         **(pretrain or {}))
     log(f"      {'reused ' + info['cache'] if info['reused'] else 'trained'}: "
         f"Fashion-MNIST val accuracy {100 * info['val_accuracy']:.1f}%")
-    data = builtin_benchmark(size, seed=seed, max_train=max_train, max_eval=600)
+    data = builtin_benchmark(size, seed=seed, max_train=max_train, max_eval=max_eval)
     log("[2/5] masks at budget %.2f for %d domains:\n%s" % (budget, len(data.domains), data.table()))
     model = convert(backbone, len(data.domains), data.num_classes, input_size=(1, size, size))
     history = train(model, data.loaders("train", batch_size, seed=seed),
@@ -47,7 +50,7 @@ def run(out_dir: str = "fastmdl-demo", *, budget: float = 0.5, epochs: int = 3,
     test = data.loaders("test", 256)
     acc = evaluate(pruned, test)
     log("[4/5] serving one mixed batch of held-out images")
-    images, domains = _mixed_batch(data, 64, seed)
+    images, domains = _mixed_batch(data, min(64, max_eval), seed)
     speed = _serve(pruned, images, domains)
     log("[5/5] report")
     result = {
@@ -163,7 +166,7 @@ def _plot(r: Dict, path: str) -> Optional[str]:
     ax.set_xticks(list(x))
     ax.set_xticklabels(names)
     ax.set_title(f"fastmdl demo: budget {r['budget']}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)

@@ -31,16 +31,19 @@ SHARING = (None, "intersection", "union", "jaccard")
 
 def run(out_dir: str = "fastmdl-experiment", *, budgets: Sequence[float] = (0.75, 0.5, 0.25),
         sharing: Sequence[Optional[str]] = SHARING, epochs: int = 2, max_train: int = 1000,
+        max_eval: int = 600,
         size: int = 32, width: float = 0.25, batch_size: int = 32, seed: int = 0,
-        progress: bool = True, log=print) -> Dict:
-    """Run the experiment and write its report under ``out_dir``."""
+        progress: bool = True, log=print, pretrain: Optional[Dict] = None) -> Dict:
+    """Run the experiment and write its report under ``out_dir``. ``pretrain``
+    overrides :func:`fastmdl.pretrained.pretrained_backbone`'s settings."""
     from . import convert, cost_report, decathlon_score, evaluate, prune, train
     from .data import builtin_benchmark
     from .pretrained import pretrained_backbone
 
     started = time.perf_counter()
-    backbone, info = pretrained_backbone(size=size, width=width, progress=progress, seed=seed)
-    data = builtin_benchmark(size, seed=seed, max_train=max_train, max_eval=600)
+    backbone, info = pretrained_backbone(size=size, width=width, progress=progress, seed=seed,
+                                         **(pretrain or {}))
+    data = builtin_benchmark(size, seed=seed, max_train=max_train, max_eval=max_eval)
     test = data.loaders("test", 256)
     rows: List[Dict] = []
 
