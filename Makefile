@@ -1,5 +1,5 @@
 # Thin wrappers; each target sets up its own environment from scratch.
-.PHONY: test bench bench-pytest info
+.PHONY: test bench bench-pytest info demo
 test:
 	bash scripts/test.sh
 bench:
@@ -8,3 +8,6 @@ bench-pytest:
 	bash scripts/bootstrap.sh && .venv/bin/pytest benchmarks/test_cpu_op.py --benchmark-only
 info:
 	.venv/bin/python -m fastmdl info
+
+demo:
+	bash scripts/demo.sh
