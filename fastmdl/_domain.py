@@ -35,9 +35,12 @@ def current_domain() -> Optional[Domain]:
     return _CURRENT.get()
 
 
-def check_domain(domain, n: int, num_domains: int, device: torch.device) -> Domain:
+def check_domain(domain, n: int, num_domains: int, device: torch.device, *,
+                 read_values: bool = True) -> Domain:
     """Validate ``domain`` for a batch of ``n`` samples: an int in [0, D), or an int64
-    tensor of shape (n,) on ``device`` with values in [0, D). Returns it unchanged."""
+    tensor of shape (n,) on ``device`` with values in [0, D) (the values are read only
+    with ``read_values``, for callers that check them in a transfer of their own).
+    Returns it unchanged."""
     if isinstance(domain, bool) or not isinstance(domain, (int, torch.Tensor)):
         raise TypeError(f"domain must be an int or an int64 tensor of shape (N,), "
                         f"got {type(domain).__name__}")
@@ -51,12 +54,23 @@ def check_domain(domain, n: int, num_domains: int, device: torch.device) -> Doma
         raise ValueError(f"domain must have shape (N,) = ({n},), got {tuple(domain.shape)}")
     if domain.device != device:
         raise ValueError(f"domain must be on the input's device {device}, got {domain.device}")
-    if n and can_read_values():
+    if read_values and n and can_read_values():
         lo, hi = torch.stack([domain.min(), domain.max()]).tolist()
         if lo < 0 or hi >= num_domains:
             bad = lo if lo < 0 else hi
             raise ValueError(f"domain id {bad} is out of range [0, {num_domains})")
     return domain
+
+
+def run(module, x: torch.Tensor, domain, num_domains: int):
+    """``module(x)`` with ``domain`` checked and made current for the fastmdl layers
+    inside it (how a wrapper runs an unmodified ``forward(x)`` per domain)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    domain = check_domain(domain, x.shape[0], num_domains, x.device)
+    with domain_scope(domain):
+        return module(x)
 
 
 def as_tensor(domain: Domain, n: int, device: torch.device) -> torch.Tensor:

@@ -87,12 +87,7 @@ class BasisModel(nn.Module):
                          for metric in ("params", "flops")}
 
     def forward(self, x: torch.Tensor, domain: _domain.Domain) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        domain = _domain.check_domain(domain, x.shape[0], self.num_domains, x.device)
-        with _domain.domain_scope(domain):
-            return self.module(x)
+        return _domain.run(self.module, x, domain, self.num_domains)
 
     def extra_repr(self) -> str:
         return f"num_domains={self.num_domains}, num_classes={self.num_classes}"

@@ -168,8 +168,7 @@ def _plot(r: Dict, path: str) -> Optional[str]:
     ax.set_title(f"fastmdl demo: budget {r['budget']}")
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -152,7 +152,6 @@ def _plot(result: Dict, path: str) -> None:
     a1.legend(fontsize=7)
     a2.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)

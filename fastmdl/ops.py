@@ -91,17 +91,9 @@ def domain_conv2d(
         raise ValueError(f"out_offsets must have D + 1 = {num_domains + 1} entries like "
                          f"in_offsets, got {out_offsets.numel()}")
 
-    if isinstance(domain, bool) or not isinstance(domain, (int, torch.Tensor)):
-        raise TypeError(f"domain must be an int or an int64 tensor of shape (N,), "
-                        f"got {type(domain).__name__}")
-    if isinstance(domain, int):
-        if not 0 <= domain < num_domains:
-            raise ValueError(f"domain {domain} is out of range [0, {num_domains})")
-        domain = torch.full((n,), domain, dtype=torch.int64, device=x.device)
-    else:
-        _check_tensor(domain, "domain", dims=1, dtype=torch.int64, device=x.device)
-        if domain.shape[0] != n:
-            raise ValueError(f"domain must have shape (N,) = ({n},), got {tuple(domain.shape)}")
+    # The values of a domain tensor are checked below, in one transfer with the rest.
+    domain = _domain.as_tensor(
+        _domain.check_domain(domain, n, num_domains, x.device, read_values=False), n, x.device)
 
     for name, t in (("scale", scale), ("shift", shift)):
         if t is not None:
