@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _domain
+from . import _dist, _domain
 from .masks import Segment, apply_mask, binarize, segment_masks
 
 
@@ -198,7 +198,44 @@ class BatchNorm2d(nn.Module):
             self.running_var[d] = var
         return y
 
+    def _synced_train_forward(self, x: torch.Tensor, domain) -> torch.Tensor:
+        # Data-parallel training: statistics over every rank's samples of the
+        # domain, so N ranks normalise exactly as one process on the global batch.
+        mean, var, count = _dist.synced_batch_stats(x, domain, self.num_domains)
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.affine:
+            shift = shift + self.bias
+        if isinstance(domain, int):
+            y = x * scale[domain][None, :, None, None] + shift[domain][None, :, None, None]
+        else:
+            y = x * scale[domain][:, :, None, None] + shift[domain][:, :, None, None]
+        with torch.no_grad():
+            keep = None
+            if self.mask_segments is not None:
+                keep = segment_masks(self.mask_segments, self.num_domains, hard=True,
+                                     device=x.device) > 0
+            for d, n in enumerate(count.tolist()):
+                if n == 0:
+                    continue
+                self.num_batches_tracked[d] += 1
+                m = self.momentum if self.momentum is not None else \
+                    1.0 / float(self.num_batches_tracked[d])
+                unbiased = var[d].detach() * (n / max(n - 1, 1))
+                new_mean = (1 - m) * self.running_mean[d] + m * mean[d].detach()
+                new_var = (1 - m) * self.running_var[d] + m * unbiased
+                if keep is not None:  # a switched-off channel keeps its statistics
+                    new_mean = torch.where(keep[d], new_mean, self.running_mean[d])
+                    new_var = torch.where(keep[d], new_var, self.running_var[d])
+                self.running_mean[d] = new_mean
+                self.running_var[d] = new_var
+        return y
+
     def _train_forward(self, x: torch.Tensor, domain) -> torch.Tensor:
+        if _dist.sync_group():
+            return self._synced_train_forward(x, domain)
         if isinstance(domain, int):
             return self._one_domain(x, domain)
         parts = []

@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from . import _dist
 from ._io import write_atomic_bytes
 from .budget import BudgetLoss
 from .convert import MultiDomainModel
@@ -56,6 +57,15 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
     (statistics averaged while the masks moved do not describe the network that
     is evaluated and pruned).
 
+    Under ``torchrun`` (``torch.distributed`` initialised with more than one
+    rank), the same call trains data-parallel: the model is wrapped in
+    DistributedDataParallel, each rank passes loaders over ITS share of the data
+    (e.g. with a ``DistributedSampler``), and the global batch is the union of the
+    ranks' batches. Each domain's BatchNorm statistics are summed over the ranks
+    (differentiably) and the loss is the global batch's mean, so W ranks compute
+    what one process would on the global batch, up to rounding; accuracies are
+    counted over all ranks, only rank 0 logs and writes checkpoints.
+
     Returns one dict per epoch: ``epoch``, ``loss``, ``train_acc``, ``val_acc``
     (lists over domains), ``cost`` (per-domain fractions), ``union`` and the
     budget loss's parts.
@@ -80,6 +90,19 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
     was_trainable = [p.requires_grad for p in shared]
     for p in shared:
         p.requires_grad_(train_weights)
+    rank, world_size = _dist.world()
+    net = model
+    if world_size > 1:
+        # Each rank runs its own share of the global batch; DDP averages the task
+        # gradients (the loss below is scaled so that this is the global mean's
+        # gradient). BatchNorm statistics are summed over the ranks inside the
+        # layers, so buffers need no broadcast.
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    if rank != 0:
+        progress, log = False, None
     rest = [p for p in model.parameters() if id(p) not in scores and
             (train_weights or id(p) not in shared_ids)]
     if loss_fn.log_sharing_weight is not None:
@@ -101,7 +124,7 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
         if log and start < epochs:
             log(f"resuming from {os.fspath(checkpoint)} after epoch {start}")
 
-    steps = max(len(loader) for loader in train_loaders)
+    steps = int(_dist.reduce_host([max(len(loader) for loader in train_loaders)], "max")[0])
     if isinstance(anneal, bool) or not isinstance(anneal, (int, float)) or not 0 <= anneal <= 1:
         raise ValueError(f"anneal must be a fraction in [0, 1], got {anneal!r}")
     ramp = max(1, round(anneal * epochs * steps))
@@ -110,7 +133,7 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
         iters = [_cycle(loader) for loader in train_loaders]
         correct = torch.zeros(num_domains)
         seen = torch.zeros(num_domains)
-        total_loss = 0.0
+        task_sum = penalty_sum = 0.0
         bar = _progress(range(steps), progress, f"epoch {epoch + 1}/{epochs}")
         for i in bar:
             # The budget falls from 1 to its target over the first `anneal` of
@@ -126,8 +149,12 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
                 ds.append(torch.full((len(y),), d, dtype=torch.int64))
             x, y, dom = (torch.cat(xs).to(device), torch.cat(ys).to(device),
                          torch.cat(ds).to(device))
-            logits = model(x, dom)
-            task = F.cross_entropy(logits, y)
+            with _dist.sync_batchnorm():
+                logits = net(x, dom)
+            # The mean over the GLOBAL batch (every rank's samples), times the
+            # world size because DDP averages the ranks' gradients.
+            global_n = _dist.reduce_host([len(y)])[0] if world_size > 1 else len(y)
+            task = F.cross_entropy(logits, y, reduction="sum") * (world_size / global_n)
             optimizer.zero_grad(set_to_none=True)
             task.backward()
             penalty = loss_fn()
@@ -137,23 +164,32 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
                 if g is not None:
                     p.grad = g * k if p.grad is None else p.grad + g * k
             optimizer.step()
-            loss = task.detach() + penalty.detach()
+            loss = task.detach() / world_size + penalty.detach()
             with torch.no_grad():
                 hit = (logits.argmax(1) == y).float().cpu()
                 correct.index_add_(0, dom.cpu(), hit)
                 seen.index_add_(0, dom.cpu(), torch.ones_like(hit))
-            total_loss += float(loss.detach())
+            task_sum += float(task.detach()) / world_size
+            penalty_sum += float(penalty.detach())
             if hasattr(bar, "set_postfix"):
                 parts = loss_fn.parts()
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}",
                                 cost=" ".join(f"{c:.2f}" for c in parts["cost"]))
-        recalibrate_bn(model, train_loaders, batches=recalibrate)
+        recalibrate_bn(model, train_loaders, batches=recalibrate, sync=True)
         with torch.no_grad():
             cost = costs(multidomain_layers(model, hard=True), metric)
+        counts = _dist.reduce_host([task_sum, *correct.tolist(), *seen.tolist()])
+        correct = torch.tensor(counts[1:1 + num_domains])
+        seen = torch.tensor(counts[1 + num_domains:])
+        val_acc = None
+        if val_loaders is not None:
+            hits, total = _evaluate_counts(model, val_loaders)
+            both = _dist.reduce_host(hits + total)
+            val_acc = [h / max(t, 1) for h, t in zip(both[:num_domains], both[num_domains:])]
         record = {
-            "epoch": epoch + 1, "loss": total_loss / steps,
+            "epoch": epoch + 1, "loss": (counts[0] + penalty_sum) / steps,
             "train_acc": (correct / seen.clamp(min=1)).tolist(),
-            "val_acc": evaluate(model, val_loaders) if val_loaders is not None else None,
+            "val_acc": val_acc,
             "cost": (cost.per_domain / cost.baseline).tolist(),
             "union": float(cost.union / cost.baseline.mean()),
             "budget_loss": loss_fn.parts(),
@@ -162,7 +198,9 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
         if log:
             log(_format(record, metric))
         if checkpoint is not None:
-            _save_checkpoint(checkpoint, epoch + 1, model, optimizer, loss_fn, history)
+            if rank == 0:
+                _save_checkpoint(checkpoint, epoch + 1, model, optimizer, loss_fn, history)
+            _dist.barrier()
     for p, flag in zip(shared, was_trainable):
         p.requires_grad_(flag)
     model.eval()
@@ -170,14 +208,21 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
 
 
 @torch.no_grad()
-def recalibrate_bn(model, loaders: Sequence, batches: int = 20) -> None:
+def recalibrate_bn(model, loaders: Sequence, batches: int = 20, *, sync: bool = False) -> None:
     """Recompute every per-domain BatchNorm's running statistics as the plain
     average over up to ``batches`` batches of each domain's loader, with the
-    current masks and weights (nothing else changes; 0 does nothing)."""
+    current masks and weights (nothing else changes; 0 does nothing).
+
+    With ``sync`` under ``torch.distributed`` (every rank must call it), each
+    batch's statistics are taken over all ranks' batches together, and every rank
+    runs as many batches as the shortest rank can."""
     from .layers import BatchNorm2d
 
     if batches <= 0:
         return
+    per_domain = [min(batches, len(loader)) for loader in loaders]
+    if sync:
+        per_domain = [int(v) for v in _dist.reduce_host(per_domain, "min")]
     bns = [m for m in model.modules() if isinstance(m, BatchNorm2d)]
     saved = [(m.momentum, m.training) for m in bns]
     was_training = model.training
@@ -188,9 +233,10 @@ def recalibrate_bn(model, loaders: Sequence, batches: int = 20) -> None:
         m.running_var.fill_(1.0)
         m.num_batches_tracked.zero_()
     model.train()
-    for d, loader in enumerate(loaders):
-        for x, _ in itertools.islice(iter(loader), batches):
-            model(x.to(device), d)
+    with _dist.sync_batchnorm(sync):
+        for d, loader in enumerate(loaders):
+            for x, _ in itertools.islice(iter(loader), per_domain[d]):
+                model(x.to(device), d)
     for m, (momentum, _) in zip(bns, saved):
         m.momentum = momentum
     model.train(was_training)
@@ -199,19 +245,27 @@ def recalibrate_bn(model, loaders: Sequence, batches: int = 20) -> None:
 @torch.no_grad()
 def evaluate(model, loaders: Sequence) -> List[float]:
     """Accuracy of ``model`` on each domain's loader (``loaders[d]`` for domain d)."""
+    hits, seen = _evaluate_counts(model, loaders)
+    return [h / max(n, 1) for h, n in zip(hits, seen)]
+
+
+@torch.no_grad()
+def _evaluate_counts(model, loaders: Sequence):
+    """(correct predictions, samples) per domain."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = []
+    hits, seen = [], []
     for d, loader in enumerate(loaders):
-        correct = seen = 0
+        correct = total = 0
         for x, y in loader:
             pred = model(x.to(device), d).argmax(1).cpu()
             correct += int((pred == y).sum())
-            seen += len(y)
-        out.append(correct / max(seen, 1))
+            total += len(y)
+        hits.append(correct)
+        seen.append(total)
     model.train(was_training)
-    return out
+    return hits, seen
 
 
 class _Optimizers:
