@@ -130,6 +130,9 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
     ramp = max(1, round(anneal * epochs * steps))
     for epoch in range(start, epochs):
         model.train()
+        for loader in train_loaders:  # a DistributedSampler reshuffles per epoch only if told
+            if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+                loader.sampler.set_epoch(epoch)
         iters = [_cycle(loader) for loader in train_loaders]
         correct = torch.zeros(num_domains)
         seen = torch.zeros(num_domains)
