@@ -2,6 +2,8 @@
 fastmdl/experiment.py; also `fastmdl experiment`).
 
     python benchmarks/experiment.py [--out benchmarks/out/experiment] [--epochs 2]
+                                    [--max-train 1000] [--budgets 0.75 0.5 0.25]
+                                    [--sharing none intersection union jaccard]
 """
 
 import argparse
@@ -16,6 +18,10 @@ if __name__ == "__main__":
                                                   "out", "experiment"))
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--max-train", type=int, default=1000)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+    ap.add_argument("--sharing", nargs="+", default=["none", "intersection", "union", "jaccard"],
+                    choices=["none", "intersection", "union", "jaccard"])
     args = ap.parse_args()
-    run(args.out, epochs=args.epochs, max_train=args.max_train, progress=False)
+    run(args.out, epochs=args.epochs, max_train=args.max_train, budgets=args.budgets,
+        sharing=[None if s == "none" else s for s in args.sharing], progress=False)
     sys.exit(0)

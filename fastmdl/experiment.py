@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import itertools
 import json
 import os
 import time
@@ -49,10 +50,15 @@ def run(out_dir: str = "fastmdl-experiment", *, budgets: Sequence[float] = (0.75
 
     log("single-domain baselines")
     base_acc = []
+    train_loaders = data.loaders("train", batch_size, seed=seed)
+    # Every baseline takes as many steps as the multi-domain training does (the
+    # longest domain's batches per epoch): a small domain cycled through its
+    # loader as often as `train` cycles it, not starved of steps.
+    steps = epochs * max(len(loader) for loader in train_loaders)
     for i, d in enumerate(data.domains):
         torch.manual_seed(seed)
         net = convert(backbone, 1, [d.num_classes], input_size=(1, size, size))
-        _finetune(net, data.loaders("train", batch_size, seed=seed)[i], epochs, progress)
+        _finetune(net, train_loaders[i], steps)
         base_acc.append(evaluate(net, [test[i]])[0])
     one = cost_report(convert(backbone, len(data.domains), data.num_classes,
                               input_size=(1, size, size)))
@@ -96,17 +102,18 @@ def run(out_dir: str = "fastmdl-experiment", *, budgets: Sequence[float] = (0.75
     return result
 
 
-def _finetune(model, loader, epochs: int, progress: bool) -> None:
-    """Train every weight of a one-domain model (no budget): the baseline."""
+def _finetune(model, loader, steps: int) -> None:
+    """Train every weight of a one-domain model (no budget) for ``steps`` batches,
+    cycling through ``loader``: the baseline."""
     params = [p for n, p in model.named_parameters() if not n.endswith("scores")]
     opt = torch.optim.Adam(params, lr=1e-3)
     model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            loss = F.cross_entropy(model(x, 0), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    for x, y in itertools.islice(batches, steps):
+        loss = F.cross_entropy(model(x, 0), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     model.eval()
 
 
