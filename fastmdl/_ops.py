@@ -110,6 +110,14 @@ def _fake_cpp(x, weight, domain, in_index, in_offsets, out_index, out_offsets, s
                  residual, relu, stride, padding, dilation)
 
 
+def register_cuda_fake() -> None:
+    """Give the CUDA kernel's own op a fake implementation (when fastmdl._C has it)."""
+    torch.library.register_fake("fastmdl::domain_conv2d_cuda", _fake_cpp)
+
+
 def register_cpp_fake() -> None:
-    """Give the C++ kernel's own op a fake implementation once the extension has loaded."""
+    """Give the compiled kernels' own ops fake implementations once the extension has
+    loaded: domain_conv2d_cpu always, domain_conv2d_cuda when it was compiled in."""
     torch.library.register_fake("fastmdl::domain_conv2d_cpu", _fake_cpp)
+    if hasattr(torch.ops.fastmdl, "domain_conv2d_cuda"):
+        register_cuda_fake()

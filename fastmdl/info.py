@@ -44,7 +44,7 @@ def rows() -> List[Tuple[str, str, str]]:
     out = []
     for device in devices:
         for name in backends.NAMES:
-            if name == "cpp" and device != "cpu":
+            if (name == "cpp" and device != "cpu") or (name == "cuda" and device != "cuda"):
                 continue
             if name == "triton" and device == "cpu" and not backends.triton.interpreting():
                 ok, why = backends.triton._import_status()
@@ -55,8 +55,19 @@ def rows() -> List[Tuple[str, str, str]]:
             out.append((name, device, ("yes: " if ok else "no: ") + why))
     if not torch.cuda.is_available():
         out.append(("triton", "cuda", "no: no CUDA device"))
-    out.append(("cuda", "cuda", "no: the CUDA C++ kernel is not part of this build yet"))
+        out.append(("cuda", "cuda", "no: " + backends.cuda.status()[1]))
     return out
+
+
+def extension() -> str:
+    """What the compiled extension fastmdl._C holds (or why it did not load)."""
+    ok, why = backends.cpp.status()
+    if not ok:
+        return f"not loaded: {why}"
+    has_cuda, why_not = backends.cuda.compiled()
+    if has_cuda:
+        return "loaded; kernels: CPU (domain_conv2d_cpu) and CUDA (domain_conv2d_cuda)"
+    return f"loaded; kernels: CPU (domain_conv2d_cpu) only; no CUDA kernel: {why_not}"
 
 
 def report() -> str:
@@ -73,6 +84,7 @@ def report() -> str:
         f"CUDA device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'})",
         f"triton   {triton_version}",
         f"threads  {torch.get_num_threads()}",
+        f"_C       {extension()}",
         "",
         f"{'backend':<10} {'device':<7} usable",
         f"{'-' * 10} {'-' * 7} {'-' * 50}",

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _domain, _shapes, ops
+from .backends.triton import shared_batch_plan
 from .layers import _column_table, gather_logits
 
 
@@ -201,7 +202,13 @@ class PrunedModel(nn.Module):
         if x.dtype != dtype:
             raise TypeError(f"x must have the model's dtype {dtype}, got {x.dtype}")
         domain = _domain.check_domain(domain, x.shape[0], self.num_domains, x.device)
-        return self.net(x, _domain.as_tensor(domain, x.shape[0], x.device))
+        domain = _domain.as_tensor(domain, x.shape[0], x.device)
+        if torch.compiler.is_compiling():
+            return self.net(x, domain)
+        # Every layer gets this same domain tensor: let the Triton kernels group
+        # the batch once for all of them (a no-op for the other backends).
+        with shared_batch_plan():
+            return self.net(x, domain)
 
     def extra_repr(self) -> str:
         return f"num_domains={self.num_domains}, num_classes={self.num_classes}"

@@ -1,15 +1,17 @@
 """Backends of ``fastmdl::domain_conv2d`` and how one is chosen.
 
-| name        | runs on                                  | module                  |
-|-------------|------------------------------------------|-------------------------|
-| `reference` | any device (pure PyTorch, the oracle)    | `backends/reference.py` |
-| `cpp`       | CPU, when the extension `fastmdl._C` built | `backends/cpp.py`     |
-| `triton`    | CUDA; CPU only under `TRITON_INTERPRET=1`  | `backends/triton.py`  |
+| name        | runs on                                     | module                  |
+|-------------|---------------------------------------------|-------------------------|
+| `reference` | any device (pure PyTorch, the oracle)       | `backends/reference.py` |
+| `cpp`       | CPU, when the extension `fastmdl._C` built  | `backends/cpp.py`       |
+| `triton`    | CUDA; CPU only under `TRITON_INTERPRET=1`   | `backends/triton.py`    |
+| `cuda`      | CUDA, when `fastmdl._C` was built with nvcc | `backends/cuda.py`      |
 
 ``backend=None`` (or ``"auto"``) picks the fastest usable one for the device and
 kernel: on the CPU ``cpp`` for 1x1 kernels and the reference for larger ones (its
 per-domain oneDNN convolutions measured faster there than the C++ kernel's
-im2col + GEMM: see benchmarks/NOTES.md), ``triton`` on CUDA, the reference
+im2col + GEMM: see benchmarks/NOTES.md), ``triton`` on CUDA (the CUDA C++
+kernel ``cuda`` runs only when asked for by name, for now), the reference
 otherwise. When the fast backend is missing, the reference runs and a warning
 says so once.
 """
@@ -21,14 +23,15 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-from . import cpp, reference, triton
+from . import cpp, cuda, reference, triton
 
-NAMES = ("reference", "cpp", "triton")
+NAMES = ("reference", "cpp", "triton", "cuda")
 
 _IMPLS: Dict[str, Callable] = {
     "reference": reference.domain_conv2d,
     "cpp": cpp.domain_conv2d,
     "triton": triton.domain_conv2d,
+    "cuda": cuda.domain_conv2d,
 }
 
 _warned = set()
@@ -44,6 +47,10 @@ def status(name: str, device_type: str) -> Tuple[bool, str]:
         return cpp.status()
     if name == "triton":
         return triton.status(device_type)
+    if name == "cuda":
+        if device_type != "cuda":
+            return False, f"the CUDA kernel takes CUDA tensors, not {device_type}"
+        return cuda.status()
     raise ValueError(f"backend must be one of {NAMES} or None, got {name!r}")
 
 
