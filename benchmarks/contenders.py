@@ -8,6 +8,11 @@ convolution):
   (c) dense  dense convolution of the union network alone;
   (d) ideal  (c) scaled by the fraction of the union's FLOPs the batch needs;
   and fastmdl's backends through fastmdl.ops.domain_conv2d.
+
+Also here, for benchmarks/gpu.py: the unique convolution shapes of ResNet-26 and
+ResNet-50 (``resnet26_layers``, ``resnet50_layers``), ``union_problem`` (a problem
+cut down to the channels some domain uses, as fastmdl.prune leaves a layer),
+``rel_error``, ``cuda_graphed`` and the GPU ceilings ``gpu_ceilings``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmdl._io import atomic_write
-from fastmdl._shapes import conv_output_hw
+from fastmdl._shapes import conv_output_hw, output_memory_format
 from fastmdl.ops import domain_conv2d, index_lists
 
 BASELINES = ("(a) loop", "(b) mask", "(c) dense")
@@ -91,8 +96,24 @@ def make_problem(c_in, c_out, hw, k, stride, padding, *, n=32, domains=4, keep=0
                    masks(c_out).to(device), stride, padding)
 
 
-def contenders(p: Problem, backends: List[str]) -> Dict[str, Callable[[], torch.Tensor]]:
-    """name -> zero-argument callable computing the layer on p."""
+def _gather(x: torch.Tensor, rows: torch.Tensor, chans: torch.Tensor) -> torch.Tensor:
+    """x[rows][:, chans], in x's memory format (a channels_last x is gathered through
+    its NHWC view, so the copy comes out channels_last without a second copy)."""
+    if output_memory_format(x) == torch.channels_last:
+        return x.permute(0, 2, 3, 1).index_select(0, rows).index_select(3, chans).permute(0, 3, 1, 2)
+    return x.index_select(0, rows).index_select(1, chans)
+
+
+def contenders(p: Problem, backends: List[str], *, fixed_rows: bool = False,
+               raw_op: bool = False) -> Dict[str, Callable[[], torch.Tensor]]:
+    """name -> zero-argument callable computing the layer on p.
+
+    ``fixed_rows``: the loop (a) takes each domain's sample rows computed once here
+    (a server knows every request's domain on the host) instead of a ``nonzero``
+    per call, so it has no host synchronisation and can be captured in a CUDA
+    graph. ``raw_op``: the backends are called as a pruned layer calls them,
+    ``torch.ops.fastmdl.domain_conv2d`` with no per-call argument check (the
+    public wrapper's value check costs one device-to-host copy per call)."""
     in_idx, in_off, out_idx, out_off = p.lists
     d_count = p.in_masks.shape[0]
     sliced = []  # cached per-domain weights, as a tuned loop would keep them
@@ -100,17 +121,20 @@ def contenders(p: Problem, backends: List[str]) -> Dict[str, Callable[[], torch.
         ci = in_idx[in_off[d]:in_off[d + 1]]
         co = out_idx[out_off[d]:out_off[d + 1]]
         sliced.append((ci, co, p.weight.index_select(0, co).index_select(1, ci).contiguous()))
+    rows_of = [(p.domain == d).nonzero().squeeze(1) for d in range(d_count)] if fixed_rows else None
     out_mask = p.out_masks.to(p.x.dtype)
     ho, wo = p.out_hw()
     c_out = p.weight.shape[0]
+    y_format = output_memory_format(p.x)
 
     def loop():
-        y = p.x.new_zeros((p.x.shape[0], c_out, ho, wo))
+        y = torch.empty((p.x.shape[0], c_out, ho, wo), dtype=p.x.dtype, device=p.x.device,
+                        memory_format=y_format).zero_()
         for d, (ci, co, w) in enumerate(sliced):
-            rows = (p.domain == d).nonzero().squeeze(1)
-            if rows.numel() == 0:
+            rows = rows_of[d] if rows_of is not None else (p.domain == d).nonzero().squeeze(1)
+            if rows.numel() == 0 or co.numel() == 0:
                 continue
-            z = F.conv2d(p.x.index_select(0, rows).index_select(1, ci), w, None, p.stride, p.padding)
+            z = F.conv2d(_gather(p.x, rows, ci), w, None, p.stride, p.padding)
             y[rows.unsqueeze(1), co.unsqueeze(0)] = z
         return y
 
@@ -121,11 +145,135 @@ def contenders(p: Problem, backends: List[str]) -> Dict[str, Callable[[], torch.
         return F.conv2d(p.x, p.weight, None, p.stride, p.padding)
 
     out = dict(zip(BASELINES, (loop, mask, dense)))
+    stride, padding = [p.stride] * 2, [p.padding] * 2
     for name in backends:
-        out[name] = (lambda name=name: domain_conv2d(p.x, p.weight, p.domain, in_idx, in_off,
-                                                     out_idx, out_off, stride=p.stride,
-                                                     padding=p.padding, backend=name))
+        if raw_op:
+            out[name] = (lambda name=name: torch.ops.fastmdl.domain_conv2d(
+                p.x, p.weight, p.domain, in_idx, in_off, out_idx, out_off, None, None, None,
+                False, stride, padding, [1, 1], name))
+        else:
+            out[name] = (lambda name=name: domain_conv2d(p.x, p.weight, p.domain, in_idx, in_off,
+                                                         out_idx, out_off, stride=p.stride,
+                                                         padding=p.padding, backend=name))
     return out
+
+
+def union_problem(p: Problem) -> Problem:
+    """p cut down to the input channels and filters some domain uses: the layer as
+    fastmdl.prune leaves it, so the dense contenders (b), (c) run the real union
+    network (with few domains the union is narrower than the layer)."""
+    keep_in = p.in_masks.any(0).nonzero().squeeze(1)
+    keep_out = p.out_masks.any(0).nonzero().squeeze(1)
+    x = p.x.index_select(1, keep_in).contiguous(memory_format=output_memory_format(p.x))
+    w = p.weight.index_select(0, keep_out).index_select(1, keep_in).contiguous()
+    return Problem(x, w, p.domain, p.in_masks[:, keep_in], p.out_masks[:, keep_out], p.stride,
+                   p.padding)
+
+
+def resnet26_layers(size: int = 64, width: float = 1.0, min_cin: int = 4):
+    """The unique convolution shapes of fastmdl.models.resnet26 at a size x size input,
+    in RESNET_LAYERS' format and network order, read off the model itself (built on
+    the meta device, so no memory and no FLOPs). Convolutions with fewer than
+    ``min_cin`` input channels (the RGB stem, whose inputs are never pruned) are
+    left out."""
+    from fastmdl.models import resnet26
+    with torch.device("meta"):
+        model = resnet26(width=width)
+    found = []
+
+    def hook(module, args):
+        h = args[0].shape[2]
+        k, s, pad = module.kernel_size[0], module.stride[0], module.padding[0]
+        if module.in_channels < min_cin:
+            return
+        name = (f"R26 {k}x{k} {module.in_channels}->{module.out_channels}"
+                f"{' s2' if s == 2 else ''} @{h}")
+        entry = (name, module.in_channels, module.out_channels, h, k, s, pad)
+        if entry not in found:
+            found.append(entry)
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, torch.nn.Conv2d)]
+    try:
+        model(torch.empty(1, 3, size, size, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def resnet50_layers(size: int = 224):
+    """The unique convolution shapes of a ResNet-50 (torchvision's v1.5: stride on the
+    3x3 of each bottleneck, projection shortcuts on each stage's first block) at a
+    size x size input, stem left out, in RESNET_LAYERS' format and network order."""
+    found = []
+
+    def add(c_in, c_out, hw, k, s):
+        name = f"R50 {k}x{k} {c_in}->{c_out}{' s2' if s == 2 else ''} @{hw}"
+        entry = (name, c_in, c_out, hw, k, s, k // 2)
+        if entry not in found:
+            found.append(entry)
+
+    hw, c_in = size // 4, 64  # the 7x7 stride-2 stem and the stride-2 max-pool
+    for stage, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
+        for b in range(blocks):
+            s = 2 if stage > 0 and b == 0 else 1
+            add(c_in, width, hw, 1, 1)            # 1x1 reduce
+            add(width, width, hw, 3, s)           # 3x3
+            add(width, 4 * width, hw // s, 1, 1)  # 1x1 expand
+            if b == 0:
+                add(c_in, 4 * width, hw, 1, s)    # projection shortcut
+            c_in, hw = 4 * width, hw // s
+    return found
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float64 over want's finite entries (NaN when got
+    is not finite there, so a bound check ``err <= bound`` fails)."""
+    if tuple(got.shape) != tuple(want.shape):
+        raise ValueError(f"output shape {tuple(got.shape)} != expected {tuple(want.shape)}")
+    want = want.detach().to(torch.float64)
+    got = got.detach().to(device=want.device, dtype=torch.float64)
+    finite = torch.isfinite(want)
+    diff = (got - want)[finite].norm()
+    den = want[finite].norm()
+    return float(diff / den) if float(den) > 0 else float(diff)
+
+
+def cuda_graphed(fn: Callable):
+    """fn captured in a CUDA graph: (replay, output) where replay() re-runs the GPU work
+    with no host work and output is what fn returned during capture (rewritten by
+    every replay). Warm-ups run on a side stream first, so lazy initialisation, JIT
+    compiles and cuDNN's benchmark-mode search happen outside the capture."""
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    torch.cuda.synchronize()
+    return graph.replay, out
+
+
+def gpu_ceilings(dtype: torch.dtype, size: int = 8192):
+    """(matmul TFLOP/s in dtype on size x size operands, device-to-device copy GB/s
+    counting bytes read + written), CUDA-event medians."""
+    from triton.testing import do_bench
+    a = torch.randn(size, size, device="cuda", dtype=dtype)
+    b = torch.randn(size, size, device="cuda", dtype=dtype)
+    ms = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    tflops = 2 * size ** 3 / ms / 1e9
+    del a, b
+    src = torch.empty(1 << 28, device="cuda", dtype=torch.float32).normal_()  # 1 GiB
+    dst = torch.empty_like(src)
+    ms_copy = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    gbs = 2 * src.numel() * src.element_size() / ms_copy / 1e6
+    return tflops, gbs
 
 
 def median_seconds(fn: Callable, *, warmup: int = 2, repeats: int = 9) -> float:

@@ -4,8 +4,9 @@ mode, CUDA-event medians through triton.testing.do_bench, correctness first).
 
     python benchmarks/gpu_check.py [--out DIR] [--dtype float16]
 
-The full GPU benchmark (more D, N and keep fractions, the CUDA C++ backend, the
-model level) is benchmarks/gpu.py's job in the GPU issue; this is its first cut.
+Superseded by benchmarks/gpu.py, the one-command GPU benchmark (more D, N and keep
+fractions, ResNet-26 and ResNet-50 shapes, the CUDA C++ backend, graphed baselines,
+the model level, CSV/markdown/PNG output); this first cut is kept as it was.
 """
 
 from __future__ import annotations
