@@ -27,7 +27,7 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
           train_weights: bool = False, device: Union[str, torch.device, None] = None,
           checkpoint: Union[str, os.PathLike, None] = None, resume: bool = True,
           progress: bool = True, log: Optional[Callable[[str], None]] = print,
-          anneal: float = 0.6, recalibrate: int = 20) -> List[Dict]:
+          anneal: float = 0.6, recalibrate: int = 20, fill: bool = True) -> List[Dict]:
     r"""Train ``model``'s masks, per-domain BatchNorms and heads (and, with
     ``train_weights``, the shared weights) under a budget.
 
@@ -51,6 +51,11 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
     accuracy and cost (a fraction of the baseline), and, with ``checkpoint``,
     writes model, optimiser and history there atomically; a later call with the
     same path resumes after the last finished epoch (``resume=False`` starts over).
+
+    With ``fill``, after the last step each domain that ended below the budget
+    gets filters back until it reaches it (:func:`fill_budget`: those another
+    domain keeps first, so the union network grows last): a mask step can switch
+    off more than the budget asks for, and the slack is accuracy given away.
 
     At the end of each epoch, the BatchNorm statistics are recomputed with the
     epoch's final masks and weights over ``recalibrate`` batches of each domain
@@ -178,6 +183,8 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
                 parts = loss_fn.parts()
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}",
                                 cost=" ".join(f"{c:.2f}" for c in parts["cost"]))
+        if fill and epoch == epochs - 1:
+            fill_budget(model, budget, metric)
         recalibrate_bn(model, train_loaders, batches=recalibrate, sync=True)
         with torch.no_grad():
             cost = costs(multidomain_layers(model, hard=True), metric)
@@ -296,6 +303,62 @@ class _Optimizers:
     def load_state_dict(self, state: Dict) -> None:
         self.masks.load_state_dict(state["masks"])
         self.rest.load_state_dict(state["rest"])
+
+
+@torch.no_grad()
+def fill_budget(model: MultiDomainModel, budget: float, metric: str = "flops") -> List[int]:
+    r"""Switch filters back on, per domain, while the domain's cost stays within
+    ``budget`` (a fraction of the baseline); returns how many each domain got.
+
+    Training pushes masks down in steps, and a step can switch off more filters
+    than the budget asks for. This hands the slack back: domain d's switched-off
+    filters are taken in order, first those another domain already keeps (they add
+    nothing to the union network), each set by score (the closest to switching
+    back on first), and the longest prefix whose cost :math:`r_d \le` ``budget``
+    is switched on (cost grows with every filter, so a bisection finds it).
+    A domain already over the budget is left as it is."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
+    groups = model.mask_groups()
+    added = []
+    for d in range(model.num_domains):
+        def ratio() -> float:
+            c = costs(multidomain_layers(model, hard=True), metric)
+            return float(c.per_domain[d] / c.baseline[d])
+
+        if ratio() > budget:
+            added.append(0)
+            continue
+        candidates = []
+        for gi, g in enumerate(groups):
+            on = g.scores.detach() > 0
+            others = on.clone()
+            others[d] = False
+            shared = others.any(0)
+            for c in (~on[d]).nonzero().flatten().tolist():
+                candidates.append((not bool(shared[c]), -float(g.scores[d, c]), gi, c))
+        candidates.sort()
+        saved = [g.scores.data[d].clone() for g in groups]
+        # A switched-on filter gets a small positive score: just past the threshold.
+        on_value = 1e-3
+
+        def apply(k: int) -> None:
+            for g, row in zip(groups, saved):
+                g.scores.data[d] = row
+            for _, _, gi, c in candidates[:k]:
+                groups[gi].scores.data[d, c] = on_value
+
+        lo, hi = 0, len(candidates)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            apply(mid)
+            if ratio() <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        apply(lo)
+        added.append(lo)
+    return added
 
 
 def filter_costs(model: MultiDomainModel, metric: str = "flops") -> List[float]:

@@ -131,3 +131,39 @@ def test_filter_costs_rank_the_full_resolution_residual_stream_highest():
 def test_anneal_must_be_a_fraction():
     with pytest.raises(ValueError, match="anneal"):
         fastmdl.train(make(), loaders([4, 2, 3], n=32), anneal=1.5, progress=False, log=None)
+
+
+def _ratios(m):
+    from fastmdl.cost import costs, multidomain_layers
+    c = costs(multidomain_layers(m, hard=True), "flops")
+    return (c.per_domain / c.baseline).tolist(), float(c.union / c.baseline.mean())
+
+
+def test_fill_budget_hands_the_slack_back_shared_filters_first():
+    m = make()
+    gen = torch.Generator().manual_seed(3)
+    for g in m.mask_groups():
+        g.scores.data = torch.rand(g.scores.shape, generator=gen) - 0.7  # ~30% kept
+    before, _ = _ratios(m)
+    assert max(before) < 0.3
+    was_on = [g.scores.detach() > 0 for g in m.mask_groups()]
+    added = fastmdl.fill_budget(m, 0.5)
+    after, union = _ratios(m)
+    assert all(a > 0 for a in added)
+    assert all(0.45 < r <= 0.5 for r in after)
+    # Filters only go back on; none that was on is touched.
+    for g, on in zip(m.mask_groups(), was_on):
+        assert torch.all((g.scores.detach() > 0) | ~on)
+    # Shared first: with enough filters kept by other domains, the union grows
+    # only to what the largest domain needs.
+    assert union <= 0.5 + 1e-6
+
+
+def test_fill_budget_leaves_a_domain_over_the_budget_alone():
+    m = make()
+    for g in m.mask_groups():
+        g.scores.data.fill_(1.0)
+    assert fastmdl.fill_budget(m, 0.5) == [0, 0, 0]
+    assert _ratios(m)[0] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="budget"):
+        fastmdl.fill_budget(m, 1.5)
