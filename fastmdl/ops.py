@@ -59,7 +59,7 @@ def domain_conv2d(
         scale, shift: optional (D, C_out) per-domain affine (folded BatchNorm).
         residual: optional tensor of the output's shape.
         stride, padding, dilation: int or (h, w) pair.
-        backend: None/"auto", "reference", "cpp" or "triton".
+        backend: None/"auto", "reference", "cpp", "triton" or "cuda" (the CUDA C++ kernel).
 
     Returns:
         (N, C_out, H_out, W_out) in x's dtype and memory format; every element written.
