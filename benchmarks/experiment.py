@@ -21,7 +21,10 @@ if __name__ == "__main__":
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     ap.add_argument("--sharing", nargs="+", default=["none", "intersection", "union", "jaccard"],
                     choices=["none", "intersection", "union", "jaccard"])
+    ap.add_argument("--no-fill", action="store_true",
+                    help="train without fastmdl.fill_budget at the end of the anneal")
     args = ap.parse_args()
     run(args.out, epochs=args.epochs, max_train=args.max_train, budgets=args.budgets,
-        sharing=[None if s == "none" else s for s in args.sharing], progress=False)
+        sharing=[None if s == "none" else s for s in args.sharing], progress=False,
+        fill=not args.no_fill)
     sys.exit(0)

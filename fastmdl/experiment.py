@@ -34,7 +34,8 @@ def run(out_dir: str = "fastmdl-experiment", *, budgets: Sequence[float] = (0.75
         sharing: Sequence[Optional[str]] = SHARING, epochs: int = 2, max_train: int = 1000,
         max_eval: int = 600,
         size: int = 32, width: float = 0.25, batch_size: int = 32, seed: int = 0,
-        progress: bool = True, log=print, pretrain: Optional[Dict] = None) -> Dict:
+        progress: bool = True, log=print, pretrain: Optional[Dict] = None,
+        fill: bool = True) -> Dict:
     """Run the experiment and write its report under ``out_dir``. ``pretrain``
     overrides :func:`fastmdl.pretrained.pretrained_backbone`'s settings."""
     from . import convert, cost_report, decathlon_score, evaluate, prune, train
@@ -74,7 +75,8 @@ def run(out_dir: str = "fastmdl-experiment", *, budgets: Sequence[float] = (0.75
         torch.manual_seed(seed)
         model = convert(backbone, len(data.domains), data.num_classes, input_size=(1, size, size))
         train(model, data.loaders("train", batch_size, seed=seed), None, budget=budget,
-              epochs=epochs, sharing=share, train_weights=True, progress=progress, log=None)
+              epochs=epochs, sharing=share, train_weights=True, progress=progress, log=None,
+              fill=fill)
         pruned = prune(model)
         acc = evaluate(pruned, test)
         rep = cost_report(pruned)
@@ -87,6 +89,7 @@ def run(out_dir: str = "fastmdl-experiment", *, budgets: Sequence[float] = (0.75
         r["decathlon"] = decathlon_score([1 - a for a in r["accuracy"]], base_err)
     result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "domains": data.names, "epochs": epochs, "max_train": max_train, "size": size,
+              "fill": fill,
               "backbone": {k: v for k, v in info.items() if k != "cache"},
               "baseline_cost": one.baseline, "rows": rows,
               "seconds": time.perf_counter() - started}

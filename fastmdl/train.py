@@ -52,10 +52,13 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
     writes model, optimiser and history there atomically; a later call with the
     same path resumes after the last finished epoch (``resume=False`` starts over).
 
-    With ``fill``, after the last step each domain that ended below the budget
-    gets filters back until it reaches it (:func:`fill_budget`: those another
-    domain keeps first, so the union network grows last): a mask step can switch
-    off more than the budget asks for, and the slack is accuracy given away.
+    With ``fill``, at the step where the annealed budget reaches its target, each
+    domain that has fallen below it gets filters back until it reaches it
+    (:func:`fill_budget`: those another domain keeps first, so the union network
+    grows last): a mask step can switch off more than the budget asks for, and
+    the slack is accuracy given away. The rest of training adapts to the filters
+    that came back (measured: filling after the last step instead, with no
+    steps to adapt, cost up to 40 points on some domains; RESULTS.md).
 
     At the end of each epoch, the BatchNorm statistics are recomputed with the
     epoch's final masks and weights over ``recalibrate`` batches of each domain
@@ -172,6 +175,8 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
                 if g is not None:
                     p.grad = g * k if p.grad is None else p.grad + g * k
             optimizer.step()
+            if fill and epoch * steps + i + 1 == ramp:
+                fill_budget(model, budget, metric)
             loss = task.detach() / world_size + penalty.detach()
             with torch.no_grad():
                 hit = (logits.argmax(1) == y).float().cpu()
@@ -183,8 +188,6 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
                 parts = loss_fn.parts()
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}",
                                 cost=" ".join(f"{c:.2f}" for c in parts["cost"]))
-        if fill and epoch == epochs - 1:
-            fill_budget(model, budget, metric)
         recalibrate_bn(model, train_loaders, batches=recalibrate, sync=True)
         with torch.no_grad():
             cost = costs(multidomain_layers(model, hard=True), metric)
