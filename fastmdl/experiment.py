@@ -147,8 +147,8 @@ def _plot(result: Dict, path: str) -> None:
     for share in SHARING:
         pts = sorted((r["budget"], r) for r in result["rows"]
                      if r["budget"] is not None and (r["sharing"] == share or r["budget"] == 1.0))
-        if not pts:
-            continue
+        if not any(budget < 1.0 for budget, _ in pts):
+            continue  # this sharing loss was not run: a lone budget-1.0 point says nothing
         b = [p[0] for p in pts]
         a1.plot(b, [100 * p[1]["mean_accuracy"] for p in pts], "o-", label=share or "no sharing")
         a2.plot(b, [100 * p[1]["flops_vs_one"] for p in pts], "o-", label=share or "no sharing")
