@@ -40,6 +40,7 @@ from contenders import write_atomic  # noqa: E402
 
 import fastmdl  # noqa: E402
 from fastmdl.pagcp import uniform_prune  # noqa: E402
+from fastmdl.train import recalibrate_bn  # noqa: E402
 
 Accuracy = Callable[[nn.Module], List[float]]
 
@@ -154,7 +155,8 @@ def loss_tasks(loaders: Sequence, names: Sequence[str], max_batches: Optional[in
 
 def make_finetune(loaders: Sequence, steps: int, lr: float) -> Callable[[nn.Module], nn.Module]:
     """``steps`` Adam steps on mixed batches (one batch of every domain each), on all
-    weights, BatchNorms and heads; mask scores stay fixed, so no filter comes back."""
+    weights, BatchNorms and heads, then the BatchNorm statistics recomputed over 20
+    batches per domain; mask scores stay fixed, so no filter comes back."""
     def finetune(model: nn.Module) -> nn.Module:
         params = [p for n, p in model.named_parameters() if not n.endswith("scores")]
         opt = torch.optim.Adam(params, lr=lr)
@@ -171,6 +173,10 @@ def make_finetune(loaders: Sequence, steps: int, lr: float) -> Callable[[nn.Modu
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        # Running statistics averaged (momentum 0.1) while every weight moved do
+        # not describe the final network: measured, textures fell from 96.2% to
+        # 92.0% after 200 steps and came back to 96.7% once recalibrated.
+        recalibrate_bn(model, loaders, batches=20)
         return model.eval()
     return finetune
 
