@@ -124,3 +124,30 @@ def require_backend(name, device="cpu"):
     ok, why = backends.status(name, device)
     if not ok:
         pytest.skip(why)
+
+
+ULP = {torch.float64: 2.0 ** -52, torch.float32: 2.0 ** -23,
+       torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def check_close(got, args, *, tf32=None):
+    """The kernel's error against a float64 oracle stays within a small multiple of
+    the error the reference itself makes in x's dtype, plus a few ulps of the
+    output's scale (as in flash-attention's kernel tests); with ``tf32`` (default:
+    on CUDA) float32 also gets TF32's rounding, as cuDNN uses for convolutions."""
+    from fastmdl.ops import domain_conv2d
+
+    dtype = args["x"].dtype
+    if tf32 is None:
+        tf32 = args["x"].device.type == "cuda"
+    oracle = domain_conv2d(**upcast(args), backend="reference")
+    same_dtype = domain_conv2d(**args, backend="reference")
+    assert got.dtype == dtype and got.shape == oracle.shape and got.device == args["x"].device
+    assert not torch.isnan(got).any(), "unwritten (NaN-poisoned) or NaN output"
+    scale = oracle.abs().max().item() + 1e-6
+    err = (got.double() - oracle).abs().max().item()
+    ref_err = (same_dtype.double() - oracle).abs().max().item()
+    bound = 4 * ref_err + 16 * ULP[dtype] * scale
+    if dtype == torch.float32 and tf32:
+        bound += 2e-3 * scale
+    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (reference's own: {ref_err:.3g})"

@@ -10,48 +10,16 @@ import torch
 
 from fastmdl.ops import domain_conv2d
 
-from problems import CASES, Case, make, op_args, require_backend, upcast
+from problems import CASES, Case, check_close, make, op_args, require_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 GPU_BACKENDS = ["triton", "cuda"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 
 def _seed(name):
     return zlib.crc32(name.encode()) % 1000
-
-
-@pytest.fixture
-def poisoned_empty():
-    """Fill new tensors with NaN, so an output element a kernel fails to write shows."""
-    old = (torch.are_deterministic_algorithms_enabled(),
-           torch.is_deterministic_algorithms_warn_only_enabled(),
-           torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old[0], warn_only=old[1])
-    torch.utils.deterministic.fill_uninitialized_memory = old[2]
-
-
-def _check_close(got, args, tf32=True):
-    """The kernel's error against a float64 oracle stays within a small multiple of
-    the error the reference itself makes in the same dtype, plus a few ulps of the
-    output's scale (and TF32's rounding for float32 when TF32 is allowed)."""
-    dtype = args["x"].dtype
-    oracle = domain_conv2d(**upcast(args), backend="reference")
-    same_dtype = domain_conv2d(**args, backend="reference")
-    assert got.dtype == dtype and got.shape == oracle.shape and got.device == args["x"].device
-    assert not torch.isnan(got).any(), "unwritten (NaN-poisoned) or NaN output"
-    scale = oracle.abs().max().item() + 1e-6
-    err = (got.double() - oracle).abs().max().item()
-    ref_err = (same_dtype.double() - oracle).abs().max().item()
-    bound = 4 * ref_err + 16 * ULP[dtype] * scale
-    if dtype == torch.float32 and tf32:
-        bound += 2e-3 * scale  # tf32 products, as cuDNN uses for float32 convolutions
-    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (reference's own: {ref_err:.3g})"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -61,7 +29,7 @@ def test_matches_reference(name, dtype, case, poisoned_empty):
     require_backend(name, "cuda")
     args = make(case, dtype, "cuda", seed=_seed(case.name))
     got = domain_conv2d(**args, backend=name)
-    _check_close(got, args)
+    check_close(got, args)
     want_format = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
     assert got.is_contiguous(memory_format=want_format)
 
@@ -76,7 +44,7 @@ def test_many_tiles_column_blocks_and_k_steps(name, dtype, poisoned_empty):
         case = Case("large", n=12, c_in=96, c_out=160, hw=(14, 14), d=4, layout=layout,
                     out_sizes={1: 150, 2: 3})
         args = make(case, dtype, "cuda", seed=_seed(layout))
-        _check_close(domain_conv2d(**args, backend=name), args)
+        check_close(domain_conv2d(**args, backend=name), args)
 
 
 def test_cuda_float32_without_tf32_is_float32_accurate():
@@ -86,7 +54,7 @@ def test_cuda_float32_without_tf32_is_float32_accurate():
     try:
         for case in (Case("fp32_3x3"), Case("fp32_1x1_cl", k=1, padding=(0, 0), layout="channels_last")):
             args = make(case, torch.float32, "cuda", seed=_seed(case.name))
-            _check_close(domain_conv2d(**args, backend="cuda"), args, tf32=False)
+            check_close(domain_conv2d(**args, backend="cuda"), args, tf32=False)
     finally:
         torch.backends.cudnn.allow_tf32 = old
 
