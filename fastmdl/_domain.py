@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -86,3 +86,13 @@ def can_read_values() -> bool:
     if torch.compiler.is_compiling():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def check_per_domain(items, name: str, num_domains: int) -> None:
+    """``items`` must be a list (any non-string Sequence) with one entry per domain."""
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise TypeError(f"{name} must be a list with one loader per domain, got "
+                        f"{type(items).__name__}")
+    if len(items) != num_domains:
+        raise ValueError(f"{name} must have one loader per domain ({num_domains}), "
+                         f"got {len(items)}")

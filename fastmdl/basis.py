@@ -196,12 +196,7 @@ def taylor_importance(model: nn.Module, loader_per_domain: Sequence, *,
     """
     layers = _layers_or_raise(model)
     num_domains = next(iter(layers.values())).num_domains
-    if isinstance(loader_per_domain, (str, bytes)) or not isinstance(loader_per_domain, Sequence):
-        raise TypeError(f"loader_per_domain must be a list with one loader per domain, got "
-                        f"{type(loader_per_domain).__name__}")
-    if len(loader_per_domain) != num_domains:
-        raise ValueError(f"loader_per_domain must have one loader per domain ({num_domains}), "
-                         f"got {len(loader_per_domain)}")
+    _domain.check_per_domain(loader_per_domain, "loader_per_domain", num_domains)
     if max_batches is not None and (isinstance(max_batches, bool) or
                                     not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches must be None or a positive int, got {max_batches!r}")

@@ -14,7 +14,6 @@ experiment.png (budget against accuracy and FLOPs).
 
 from __future__ import annotations
 
-import copy
 import datetime
 import itertools
 import json

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import _dist
+from . import _dist, _domain
 from ._io import write_atomic_bytes
 from .budget import BudgetLoss
 from .convert import MultiDomainModel
@@ -391,12 +391,7 @@ def _shared_weights(model: MultiDomainModel) -> List[torch.nn.Parameter]:
 
 
 def _check_loaders(loaders, name: str, num_domains: int) -> None:
-    if isinstance(loaders, (str, bytes)) or not isinstance(loaders, Sequence):
-        raise TypeError(f"{name} must be a list with one loader per domain, got "
-                        f"{type(loaders).__name__}")
-    if len(loaders) != num_domains:
-        raise ValueError(f"{name} must have one loader per domain ({num_domains}), "
-                         f"got {len(loaders)}")
+    _domain.check_per_domain(loaders, name, num_domains)
     for d, loader in enumerate(loaders):
         if not hasattr(loader, "__iter__") or not hasattr(loader, "__len__"):
             raise TypeError(f"{name}[{d}] must be an iterable with a length (a DataLoader)")
