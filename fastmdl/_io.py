@@ -44,6 +44,18 @@ def write_atomic_bytes(path: PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def write_report(out_dir: PathLike, stem: str, text: str, result: dict) -> None:
+    """Write ``text`` to ``out_dir/stem.md`` and ``result`` to ``out_dir/stem.json``
+    (creating ``out_dir``), each atomically."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    with atomic_write(os.path.join(out_dir, stem + ".md"), "w") as f:
+        f.write(text + "\n")
+    with atomic_write(os.path.join(out_dir, stem + ".json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
 def _fsync_directory(directory: str) -> None:
     # Makes the rename itself survive a power loss; not possible everywhere
     # (Windows cannot open a directory), and the data is already safe without it.

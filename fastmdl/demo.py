@@ -11,14 +11,13 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import time
 from typing import Dict, Optional
 
 import torch
 
-from ._io import atomic_write
+from ._io import atomic_write, write_report
 
 
 def run(out_dir: str = "fastmdl-demo", *, budget: float = 0.5, epochs: int = 3,
@@ -70,11 +69,7 @@ def run(out_dir: str = "fastmdl-demo", *, budget: float = 0.5, epochs: int = 3,
     }
     text = _table(result)
     log(text)
-    os.makedirs(out_dir, exist_ok=True)
-    with atomic_write(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(text + "\n")
-    with atomic_write(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_report(out_dir, "report", text, result)
     png = _plot(result, os.path.join(out_dir, "report.png"))
     log(f"report written to {os.path.abspath(out_dir)}: report.md, report.json"
         + (", report.png" if png else " (no plot: matplotlib is not installed)"))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import json
 import os
 import time
 from typing import Dict, List, Optional, Sequence
@@ -24,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._io import atomic_write
+from ._io import atomic_write, write_report
 
 SHARING = (None, "intersection", "union", "jaccard")
 
@@ -94,11 +93,7 @@ def run(out_dir: str = "fastmdl-experiment", *, budgets: Sequence[float] = (0.75
               "seconds": time.perf_counter() - started}
     text = table(result)
     log(text)
-    os.makedirs(out_dir, exist_ok=True)
-    with atomic_write(os.path.join(out_dir, "experiment.md"), "w") as f:
-        f.write(text + "\n")
-    with atomic_write(os.path.join(out_dir, "experiment.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_report(out_dir, "experiment", text, result)
     _plot(result, os.path.join(out_dir, "experiment.png"))
     log(f"written to {os.path.abspath(out_dir)}")
     return result
