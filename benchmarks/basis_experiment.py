@@ -42,6 +42,7 @@ from contenders import write_atomic  # noqa: E402
 
 import fastmdl  # noqa: E402
 from fastmdl import basis  # noqa: E402
+from fastmdl.train import recalibrate_bn  # noqa: E402
 
 DomainSpec = Tuple[str, int, Sequence, Sequence]  # (name, num_classes, train_loader, val_loader)
 
@@ -50,10 +51,19 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
         ratios: Sequence[float] = (0.5, 0.7, 0.8, 0.9), budget: Optional[float] = 0.5,
         scope: str = "global", lr: float = 1e-2, retrain_epochs: int = 0,
         taylor_batches: Optional[int] = None, input_size=None, seed: int = 0,
-        log=print) -> Dict:
+        weight: str = "components", l1: float = 0.0, gradual: bool = False,
+        recalibrate: int = 0, log=print) -> Dict:
     """Run the experiment (see the module docstring) and return
     ``{"settings", "domains", "rows"}``; each row is a dict (see :func:`_row`).
-    ``budget=None`` leaves out the filter-pruning and double-pruning rows."""
+    ``budget=None`` leaves out the filter-pruning and double-pruning rows.
+
+    The pruning recipe: ``weight`` is :func:`fastmdl.basis.prune`'s; ``l1`` weighs
+    :func:`fastmdl.basis.factor_l1` in the transfer loss (then an extra first row,
+    "basis" without it, is the reference every basis row's drop is taken against);
+    ``gradual`` reaches the ratios one after the other (Taylor scores recomputed,
+    retrained in between) instead of each from the unpruned model; ``recalibrate``
+    recomputes the BatchNorm statistics over that many batches per domain after
+    each pruning (and retraining). No individual weight is trained in any case."""
     names = [d[0] for d in domains]
     classes = [int(d[1]) for d in domains]
     train = [d[2] for d in domains]
@@ -64,10 +74,22 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
     rows: List[Dict] = []
     start = time.perf_counter()
 
+    recipe = dict(ratios=ratios, scope=scope, lr=lr, retrain_epochs=retrain_epochs,
+                  taylor_batches=taylor_batches, weight=weight, l1=l1, gradual=gradual,
+                  recalibrate=recalibrate, log=log)
+    reference = None
+    if l1 > 0:  # the plain transfer is what the pruned rows must stay within 1 point of
+        torch.manual_seed(seed)
+        plain = _fresh(fastmdl.convert(backbone, len(domains), classes, input_size=input_size))
+        bm = basis.decompose(plain)
+        fit(bm, train, epochs, lr)
+        reference = fastmdl.evaluate(bm, val)
+        rows.append(_row("basis", 1.0, 0.0, basis.cost_report(bm), reference, reference))
+        log(_line(rows[-1]))
     torch.manual_seed(seed)
     model = _fresh(fastmdl.convert(backbone, len(domains), classes, input_size=input_size))
-    rows += _basis_rows("basis", 1.0, model, train, val, epochs, ratios, scope, lr,
-                        retrain_epochs, taylor_batches, log)
+    rows += _basis_rows("basis" + (" + L1" if l1 > 0 else ""), 1.0, model, train, val, epochs,
+                        reference=reference, **recipe)
     if budget is not None:
         torch.manual_seed(seed)
         masked = _fresh(fastmdl.convert(backbone, len(domains), classes, input_size=input_size))
@@ -75,10 +97,11 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
         acc = fastmdl.evaluate(masked, val)
         rows.append(_row("filters", budget, 0.0, fastmdl.cost_report(masked), acc, acc))
         log(_line(rows[-1]))
-        rows += _basis_rows("double", budget, masked, train, val, epochs, ratios, scope, lr,
-                            retrain_epochs, taylor_batches, log)
+        rows += _basis_rows("double" + (" + L1" if l1 > 0 else ""), budget, masked, train, val,
+                            epochs, reference=None, **recipe)
     settings = {"epochs": epochs, "ratios": list(ratios), "budget": budget, "scope": scope,
                 "lr": lr, "retrain_epochs": retrain_epochs, "taylor_batches": taylor_batches,
+                "weight": weight, "l1": l1, "gradual": gradual, "recalibrate": recalibrate,
                 "input_size": list(input_size), "seed": seed,
                 "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                 "machine": platform.processor() or platform.machine(),
@@ -98,28 +121,41 @@ def _fresh(model):
     return model
 
 
-def _basis_rows(method, budget, model, train, val, epochs, ratios, scope, lr, retrain_epochs,
-                taylor_batches, log) -> List[Dict]:
-    names = [str(d) for d in range(len(train))]
+def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
+                retrain_epochs, taylor_batches, weight, l1, gradual, recalibrate, reference,
+                log) -> List[Dict]:
+    """Transfer ``model`` by basis scaling, then one row per pruning ratio; drops are
+    against ``reference`` accuracies (default: this transfer unpruned)."""
     bm = basis.decompose(model)
-    fit(bm, train, epochs, lr)
+    fit(bm, train, epochs, lr, l1=l1)
     full = fastmdl.evaluate(bm, val)
-    rows = [_row(method, budget, 0.0, basis.cost_report(bm), full, full)]
+    ref = full if reference is None else reference
+    rows = [_row(method, budget, 0.0, basis.cost_report(bm), full, ref)]
     log(_line(rows[-1]))
-    importance = basis.taylor_importance(bm, train, max_batches=taylor_batches)
-    for ratio in ratios:
-        pruned = basis.prune(bm, importance, ratio=ratio, scope=scope)
+    current, done = bm, 0.0
+    for ratio in sorted(ratios) if gradual else ratios:
+        # basis.prune's ratio counts what is left, so the step from `done` to `ratio`
+        # removes 1 - (1 - ratio) / (1 - done) of it.
+        step = 1 - (1 - ratio) / (1 - done) if gradual else ratio
+        source = current if gradual else bm
+        importance = basis.taylor_importance(source, train, max_batches=taylor_batches)
+        pruned = basis.prune(source, importance, ratio=step, scope=scope, weight=weight)
         if retrain_epochs:
             fit(pruned, train, retrain_epochs, lr)
+        if recalibrate:
+            recalibrate_bn(pruned, train, batches=recalibrate)
+            pruned.eval()
         rows.append(_row(method, budget, ratio, basis.cost_report(pruned),
-                         fastmdl.evaluate(pruned, val), full))
+                         fastmdl.evaluate(pruned, val), ref))
         log(_line(rows[-1]))
+        current, done = pruned, ratio
     return rows
 
 
-def fit(model, loaders: Sequence, epochs: int, lr: float) -> None:
+def fit(model, loaders: Sequence, epochs: int, lr: float, l1: float = 0.0) -> None:
     """Adam on the trainable parameters (after decompose: factors, BatchNorm, heads),
-    one mixed batch per step with a batch of every domain, as ``fastmdl.train``."""
+    one mixed batch per step with a batch of every domain, as ``fastmdl.train``;
+    ``l1`` > 0 adds ``l1 * basis.factor_l1(model)`` to the loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     device = params[0].device
@@ -135,6 +171,8 @@ def fit(model, loaders: Sequence, epochs: int, lr: float) -> None:
                 ds.append(torch.full((len(y),), d, dtype=torch.int64))
             loss = F.cross_entropy(model(torch.cat(xs).to(device), torch.cat(ds).to(device)),
                                    torch.cat(ys).to(device))
+            if l1 > 0:
+                loss = loss + l1 * basis.factor_l1(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -172,7 +210,9 @@ def to_markdown(result: Dict) -> str:
                "FLOPs % (mean/domain)", "union params %", "union FLOPs %"])
     lines = [f"Basis scaling and double pruning, {s['date']}, {s['machine']}, {s['threads']} "
              f"threads, torch {s['torch']}; {s['epochs']} epochs, scope {s['scope']}, "
-             f"retrain epochs {s['retrain_epochs']}, input {tuple(s['input_size'])}, "
+             f"retrain epochs {s['retrain_epochs']}, weight {s.get('weight', 'components')}, "
+             f"L1 {s.get('l1', 0.0)}, gradual {s.get('gradual', False)}, BatchNorm "
+             f"recalibrated on {s.get('recalibrate', 0)} batches, input {tuple(s['input_size'])}, "
              f"{s['seconds']:.0f} s. Percentages are of ONE backbone (the single-domain "
              "network); drops are against the same method's unpruned basis transfer.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
@@ -226,11 +266,20 @@ def main(argv=None) -> Dict:
     ap.add_argument("--smoke", action="store_true", help="random tensors, a few seconds")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--ratios", default="0.5,0.7,0.8,0.9")
-    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--budget", type=lambda v: None if v == "none" else float(v), default=0.5,
+                    help="filter budget of the filter and double-pruning rows ('none': skip them)")
     ap.add_argument("--scope", default="global", choices=basis.SCOPES)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--retrain-epochs", type=int, default=0)
     ap.add_argument("--taylor-batches", type=int, default=None)
+    ap.add_argument("--weight", default="components", choices=basis.WEIGHTS,
+                    help="what --ratios count: components, or basis parameters (global scope)")
+    ap.add_argument("--l1", type=float, default=0.0,
+                    help="weight of basis.factor_l1 in the transfer loss")
+    ap.add_argument("--gradual", action="store_true",
+                    help="reach the ratios one after another, retraining in between")
+    ap.add_argument("--recalibrate", type=int, default=0,
+                    help="batches per domain to recompute BatchNorm statistics after pruning")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -250,7 +299,8 @@ def main(argv=None) -> Dict:
     try:
         result = run(backbone, domains, epochs=args.epochs, ratios=ratios, budget=args.budget,
                      scope=args.scope, lr=args.lr, retrain_epochs=args.retrain_epochs,
-                     taylor_batches=args.taylor_batches, seed=args.seed)
+                     taylor_batches=args.taylor_batches, seed=args.seed, weight=args.weight,
+                     l1=args.l1, gradual=args.gradual, recalibrate=args.recalibrate)
     finally:
         torch.set_num_threads(threads)
     result["settings"]["smoke"] = args.smoke

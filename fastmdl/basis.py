@@ -59,9 +59,10 @@ from .layers import BatchNorm2d, Conv2d, DomainHeads, _check_num_domains
 from .pruned import PrunedModel
 
 __all__ = ["BasisConv2d", "BasisModel", "decompose", "taylor_importance", "prune",
-           "cost_report", "basis_layers"]
+           "factor_l1", "cost_report", "basis_layers"]
 
 SCOPES = ("layer", "global")
+WEIGHTS = ("components", "params")
 
 
 class BasisModel(nn.Module):
@@ -234,7 +235,7 @@ def taylor_importance(model: nn.Module, loader_per_domain: Sequence, *,
 
 def prune(model: nn.Module, importance: Optional[Dict[str, torch.Tensor]] = None, *,
           ratio: Optional[float] = None, threshold: Optional[float] = None,
-          scope: str = "layer", loaders: Optional[Sequence] = None,
+          scope: str = "layer", weight: str = "components", loaders: Optional[Sequence] = None,
           loss_fn: Callable = F.cross_entropy, max_batches: Optional[int] = None) -> nn.Module:
     r"""A copy of ``model`` without the basis components that no domain needs.
 
@@ -248,6 +249,15 @@ def prune(model: nn.Module, importance: Optional[Dict[str, torch.Tensor]] = None
       or over all layers at once (``scope="global"``, raw Taylor scores, which
       estimate loss changes and so compare across layers; each domain still
       keeps its best component of every layer).
+
+    ``weight="params"`` (with ``scope="global"``) makes ``ratio`` a fraction of
+    each domain's basis parameters instead of its components: a component k of a
+    layer costs :math:`c_k = k_h k_w\,c_{in,d} + c_{out,d}` weights for domain d
+    (its basis filter over the inputs d reads, its mapping column over the filters
+    d keeps), and domain d drops its components in increasing order of
+    :math:`I_{d,k} / c_k` while the dropped cost stays within
+    :math:`\rho \sum_k c_k`: the estimated loss per parameter saved, so a
+    parameter budget goes where it costs least.
 
     A component that no domain keeps is removed from the layer; the others form
     each domain's own subset, used in one ``fastmdl::domain_conv2d`` call per layer
@@ -271,12 +281,20 @@ def prune(model: nn.Module, importance: Optional[Dict[str, torch.Tensor]] = None
             raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if weight not in WEIGHTS:
+        raise ValueError(f"weight must be one of {WEIGHTS}, got {weight!r}")
+    if weight != "components" and (scope != "global" or ratio is None):
+        raise ValueError(f"weight={weight!r} ranks by importance per parameter over all "
+                         "layers: it needs scope='global' and ratio=")
     if importance is None:
         if loaders is None:
             raise ValueError("give importance= (from taylor_importance) or loaders= to compute it")
         importance = taylor_importance(model, loaders, loss_fn=loss_fn, max_batches=max_batches)
     importance = _check_importance(importance, layers)
-    keep = _select(importance, layers, ratio, threshold, scope)
+    if weight == "params":
+        keep = _select_by_cost(importance, layers, ratio)
+    else:
+        keep = _select(importance, layers, ratio, threshold, scope)
     new = copy.deepcopy(model)
     for name, layer in basis_layers(new).items():
         masked = importance[name].masked_fill(layers[name].components.cpu() == 0, float("-inf"))
@@ -330,6 +348,55 @@ def _select(importance, layers, ratio, threshold, scope) -> Dict[str, torch.Tens
         best = importance[n].masked_fill(~used[n], float("-inf")).argmax(dim=1, keepdim=True)
         keep[n] = keep[n] | (torch.zeros_like(used[n]).scatter_(1, best, True) & used[n])
     return keep
+
+
+def _component_params(layer: BasisConv2d) -> torch.Tensor:
+    """(D,) weights one component of ``layer`` costs each domain: its basis filter
+    over the input channels the domain reads plus its mapping column over the
+    filters the domain keeps (as :func:`cost_report` counts them)."""
+    kernel = layer.kernel_size[0] * layer.kernel_size[1]
+    c_in = layer.in_masks.detach().sum(dim=1).cpu().double()
+    masks = layer.masks()
+    c_out = (masks.detach().sum(dim=1).cpu().double() if masks is not None
+             else torch.full((layer.num_domains,), float(layer.out_channels), dtype=torch.float64))
+    return kernel * c_in + c_out
+
+
+def _select_by_cost(importance, layers, ratio) -> Dict[str, torch.Tensor]:
+    """``weight="params"``: per domain, drop the components of least importance per
+    parameter while the dropped parameters stay within ``ratio`` of the total."""
+    names = list(layers)
+    used = torch.cat([layers[n].components.detach().cpu() > 0 for n in names], dim=1)
+    imp = torch.cat([importance[n] for n in names], dim=1)
+    cost = torch.cat([_component_params(layers[n])[:, None].expand_as(importance[n])
+                      for n in names], dim=1).clamp(min=1.0)
+    key = (imp / cost).masked_fill(~used, float("inf"))
+    order = key.argsort(dim=1, stable=True)
+    dropped = (cost * used).gather(1, order).cumsum(dim=1)
+    allowance = ratio * (cost * used).sum(dim=1, keepdim=True)
+    drop_sorted = (dropped <= allowance * (1 + 1e-12)) & used.gather(1, order)
+    drop = torch.zeros_like(used).scatter_(1, order, drop_sorted)
+    flat = used & ~drop
+    keep = dict(zip(names, flat.split([importance[n].shape[1] for n in names], dim=1)))
+    for n in names:  # each domain keeps its best component of every layer it uses
+        u = layers[n].components.detach().cpu() > 0
+        best = importance[n].masked_fill(~u, float("-inf")).argmax(dim=1, keepdim=True)
+        keep[n] = keep[n] | (torch.zeros_like(u).scatter_(1, best, True) & u)
+    return keep
+
+
+def factor_l1(model: nn.Module) -> torch.Tensor:
+    r""":math:`\sum_{\ell} \operatorname{mean}_{(d,k) \in U_\ell} |s^{(\ell)}_{d,k}|`
+    over the basis layers :math:`\ell` of ``model``, :math:`U_\ell` the (domain,
+    component) pairs in use: the mean absolute factor of each layer, summed. Added to
+    the task loss with a small weight while the factors train, it drives the
+    factors of unneeded components towards 0, where pruning them costs little."""
+    layers = _layers_or_raise(model)
+    total = 0
+    for layer in layers.values():
+        used = layer.components
+        total = total + (layer.factors.abs() * used).sum() / used.sum().clamp(min=1)
+    return total
 
 
 def cost_report(model: BasisModel) -> CostReport:

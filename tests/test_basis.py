@@ -288,6 +288,68 @@ def test_ratio_keeps_each_domains_top_components():
         assert (before.components[:, held] >= layer.components).all()
 
 
+def test_weight_params_drops_least_importance_per_parameter_within_the_ratio():
+    model = trained(TinyResNet)
+    bm = basis.decompose(model).eval()
+    layers = basis.basis_layers(bm)
+    g = torch.Generator().manual_seed(3)
+    imp = {n: torch.rand(layer.factors.shape, generator=g, dtype=torch.float64)
+           for n, layer in layers.items()}
+    cost = {n: basis._component_params(layer) for n, layer in layers.items()}
+    assert len({tuple(c.tolist()) for c in cost.values()}) > 1  # layers differ in cost
+    ratio = 0.6
+    p = basis.prune(bm, imp, ratio=ratio, scope="global", weight="params")
+    small = basis.basis_layers(p)
+    for d in range(3):
+        dropped, kept_keys, dropped_keys, total = 0.0, [], [], 0.0
+        for n, full in layers.items():
+            held = _held(full, small[n])
+            mine = set(held[small[n].components[d] > 0].tolist())
+            best = int(imp[n][d].argmax())
+            c = float(cost[n][d])
+            for k in range(full.rank):
+                total += c
+                key = float(imp[n][d, k]) / c
+                if k in mine:
+                    if k != best:  # the per-layer best is kept whatever it costs
+                        kept_keys.append(key)
+                else:
+                    dropped += c
+                    dropped_keys.append(key)
+        assert dropped <= ratio * total + 1e-6
+        assert dropped >= 0.4 * total  # the greedy used most of the allowance
+        # What went has less importance per parameter than what stayed.
+        assert max(dropped_keys) <= min(kept_keys)
+    with pytest.raises(ValueError, match="weight"):
+        basis.prune(bm, imp, ratio=0.5, scope="layer", weight="params")
+    with pytest.raises(ValueError, match="weight"):
+        basis.prune(bm, imp, threshold=0.5, scope="global", weight="params")
+    with pytest.raises(ValueError, match="weight must be one of"):
+        basis.prune(bm, imp, ratio=0.5, scope="global", weight="flops!")
+
+
+def test_factor_l1_is_the_mean_absolute_factor_per_layer_summed():
+    bm = basis.decompose(trained(TinyResNet))
+    randomise_factors(bm, lo=-1.0, hi=1.0)
+    layers = basis.basis_layers(bm)
+    want = sum(float(layer.factors.detach().abs().mean()) for layer in layers.values())
+    value = basis.factor_l1(bm)
+    assert value.requires_grad
+    close(value.detach(), torch.tensor(want, dtype=value.dtype))
+    value.backward()
+    for layer in layers.values():  # d|s|/ds = sign(s), over the layer's count
+        close(layer.factors.grad, layer.factors.detach().sign() / layer.factors.numel())
+    # Components a domain no longer uses do not count.
+    imp = {n: torch.rand(layer.factors.shape) for n, layer in layers.items()}
+    p = basis.prune(bm, imp, ratio=0.5, scope="layer")
+    want = sum(float((layer.factors.detach().abs() * layer.components).sum()
+                     / layer.components.sum())
+               for layer in basis.basis_layers(p).values())
+    close(basis.factor_l1(p).detach(), torch.tensor(want))
+    with pytest.raises(ValueError, match="BasisConv2d"):
+        basis.factor_l1(nn.Linear(2, 2))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_pruned_basis_runs_through_the_op(backend, monkeypatch):
     require_backend(backend, "cpu")
