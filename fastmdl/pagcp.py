@@ -18,7 +18,9 @@ Over the prunable channel groups g_0 .. g_{n-1} (coupled channels, see
 4. sequential greedy pass on the already-pruned network: group i takes the largest
    ratio r (tried in increasing order, stopping at the first failure) with
    :math:`L_t(r) \le (1 + d_i) B_t` for every task t; B_t starts at the
-   unpruned loss and then moves up, :math:`B_t \leftarrow \max(B_t, L_t(r_i))`;
+   unpruned loss and then moves up, :math:`B_t \leftarrow \max(B_t, L_t(r_i))`
+   (two optional extensions: ``min_loss`` floors B_t in the bound, and
+   ``calibrate`` refreshes e.g. BatchNorm statistics of each candidate first);
 5. group i scores :math:`\sum_t (L_t(r_i) - B_t) / \Delta\mathrm{FLOPs}_i`; only the
    ``floor(topk * n)`` (at least one) lowest-scoring groups that removed channels
    keep their ratios.
@@ -30,7 +32,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from numbers import Real
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -161,8 +163,10 @@ def pagcp(model: nn.Module, tasks: Mapping[str, Callable[[nn.Module], float]], *
           initial_rate: float = 0.05, initial_threshold: float = 5.0, topk: float = 0.8,
           exponential: bool = True, ratios: Sequence[float] = DEFAULT_RATIOS,
           importance: str = "l1", example_input: Optional[torch.Tensor] = None,
+          calibrate: Optional[Callable[[nn.Module], None]] = None,
+          min_loss: Union[float, Mapping[str, float]] = 0.0,
           log: Optional[Callable[[str], None]] = None) -> Tuple[nn.Module, PAGCPReport]:
-    """Prune ``model`` channel group by channel group while every task's loss stays
+    r"""Prune ``model`` channel group by channel group while every task's loss stays
     within its bound (the algorithm is in this module's docstring); returns
     ``(pruned, report)``, ``pruned`` a physically smaller copy of the same kind.
 
@@ -175,6 +179,18 @@ def pagcp(model: nn.Module, tasks: Mapping[str, Callable[[nn.Module], float]], *
     ``ratios``: the fractions of a group's channels tried, increasing in (0, 1);
     ``floor(ratio * width)`` channels go, at least one stays. ``importance``:
     "l1" (the paper) or "l2" filter norms. ``log`` receives progress lines.
+
+    ``calibrate(candidate)``, when given, is called on every candidate network (a
+    fresh copy, in place) before its losses are taken, and on the returned network:
+    e.g. recompute the BatchNorm statistics on a few training batches, so a cut is
+    judged by what the remaining channels can do rather than by the statistics it
+    left stale (an addition to the paper's method, off by default).
+
+    ``min_loss`` (a number, or one per task name) puts a floor under each task's
+    baseline in its bound, :math:`(1 + d_i) \max(B_t, m_t)`: a relative bound on
+    a loss near 0 (a task the model has all but solved) is met only if no
+    prediction moves at all, which stops every cut. The default 0 is the paper's
+    bound; an extension, like ``calibrate``.
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -187,6 +203,10 @@ def pagcp(model: nn.Module, tasks: Mapping[str, Callable[[nn.Module], float]], *
     if importance not in IMPORTANCES:
         raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
     _check_example(example_input)
+    floors = _check_min_loss(min_loss, tasks)
+    if calibrate is not None and not callable(calibrate):
+        raise TypeError(f"calibrate must be a callable calibrate(model) -> None, got "
+                        f"{type(calibrate).__name__}")
     schedule(initial_rate, 2, initial_threshold, exponential)  # argument errors before work
     net = Network(model, example_input)
     say = log or (lambda line: None)
@@ -195,6 +215,9 @@ def pagcp(model: nn.Module, tasks: Mapping[str, Callable[[nn.Module], float]], *
 
     def evaluate(m: nn.Module) -> Dict[str, float]:
         evaluations[0] += 1
+        if calibrate is not None:
+            calibrate(m)
+            m.eval()
         with torch.no_grad():
             return {name: _loss(fn(m), name) for name, fn in tasks.items()}
 
@@ -217,7 +240,8 @@ def pagcp(model: nn.Module, tasks: Mapping[str, Callable[[nn.Module], float]], *
     for i, grp in enumerate(order):
         res = GroupResult(grp.name, list(grp.members), i, thresholds[i], grp.width, grp.width,
                           loss_before=dict(base), loss_after=dict(base),
-                          bound={t: (1 + thresholds[i]) * b for t, b in base.items()},
+                          bound={t: (1 + thresholds[i]) * max(b, floors[t])
+                                 for t, b in base.items()},
                           trial_flops_saved=trial[grp.root])
         ranked = _ranked(net, current, grp, kept, importance)
         accepted, tried = None, 0
@@ -392,6 +416,23 @@ def _check_ratios(ratios) -> Tuple[float, ...]:
     if not all(0 < r < 1 for r in ratios) or any(b <= a for a, b in zip(ratios, ratios[1:])):
         raise ValueError(f"ratios must increase strictly within (0, 1), got {list(ratios)!r}")
     return tuple(float(r) for r in ratios)
+
+
+def _check_min_loss(min_loss, tasks: Mapping[str, Callable]) -> Dict[str, float]:
+    if isinstance(min_loss, Mapping):
+        unknown = sorted(set(min_loss) - set(tasks))
+        if unknown:
+            raise ValueError(f"min_loss names tasks that are not in tasks: {unknown}")
+        floors = {t: min_loss.get(t, 0.0) for t in tasks}
+    else:
+        floors = {t: min_loss for t in tasks}
+    for t, v in floors.items():
+        if isinstance(v, bool) or not isinstance(v, Real):
+            raise TypeError(f"min_loss must be a number or a {{task: number}} mapping, got "
+                            f"{type(v).__name__} for task {t!r}")
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"min_loss must be finite and >= 0, got {v!r} for task {t!r}")
+    return {t: float(v) for t, v in floors.items()}
 
 
 def _check_topk(topk) -> float:

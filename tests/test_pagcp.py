@@ -1,6 +1,7 @@
 """fastmdl.pagcp: the threshold schedule, the greedy pass's bounds, physical and
 exact channel surgery on plain, multi-domain and pruned networks, topk, bad input."""
 
+import copy
 import math
 
 import pytest
@@ -105,14 +106,17 @@ def hand_count(model, x):
     return total[0]
 
 
-def check_bounds(report):
-    """Every accepted step within (1 + d_i) x the baseline, baselines only moving up."""
+def check_bounds(report, floors=None):
+    """Every accepted step within (1 + d_i) x the baseline (floored by ``floors``),
+    baselines only moving up."""
+    floors = floors or {}
     prev = None
     for i, r in enumerate(report.groups):
         assert r.order == i
         assert r.threshold == pytest.approx(report.initial_rate * report.lam ** i)
         for t, before in r.loss_before.items():
-            assert r.bound[t] == pytest.approx((1 + r.threshold) * before)
+            assert r.bound[t] == pytest.approx((1 + r.threshold) * max(before,
+                                                                      floors.get(t, 0.0)))
             assert r.loss_after[t] <= r.bound[t]
             if prev is not None:
                 assert before == pytest.approx(max(prev.loss_before[t], prev.loss_after[t]))
@@ -324,6 +328,61 @@ def test_the_task_that_stops_a_group_is_recorded():
     check_bounds(report)
     limited = [r.limiting_task for r in report.groups if r.limiting_task]
     assert limited and set(limited) == {"size"}
+
+
+def test_min_loss_floors_the_baseline_in_the_bound():
+    model, tasks, x = plain_model_and_tasks(seed=2)
+    # A task the model has all but solved: any cut raises its loss far past a
+    # relative bound on its tiny value.
+    size = sum(p.numel() for p in model.parameters())
+    tasks["solved"] = lambda m: 1e-6 + 1e-3 * (1 - sum(p.numel() for p in m.parameters()) / size)
+    kw = dict(initial_threshold=3.0, ratios=FEW_RATIOS, example_input=x[:1])
+    _, strict = fastmdl.pagcp(model, tasks, **kw)
+    check_bounds(strict)
+    assert strict.flops_after == strict.flops_before
+    assert {r.limiting_task for r in strict.groups} == {"solved"}
+    floors = {"solved": 0.01}
+    _, floored = fastmdl.pagcp(model, tasks, min_loss=floors, **kw)
+    check_bounds(floored, floors)
+    assert floored.flops_after < floored.flops_before
+    assert "solved" not in {r.limiting_task for r in floored.groups}
+    _, same = fastmdl.pagcp(model, tasks, min_loss=0.01, **kw)  # one number: every task
+    check_bounds(same, {t: 0.01 for t in tasks})
+    for bad, err in ((-1.0, ValueError), (float("inf"), ValueError), ("0.1", TypeError),
+                     ({"nope": 0.1}, ValueError), ({"cls": None}, TypeError)):
+        with pytest.raises(err, match="min_loss"):
+            fastmdl.pagcp(model, tasks, min_loss=bad, **kw)
+
+
+def test_calibrate_runs_on_every_candidate_and_on_the_result():
+    from fastmdl.train import recalibrate_bn
+
+    m = masked_model(TinyResNet)
+    tasks = domain_tasks()
+    g = torch.Generator().manual_seed(4)
+    data = [[(torch.randn(6, 3, 8, 8, generator=g), torch.zeros(6, dtype=torch.int64))]
+            for _ in range(3)]
+    seen = []
+
+    def calibrate(candidate):
+        assert candidate is not m
+        seen.append(id(candidate))
+        recalibrate_bn(candidate, data, batches=1)
+
+    pruned, report = fastmdl.pagcp(m, tasks, initial_threshold=3.0, ratios=FEW_RATIOS,
+                                   calibrate=calibrate)
+    check_bounds(report)
+    assert len(seen) == report.evaluations
+    assert report.flops_after < report.flops_before
+    # The result carries statistics of its own data, not the input's stale ones.
+    again = copy.deepcopy(pruned)
+    recalibrate_bn(again, data, batches=1)
+    for (name, a), b in zip(pruned.state_dict().items(), again.state_dict().values()):
+        if "running" in name:
+            torch.testing.assert_close(a, b)
+    assert report.losses_after == {t: pytest.approx(fn(pruned.eval())) for t, fn in tasks.items()}
+    with pytest.raises(TypeError, match="calibrate"):
+        fastmdl.pagcp(m, tasks, calibrate="bn")
 
 
 def test_uniform_prune_matches_a_flops_target():
