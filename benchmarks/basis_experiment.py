@@ -58,12 +58,14 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
     ``budget=None`` leaves out the filter-pruning and double-pruning rows.
 
     The pruning recipe: ``weight`` is :func:`fastmdl.basis.prune`'s; ``l1`` weighs
-    :func:`fastmdl.basis.factor_l1` in the transfer loss (then an extra first row,
-    "basis" without it, is the reference every basis row's drop is taken against);
+    :func:`fastmdl.basis.factor_l1` in the transfer loss;
     ``gradual`` reaches the ratios one after the other (Taylor scores recomputed,
     retrained in between) instead of each from the unpruned model; ``recalibrate``
     recomputes the BatchNorm statistics over that many batches per domain after
-    each pruning (and retraining). No individual weight is trained in any case."""
+    each pruning (and retraining). No individual weight is trained in any case.
+    With L1 or retraining, each method first gets a "(reference)" row: the unpruned
+    transfer without L1, trained as many epochs as its deepest pruned row, which
+    that method's drops are taken against."""
     names = [d[0] for d in domains]
     classes = [int(d[1]) for d in domains]
     train = [d[2] for d in domains]
@@ -77,19 +79,30 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
     recipe = dict(ratios=ratios, scope=scope, lr=lr, retrain_epochs=retrain_epochs,
                   taylor_batches=taylor_batches, weight=weight, l1=l1, gradual=gradual,
                   recalibrate=recalibrate, log=log)
-    reference = None
-    if l1 > 0:  # the plain transfer is what the pruned rows must stay within 1 point of
-        torch.manual_seed(seed)
-        plain = _fresh(fastmdl.convert(backbone, len(domains), classes, input_size=input_size))
-        bm = basis.decompose(plain)
-        fit(bm, train, epochs, lr)
-        reference = fastmdl.evaluate(bm, val)
-        rows.append(_row("basis", 1.0, 0.0, basis.cost_report(bm), reference, reference))
+    # The deepest pruned row has trained for `matched` epochs in all; its drop is
+    # taken against an unpruned transfer (without L1) trained as long, so that extra
+    # training cannot pass for pruning that costs nothing.
+    matched = epochs + retrain_epochs * (len(ratios) if gradual else 1)
+    separate = l1 > 0 or matched > epochs
+    suffix = " + L1" if l1 > 0 else ""
+
+    def reference(method: str, budget_: float, source: nn.Module) -> Optional[List[float]]:
+        if not separate:
+            return None  # the method's own unpruned row is trained as long
+        bm = basis.decompose(source)
+        fit(bm, train, matched, lr)
+        acc = fastmdl.evaluate(bm, val)
+        rows.append(_row(f"{method} (reference, {matched} epochs)", budget_, 0.0,
+                         basis.cost_report(bm), acc, acc))
         log(_line(rows[-1]))
+        return acc
+
     torch.manual_seed(seed)
     model = _fresh(fastmdl.convert(backbone, len(domains), classes, input_size=input_size))
-    rows += _basis_rows("basis" + (" + L1" if l1 > 0 else ""), 1.0, model, train, val, epochs,
-                        reference=reference, **recipe)
+    ref = reference("basis", 1.0, model)
+    torch.manual_seed(seed)
+    rows += _basis_rows("basis" + suffix, 1.0, model, train, val, epochs, reference=ref,
+                        **recipe)
     if budget is not None:
         torch.manual_seed(seed)
         masked = _fresh(fastmdl.convert(backbone, len(domains), classes, input_size=input_size))
@@ -97,11 +110,14 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
         acc = fastmdl.evaluate(masked, val)
         rows.append(_row("filters", budget, 0.0, fastmdl.cost_report(masked), acc, acc))
         log(_line(rows[-1]))
-        rows += _basis_rows("double" + (" + L1" if l1 > 0 else ""), budget, masked, train, val,
-                            epochs, reference=None, **recipe)
+        ref = reference("double", budget, masked)
+        torch.manual_seed(seed)
+        rows += _basis_rows("double" + suffix, budget, masked, train, val, epochs,
+                            reference=ref, **recipe)
     settings = {"epochs": epochs, "ratios": list(ratios), "budget": budget, "scope": scope,
                 "lr": lr, "retrain_epochs": retrain_epochs, "taylor_batches": taylor_batches,
                 "weight": weight, "l1": l1, "gradual": gradual, "recalibrate": recalibrate,
+                "reference_epochs": matched,
                 "input_size": list(input_size), "seed": seed,
                 "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                 "machine": platform.processor() or platform.machine(),
@@ -210,11 +226,14 @@ def to_markdown(result: Dict) -> str:
                "FLOPs % (mean/domain)", "union params %", "union FLOPs %"])
     lines = [f"Basis scaling and double pruning, {s['date']}, {s['machine']}, {s['threads']} "
              f"threads, torch {s['torch']}; {s['epochs']} epochs, scope {s['scope']}, "
-             f"retrain epochs {s['retrain_epochs']}, weight {s.get('weight', 'components')}, "
+             f"retrain epochs {s['retrain_epochs']}, reference epochs "
+             f"{s.get('reference_epochs', '-')}, weight {s.get('weight', 'components')}, "
              f"L1 {s.get('l1', 0.0)}, gradual {s.get('gradual', False)}, BatchNorm "
              f"recalibrated on {s.get('recalibrate', 0)} batches, input {tuple(s['input_size'])}, "
              f"{s['seconds']:.0f} s. Percentages are of ONE backbone (the single-domain "
-             "network); drops are against the same method's unpruned basis transfer.", "",
+             "network); drops are against the method's reference row where it has one (the "
+             "unpruned transfer without L1, trained as long as its deepest pruned row), else "
+             "against its own unpruned row.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in result["rows"]:
         cells = [r["method"], f"{r['filter_budget']:.2f}", f"{r['basis_ratio']:.2f}"]

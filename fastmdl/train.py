@@ -228,9 +228,17 @@ def recalibrate_bn(model, loaders: Sequence, batches: int = 20, *, sync: bool = 
 
     With ``sync`` under ``torch.distributed`` (every rank must call it), each
     batch's statistics are taken over all ranks' batches together, and every rank
-    runs as many batches as the shortest rank can."""
-    from .layers import BatchNorm2d
+    runs as many batches as the shortest rank can.
 
+    A :class:`fastmdl.PrunedModel` raises ``TypeError``: its BatchNorms are folded
+    into its convolutions, with no statistics left to recompute."""
+    from .layers import BatchNorm2d
+    from .pruned import PrunedModel
+
+    if isinstance(model, PrunedModel):
+        raise TypeError("model is a PrunedModel, whose BatchNorms are folded into its "
+                        "convolutions' scale and shift: recalibrate the MultiDomainModel "
+                        "before fastmdl.prune")
     if batches <= 0:
         return
     per_domain = [min(batches, len(loader)) for loader in loaders]
