@@ -482,3 +482,21 @@ def test_experiment_smoke_mode_runs(tmp_path):
     assert (tmp_path / "basis_experiment.md").exists()
     methods = {row["method"] for row in result["rows"]}
     assert methods == {"basis", "filters", "double"}
+    assert "- basis: target" in (tmp_path / "basis_experiment.md").read_text()
+
+
+def test_experiment_target_needs_70_percent_fewer_params_and_every_domain_within_a_point():
+    import basis_experiment
+
+    def row(method, ratio, params, drops):
+        return {"method": method, "basis_ratio": ratio, "params_pct": params,
+                "drop_points": drops}
+    rows = [row("basis", 0.0, [112, 112], [0.0, 0.0]),
+            row("basis", 0.7, [34, 33], [0.2, -1.0]),     # too many params
+            row("basis", 0.75, [29, 30], [0.9, 0.5]),     # met
+            row("basis", 0.8, [23, 23], [1.5, 0.0]),      # one domain drops too far
+            row("double", 0.8, [20, 20], [0.0, 1.0])]     # exactly 1 point is not "under"
+    lines = basis_experiment.target_lines({"rows": rows})
+    assert lines[0].startswith("- basis: target met at ratio 0.75 (70.0% fewer")
+    assert lines[1] == ("- double: target (>= 70% fewer params, every domain within 1 point) "
+                        "NOT met by any row")
