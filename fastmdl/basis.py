@@ -344,10 +344,17 @@ def _select(importance, layers, ratio, threshold, scope) -> Dict[str, torch.Tens
     flat = _top(torch.cat([importance[n] for n in names], dim=1),
                 torch.cat([used[n] for n in names], dim=1), ratio)
     keep = dict(zip(names, flat.split([importance[n].shape[1] for n in names], dim=1)))
-    for n in names:  # each domain keeps its best component of every layer it uses
+    return _with_best(keep, importance, used)
+
+
+def _with_best(keep, importance, used) -> Dict[str, torch.Tensor]:
+    """``keep`` plus, per layer, each domain's most important component among those
+    it uses: a global ranking must not empty a layer for a domain."""
+    out = {}
+    for n, k in keep.items():
         best = importance[n].masked_fill(~used[n], float("-inf")).argmax(dim=1, keepdim=True)
-        keep[n] = keep[n] | (torch.zeros_like(used[n]).scatter_(1, best, True) & used[n])
-    return keep
+        out[n] = k | (torch.zeros_like(used[n]).scatter_(1, best, True) & used[n])
+    return out
 
 
 def _component_params(layer: BasisConv2d) -> torch.Tensor:
@@ -366,7 +373,8 @@ def _select_by_cost(importance, layers, ratio) -> Dict[str, torch.Tensor]:
     """``weight="params"``: per domain, drop the components of least importance per
     parameter while the dropped parameters stay within ``ratio`` of the total."""
     names = list(layers)
-    used = torch.cat([layers[n].components.detach().cpu() > 0 for n in names], dim=1)
+    used_by_layer = {n: layers[n].components.detach().cpu() > 0 for n in names}
+    used = torch.cat([used_by_layer[n] for n in names], dim=1)
     imp = torch.cat([importance[n] for n in names], dim=1)
     cost = torch.cat([_component_params(layers[n])[:, None].expand_as(importance[n])
                       for n in names], dim=1).clamp(min=1.0)
@@ -378,11 +386,7 @@ def _select_by_cost(importance, layers, ratio) -> Dict[str, torch.Tensor]:
     drop = torch.zeros_like(used).scatter_(1, order, drop_sorted)
     flat = used & ~drop
     keep = dict(zip(names, flat.split([importance[n].shape[1] for n in names], dim=1)))
-    for n in names:  # each domain keeps its best component of every layer it uses
-        u = layers[n].components.detach().cpu() > 0
-        best = importance[n].masked_fill(~u, float("-inf")).argmax(dim=1, keepdim=True)
-        keep[n] = keep[n] | (torch.zeros_like(u).scatter_(1, best, True) & u)
-    return keep
+    return _with_best(keep, importance, used_by_layer)
 
 
 def factor_l1(model: nn.Module) -> torch.Tensor:
