@@ -52,10 +52,11 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
         scope: str = "global", lr: float = 1e-2, retrain_epochs: int = 0,
         taylor_batches: Optional[int] = None, input_size=None, seed: int = 0,
         weight: str = "components", l1: float = 0.0, gradual: bool = False,
-        recalibrate: int = 0, log=print) -> Dict:
+        recalibrate: int = 0, basis_rows: bool = True, log=print) -> Dict:
     """Run the experiment (see the module docstring) and return
     ``{"settings", "domains", "rows"}``; each row is a dict (see :func:`_row`).
-    ``budget=None`` leaves out the filter-pruning and double-pruning rows.
+    ``budget=None`` leaves out the filter-pruning and double-pruning rows,
+    ``basis_rows=False`` the basis-only ones.
 
     The pruning recipe: ``weight`` is :func:`fastmdl.basis.prune`'s; ``l1`` weighs
     :func:`fastmdl.basis.factor_l1` in the transfer loss;
@@ -97,12 +98,13 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
         log(_line(rows[-1]))
         return acc
 
-    torch.manual_seed(seed)
-    model = _fresh(fastmdl.convert(backbone, len(domains), classes, input_size=input_size))
-    ref = reference("basis", 1.0, model)
-    torch.manual_seed(seed)
-    rows += _basis_rows("basis" + suffix, 1.0, model, train, val, epochs, reference=ref,
-                        **recipe)
+    if basis_rows:
+        torch.manual_seed(seed)
+        model = _fresh(fastmdl.convert(backbone, len(domains), classes, input_size=input_size))
+        ref = reference("basis", 1.0, model)
+        torch.manual_seed(seed)
+        rows += _basis_rows("basis" + suffix, 1.0, model, train, val, epochs, reference=ref,
+                            **recipe)
     if budget is not None:
         torch.manual_seed(seed)
         masked = _fresh(fastmdl.convert(backbone, len(domains), classes, input_size=input_size))
@@ -117,7 +119,7 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
     settings = {"epochs": epochs, "ratios": list(ratios), "budget": budget, "scope": scope,
                 "lr": lr, "retrain_epochs": retrain_epochs, "taylor_batches": taylor_batches,
                 "weight": weight, "l1": l1, "gradual": gradual, "recalibrate": recalibrate,
-                "reference_epochs": matched,
+                "reference_epochs": matched, "basis_rows": basis_rows,
                 "input_size": list(input_size), "seed": seed,
                 "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                 "machine": platform.processor() or platform.machine(),
@@ -314,6 +316,8 @@ def main(argv=None) -> Dict:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--retrain-epochs", type=int, default=0)
     ap.add_argument("--taylor-batches", type=int, default=None)
+    ap.add_argument("--no-basis-rows", action="store_true",
+                    help="only the filter and double-pruning rows")
     ap.add_argument("--weight", default="components", choices=basis.WEIGHTS,
                     help="what --ratios count: components, or basis parameters (global scope)")
     ap.add_argument("--l1", type=float, default=0.0,
@@ -342,7 +346,8 @@ def main(argv=None) -> Dict:
         result = run(backbone, domains, epochs=args.epochs, ratios=ratios, budget=args.budget,
                      scope=args.scope, lr=args.lr, retrain_epochs=args.retrain_epochs,
                      taylor_batches=args.taylor_batches, seed=args.seed, weight=args.weight,
-                     l1=args.l1, gradual=args.gradual, recalibrate=args.recalibrate)
+                     l1=args.l1, gradual=args.gradual, recalibrate=args.recalibrate,
+                     basis_rows=not args.no_basis_rows)
     finally:
         torch.set_num_threads(threads)
     result["settings"]["smoke"] = args.smoke

@@ -483,6 +483,8 @@ def test_experiment_smoke_mode_runs(tmp_path):
     methods = {row["method"] for row in result["rows"]}
     assert methods == {"basis", "filters", "double"}
     assert "- basis: target" in (tmp_path / "basis_experiment.md").read_text()
+    only = basis_experiment.main(["--smoke", "--no-basis-rows", "--out", str(tmp_path)])
+    assert {row["method"] for row in only["rows"]} == {"filters", "double"}
 
 
 def test_experiment_target_needs_70_percent_fewer_params_and_every_domain_within_a_point():
