@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import threading
 import time

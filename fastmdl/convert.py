@@ -11,7 +11,7 @@ from torch import nn
 
 from . import _domain, graph
 from .layers import BatchNorm2d, Conv2d, DomainHeads, _check_classes, _check_num_domains
-from .masks import MaskGroup, Segment
+from .masks import MaskGroup
 
 
 class MultiDomainModel(nn.Module):
