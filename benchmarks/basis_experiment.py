@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import json
 import os
 import platform
@@ -42,7 +41,7 @@ from contenders import write_atomic  # noqa: E402
 
 import fastmdl  # noqa: E402
 from fastmdl import basis  # noqa: E402
-from fastmdl.train import recalibrate_bn  # noqa: E402
+from fastmdl.train import mixed_batches, recalibrate_bn  # noqa: E402
 
 DomainSpec = Tuple[str, int, Sequence, Sequence]  # (name, num_classes, train_loader, val_loader)
 
@@ -179,16 +178,10 @@ def fit(model, loaders: Sequence, epochs: int, lr: float, l1: float = 0.0) -> No
     device = params[0].device
     model.train()
     for _ in range(epochs):
-        iters = [itertools.chain.from_iterable(itertools.repeat(loader)) for loader in loaders]
+        batches = mixed_batches(loaders)
         for _ in range(max(len(loader) for loader in loaders)):
-            xs, ys, ds = [], [], []
-            for d, it in enumerate(iters):
-                x, y = next(it)
-                xs.append(x)
-                ys.append(y)
-                ds.append(torch.full((len(y),), d, dtype=torch.int64))
-            loss = F.cross_entropy(model(torch.cat(xs).to(device), torch.cat(ds).to(device)),
-                                   torch.cat(ys).to(device))
+            x, y, dom = (t.to(device) for t in next(batches))
+            loss = F.cross_entropy(model(x, dom), y)
             if l1 > 0:
                 loss = loss + l1 * basis.factor_l1(model)
             opt.zero_grad(set_to_none=True)

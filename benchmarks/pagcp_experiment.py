@@ -43,7 +43,7 @@ from contenders import write_atomic  # noqa: E402
 
 import fastmdl  # noqa: E402
 from fastmdl.pagcp import uniform_prune  # noqa: E402
-from fastmdl.train import recalibrate_bn  # noqa: E402
+from fastmdl.train import mixed_batches, recalibrate_bn  # noqa: E402
 
 Accuracy = Callable[[nn.Module], List[float]]
 
@@ -192,9 +192,15 @@ def calibration(loaders: Sequence, batches: int) -> Callable[[nn.Module], None]:
     fixed = [list(itertools.islice(iter(loader), batches)) for loader in loaders]
 
     def calibrate(model: nn.Module) -> None:
-        if not isinstance(model, fastmdl.PrunedModel):  # folded BatchNorm: nothing to redo
-            recalibrate_bn(model, fixed, batches=batches)
+        _recalibrate(model, fixed, batches)
     return calibrate
+
+
+def _recalibrate(model: nn.Module, loaders: Sequence, batches: int) -> None:
+    """``recalibrate_bn``, except on a PrunedModel: its BatchNorm is folded into
+    scale and shift (trained as parameters), with no statistics to recompute."""
+    if not isinstance(model, fastmdl.PrunedModel):
+        recalibrate_bn(model, loaders, batches=batches)
 
 
 def make_finetune(loaders: Sequence, steps: Sequence[int], lr: float, accuracy: Accuracy
@@ -213,14 +219,13 @@ def make_finetune(loaders: Sequence, steps: Sequence[int], lr: float, accuracy: 
         # Running statistics averaged (momentum 0.1) while every weight moved do
         # not describe the final network: measured, textures fell from 96.2% to
         # 92.0% after 200 steps and came back to 96.7% once recalibrated.
-        if not isinstance(probe, fastmdl.PrunedModel):  # folded: trained as scale/shift
-            recalibrate_bn(probe, loaders, batches=20)
+        _recalibrate(probe, loaders, 20)
         return accuracy(probe.eval())
 
     def finetune(model: nn.Module) -> Dict[int, List[float]]:
         params = [p for n, p in model.named_parameters() if not n.endswith("scores")]
         opt = torch.optim.Adam(params, lr=lr)
-        iters = [itertools.chain.from_iterable(itertools.repeat(loader)) for loader in loaders]
+        batches = mixed_batches(loaders)
         out: Dict[int, List[float]] = {}
         model.train()
         for step in range(checkpoints[-1] + 1):
@@ -229,13 +234,8 @@ def make_finetune(loaders: Sequence, steps: Sequence[int], lr: float, accuracy: 
                 model.train()
             if step == checkpoints[-1]:
                 break
-            xs, ys, ds = [], [], []
-            for d, it in enumerate(iters):
-                x, y = next(it)
-                xs.append(x)
-                ys.append(y)
-                ds.append(torch.full((len(y),), d, dtype=torch.int64))
-            loss = F.cross_entropy(model(torch.cat(xs), torch.cat(ds)), torch.cat(ys))
+            x, y, dom = next(batches)
+            loss = F.cross_entropy(model(x, dom), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -332,10 +332,12 @@ def main(argv=None) -> Dict:
     calibrate = calibration(train, args.calibrate) if args.calibrate else None
     if args.smoke:
         kwargs["ratios"] = (0.25, 0.5, 0.75)
+    def accuracy(model: nn.Module) -> List[float]:
+        return fastmdl.evaluate(model, test)
     result = run(full, pruned, loss_tasks(val, names, args.val_batches),
                  make_finetune(train, [int(k) for k in args.finetune_steps.split(",")],
-                               args.finetune_lr, lambda m: fastmdl.evaluate(m, test)),
-                 accuracy=lambda m: fastmdl.evaluate(m, test), pagcp_kwargs=kwargs,
+                               args.finetune_lr, accuracy),
+                 accuracy=accuracy, pagcp_kwargs=kwargs,
                  calibrate=calibrate, log=None if args.smoke else print)
     result["settings"]["calibrate_batches"] = args.calibrate
     result["settings"].update(smoke=args.smoke, domains=list(names),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +141,8 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
         for loader in train_loaders:  # a DistributedSampler reshuffles per epoch only if told
             if hasattr(getattr(loader, "sampler", None), "set_epoch"):
                 loader.sampler.set_epoch(epoch)
-        iters = [_cycle(loader) for loader in train_loaders]
+        batches = mixed_batches(train_loaders, check=lambda d, y: _check_labels(
+            y, model.num_classes[d], d))
         correct = torch.zeros(num_domains)
         seen = torch.zeros(num_domains)
         task_sum = penalty_sum = 0.0
@@ -151,15 +152,7 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
             # training: a few filters at a time, while the rest adapt.
             t = min(1.0, (epoch * steps + i + 1) / ramp)
             loss_fn.budget = 1.0 - (1.0 - budget) * t
-            xs, ys, ds = [], [], []
-            for d, it in enumerate(iters):
-                x, y = next(it)
-                _check_labels(y, model.num_classes[d], d)
-                xs.append(x)
-                ys.append(y)
-                ds.append(torch.full((len(y),), d, dtype=torch.int64))
-            x, y, dom = (torch.cat(xs).to(device), torch.cat(ys).to(device),
-                         torch.cat(ds).to(device))
+            x, y, dom = (t.to(device) for t in next(batches))
             with _dist.sync_batchnorm():
                 logits = net(x, dom)
             # The mean over the GLOBAL batch (every rank's samples), times the
@@ -416,8 +409,23 @@ def _check_labels(y, num_classes: int, d: int) -> None:
                          f"[{int(y.min())}, {int(y.max())}]")
 
 
-def _cycle(loader):
-    return itertools.chain.from_iterable(itertools.repeat(loader))
+def mixed_batches(loaders: Sequence, check: Optional[Callable[[int, torch.Tensor], None]] = None
+                  ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Endless mixed-domain batches ``(x, y, domain)``: the next batch of every
+    domain's loader (``loaders[d]``, restarted when it runs out), concatenated in
+    domain order, with ``domain`` the int64 domain id of each sample. ``check(d, y)``
+    sees each domain's labels before they are concatenated."""
+    iters = [itertools.chain.from_iterable(itertools.repeat(loader)) for loader in loaders]
+    while True:
+        xs, ys, ds = [], [], []
+        for d, it in enumerate(iters):
+            x, y = next(it)
+            if check is not None:
+                check(d, y)
+            xs.append(x)
+            ys.append(y)
+            ds.append(torch.full((len(y),), d, dtype=torch.int64))
+        yield torch.cat(xs), torch.cat(ys), torch.cat(ds)
 
 
 def _progress(it, enabled: bool, desc: str):
