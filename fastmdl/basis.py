@@ -378,10 +378,11 @@ def _select_by_cost(importance, layers, ratio) -> Dict[str, torch.Tensor]:
     imp = torch.cat([importance[n] for n in names], dim=1)
     cost = torch.cat([_component_params(layers[n])[:, None].expand_as(importance[n])
                       for n in names], dim=1).clamp(min=1.0)
+    live = cost * used  # what each component in use costs its domain; 0 elsewhere
     key = (imp / cost).masked_fill(~used, float("inf"))
     order = key.argsort(dim=1, stable=True)
-    dropped = (cost * used).gather(1, order).cumsum(dim=1)
-    allowance = ratio * (cost * used).sum(dim=1, keepdim=True)
+    dropped = live.gather(1, order).cumsum(dim=1)
+    allowance = ratio * live.sum(dim=1, keepdim=True)
     drop_sorted = (dropped <= allowance * (1 + 1e-12)) & used.gather(1, order)
     drop = torch.zeros_like(used).scatter_(1, order, drop_sorted)
     flat = used & ~drop
