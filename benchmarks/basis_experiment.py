@@ -51,7 +51,8 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
         scope: str = "global", lr: float = 1e-2, retrain_epochs: int = 0,
         taylor_batches: Optional[int] = None, input_size=None, seed: int = 0,
         weight: str = "components", l1: float = 0.0, gradual: bool = False,
-        recalibrate: int = 0, basis_rows: bool = True, log=print) -> Dict:
+        recalibrate: int = 0, basis_rows: bool = True, schedule: str = "constant",
+        log=print) -> Dict:
     """Run the experiment (see the module docstring) and return
     ``{"settings", "domains", "rows"}``; each row is a dict (see :func:`_row`).
     ``budget=None`` leaves out the filter-pruning and double-pruning rows,
@@ -78,7 +79,7 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
 
     recipe = dict(ratios=ratios, scope=scope, lr=lr, retrain_epochs=retrain_epochs,
                   taylor_batches=taylor_batches, weight=weight, l1=l1, gradual=gradual,
-                  recalibrate=recalibrate, log=log)
+                  recalibrate=recalibrate, schedule=schedule, log=log)
     # The deepest pruned row has trained for `matched` epochs in all; its drop is
     # taken against an unpruned transfer (without L1) trained as long, so that extra
     # training cannot pass for pruning that costs nothing.
@@ -90,7 +91,7 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
         if not separate:
             return None  # the method's own unpruned row is trained as long
         bm = basis.decompose(source)
-        fit(bm, train, matched, lr)
+        fit(bm, train, matched, lr, schedule=schedule)
         acc = fastmdl.evaluate(bm, val)
         rows.append(_row(f"{method} (reference, {matched} epochs)", budget_, 0.0,
                          basis.cost_report(bm), acc, acc))
@@ -118,6 +119,7 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
     settings = {"epochs": epochs, "ratios": list(ratios), "budget": budget, "scope": scope,
                 "lr": lr, "retrain_epochs": retrain_epochs, "taylor_batches": taylor_batches,
                 "weight": weight, "l1": l1, "gradual": gradual, "recalibrate": recalibrate,
+                "schedule": schedule,
                 "reference_epochs": matched, "basis_rows": basis_rows,
                 "input_size": list(input_size), "seed": seed,
                 "date": datetime.date.today().isoformat(), "torch": torch.__version__,
@@ -140,11 +142,11 @@ def _fresh(model):
 
 def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
                 retrain_epochs, taylor_batches, weight, l1, gradual, recalibrate, reference,
-                log) -> List[Dict]:
+                schedule, log) -> List[Dict]:
     """Transfer ``model`` by basis scaling, then one row per pruning ratio; drops are
     against ``reference`` accuracies (default: this transfer unpruned)."""
     bm = basis.decompose(model)
-    fit(bm, train, epochs, lr, l1=l1)
+    fit(bm, train, epochs, lr, l1=l1, schedule=schedule)
     full = fastmdl.evaluate(bm, val)
     ref = full if reference is None else reference
     rows = [_row(method, budget, 0.0, basis.cost_report(bm), full, ref)]
@@ -158,7 +160,7 @@ def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
         importance = basis.taylor_importance(source, train, max_batches=taylor_batches)
         pruned = basis.prune(source, importance, ratio=step, scope=scope, weight=weight)
         if retrain_epochs:
-            fit(pruned, train, retrain_epochs, lr)
+            fit(pruned, train, retrain_epochs, lr, schedule=schedule)
         if recalibrate:
             recalibrate_bn(pruned, train, batches=recalibrate)
             pruned.eval()
@@ -169,17 +171,29 @@ def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
     return rows
 
 
-def fit(model, loaders: Sequence, epochs: int, lr: float, l1: float = 0.0) -> None:
+SCHEDULES = ("constant", "cosine")
+
+
+def fit(model, loaders: Sequence, epochs: int, lr: float, l1: float = 0.0,
+        schedule: str = "constant") -> None:
     """Adam on the trainable parameters (after decompose: factors, BatchNorm, heads),
     one mixed batch per step with a batch of every domain, as ``fastmdl.train``;
-    ``l1`` > 0 adds ``l1 * basis.factor_l1(model)`` to the loss."""
+    ``l1`` > 0 adds ``l1 * basis.factor_l1(model)`` to the loss. ``schedule``
+    "cosine" anneals the learning rate from ``lr`` to 0 over this call's steps,
+    lr_t = lr (1 + cos(pi t / T)) / 2, so each call ends converged rather than at
+    the last step of a constant-rate walk."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
+    steps = max(len(loader) for loader in loaders)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps))
+             if schedule == "cosine" else None)
     device = params[0].device
     model.train()
     for _ in range(epochs):
         batches = mixed_batches(loaders)
-        for _ in range(max(len(loader) for loader in loaders)):
+        for _ in range(steps):
             x, y, dom = (t.to(device) for t in next(batches))
             loss = F.cross_entropy(model(x, dom), y)
             if l1 > 0:
@@ -187,6 +201,8 @@ def fit(model, loaders: Sequence, epochs: int, lr: float, l1: float = 0.0) -> No
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
     model.eval()
 
 
@@ -224,7 +240,8 @@ def to_markdown(result: Dict) -> str:
              f"retrain epochs {s['retrain_epochs']}, reference epochs "
              f"{s.get('reference_epochs', '-')}, weight {s.get('weight', 'components')}, "
              f"L1 {s.get('l1', 0.0)}, gradual {s.get('gradual', False)}, BatchNorm "
-             f"recalibrated on {s.get('recalibrate', 0)} batches, input {tuple(s['input_size'])}, "
+             f"recalibrated on {s.get('recalibrate', 0)} batches, learning rate "
+             f"{s.get('lr', '-')} {s.get('schedule', 'constant')}, input {tuple(s['input_size'])}, "
              f"{s['seconds']:.0f} s. Percentages are of ONE backbone (the single-domain "
              "network); drops are against the method's reference row where it has one (the "
              "unpruned transfer without L1, trained as long as its deepest pruned row), else "
@@ -319,6 +336,8 @@ def main(argv=None) -> Dict:
                     help="reach the ratios one after another, retraining in between")
     ap.add_argument("--recalibrate", type=int, default=0,
                     help="batches per domain to recompute BatchNorm statistics after pruning")
+    ap.add_argument("--schedule", default="constant", choices=SCHEDULES,
+                    help="learning-rate schedule of every training call")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -340,7 +359,7 @@ def main(argv=None) -> Dict:
                      scope=args.scope, lr=args.lr, retrain_epochs=args.retrain_epochs,
                      taylor_batches=args.taylor_batches, seed=args.seed, weight=args.weight,
                      l1=args.l1, gradual=args.gradual, recalibrate=args.recalibrate,
-                     basis_rows=not args.no_basis_rows)
+                     basis_rows=not args.no_basis_rows, schedule=args.schedule)
     finally:
         torch.set_num_threads(threads)
     result["settings"]["smoke"] = args.smoke

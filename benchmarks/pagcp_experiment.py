@@ -4,6 +4,7 @@
     python benchmarks/pagcp_experiment.py [--epochs 3] [--finetune-steps 50,200]
                                           [--initial-rate 0.05] [--initial-threshold 5]
                                           [--topk 0.8] [--calibrate 5] [--min-loss 0.1]
+                                          [--inputs "budget 1.0,prune 0.5"]
                                           [--out benchmarks/out]
 
 Two inputs, both multi-domain models of the same backbone:
@@ -48,27 +49,31 @@ from fastmdl.train import mixed_batches, recalibrate_bn  # noqa: E402
 Accuracy = Callable[[nn.Module], List[float]]
 
 
-def run(model_budget_1: fastmdl.MultiDomainModel, model_pruned_05: fastmdl.PrunedModel,
+INPUTS = ("budget 1.0", "prune 0.5")
+
+
+def run(inputs: Mapping[str, nn.Module],
         val_tasks: Mapping[str, Callable[[nn.Module], float]],
         finetune: Callable[[nn.Module], Dict[int, List[float]]], *, accuracy: Accuracy,
         pagcp_kwargs: Optional[Dict] = None,
         calibrate: Optional[Callable[[nn.Module], None]] = None, log=print) -> Dict:
-    """Run the experiment (module docstring) and return ``{"settings", "rows",
-    "reports"}``. ``val_tasks`` are PAGCP's ``tasks`` (one loss per domain, on
+    """Run the experiment (module docstring) on each labelled input model (the
+    labels of :data:`INPUTS`: the budget-1.0 MultiDomainModel, the pruned budget-0.5
+    one) and return ``{"settings", "rows", "reports"}``. ``val_tasks`` are PAGCP's ``tasks`` (one loss per domain, on
     held-out data); ``finetune(model)`` is the fine-tune every pruned network gets,
     returning ``{steps: per-domain test accuracies}`` at each of its checkpoints
     (see :func:`make_finetune`); ``accuracy(model)`` lists per-domain test
     accuracies. Rows: per input, the input itself, PAGCP and uniform L1 at
     PAGCP's FLOPs, each with accuracy before and after each fine-tune length.
     ``calibrate`` goes to PAGCP, and is applied to uniform L1's network too, so both
-    are measured with statistics of their own (a PrunedModel input has its
-    BatchNorms folded: nothing to recompute there)."""
+    are measured with statistics of their own (on a PrunedModel input through the
+    statistics its folded BatchNorms kept)."""
     log = log or (lambda *_: None)
     kwargs = dict(pagcp_kwargs or {})
     rows: List[Dict] = []
     reports: Dict[str, Dict] = {}
     start = time.perf_counter()
-    for label, model in (("budget 1.0", model_budget_1), ("prune 0.5", model_pruned_05)):
+    for label, model in inputs.items():
         acc_in = accuracy(model)
         rows.append(_row(label, "input", model, acc_in, None, acc_in))
         log(_line(rows[-1]))
@@ -192,15 +197,8 @@ def calibration(loaders: Sequence, batches: int) -> Callable[[nn.Module], None]:
     fixed = [list(itertools.islice(iter(loader), batches)) for loader in loaders]
 
     def calibrate(model: nn.Module) -> None:
-        _recalibrate(model, fixed, batches)
+        recalibrate_bn(model, fixed, batches=batches)
     return calibrate
-
-
-def _recalibrate(model: nn.Module, loaders: Sequence, batches: int) -> None:
-    """``recalibrate_bn``, except on a PrunedModel: its BatchNorm is folded into
-    scale and shift (trained as parameters), with no statistics to recompute."""
-    if not isinstance(model, fastmdl.PrunedModel):
-        recalibrate_bn(model, loaders, batches=batches)
 
 
 def make_finetune(loaders: Sequence, steps: Sequence[int], lr: float, accuracy: Accuracy
@@ -218,8 +216,11 @@ def make_finetune(loaders: Sequence, steps: Sequence[int], lr: float, accuracy: 
         probe = copy.deepcopy(model)
         # Running statistics averaged (momentum 0.1) while every weight moved do
         # not describe the final network: measured, textures fell from 96.2% to
-        # 92.0% after 200 steps and came back to 96.7% once recalibrated.
-        _recalibrate(probe, loaders, 20)
+        # 92.0% after 200 steps and came back to 96.7% once recalibrated. A
+        # PrunedModel trains with its BatchNorms folded (no batch statistics), so it
+        # is evaluated as it trained.
+        if not isinstance(probe, fastmdl.PrunedModel):
+            recalibrate_bn(probe, loaders, 20)
         return accuracy(probe.eval())
 
     def finetune(model: nn.Module) -> Dict[int, List[float]]:
@@ -266,7 +267,8 @@ def _smoke_inputs(seed: int = 0):
     half = fastmdl.convert(backbone, 2, classes, input_size=(1, 12, 12))
     for group in half.mask_groups():
         group.scores.data = torch.rand(group.scores.shape, generator=g) - 0.5
-    return full, fastmdl.prune(half.eval()), ["random-a", "random-b"], train, val, test
+    return ({"budget 1.0": full, "prune 0.5": fastmdl.prune(half.eval())},
+            ["random-a", "random-b"], train, val, test)
 
 
 def _real_inputs(args):
@@ -284,14 +286,15 @@ def _real_inputs(args):
     val = data.loaders("val", args.batch_size, shuffle=False)
     test = data.loaders("test", args.batch_size, shuffle=False)
     size = (1, args.size, args.size)
-    models = []
-    for budget in (1.0, 0.5):
+    models = {}
+    for label in args.inputs:
+        budget = {"budget 1.0": 1.0, "prune 0.5": 0.5}[label]
         torch.manual_seed(args.seed)
         m = fastmdl.convert(backbone, len(data.domains), data.num_classes, input_size=size)
         fastmdl.train(m, train, val, budget=budget, epochs=args.epochs, lr=args.lr,
                       train_weights=True, progress=False)
-        models.append(m.eval())
-    return models[0], fastmdl.prune(models[1]), data.names, train, val, test
+        models[label] = m.eval() if budget == 1.0 else fastmdl.prune(m.eval())
+    return models, data.names, train, val, test
 
 
 def main(argv=None) -> Dict:
@@ -313,6 +316,9 @@ def main(argv=None) -> Dict:
                          "statistics on (fixed batches; 0: the paper's method, no calibration)")
     ap.add_argument("--min-loss", type=float, default=0.0,
                     help="floor under every task's baseline in PAGCP's bound (0: the paper's)")
+    ap.add_argument("--inputs", default=",".join(INPUTS),
+                    type=lambda v: [x.strip() for x in v.split(",")],
+                    help=f"comma-separated input models, of {INPUTS}")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -320,11 +326,14 @@ def main(argv=None) -> Dict:
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--out", default=os.path.join(here, "out"))
     args = ap.parse_args(argv)
+    if not args.inputs or not set(args.inputs) <= set(INPUTS):
+        ap.error(f"--inputs must be a comma-separated subset of {INPUTS}, got {args.inputs}")
     if args.smoke:
-        full, pruned, names, train, val, test = _smoke_inputs(args.seed)
+        inputs, names, train, val, test = _smoke_inputs(args.seed)
+        inputs = {k: inputs[k] for k in args.inputs}
         args.finetune_steps = "1"
     else:
-        full, pruned, names, train, val, test = _real_inputs(args)
+        inputs, names, train, val, test = _real_inputs(args)
     kwargs = {"initial_rate": args.initial_rate, "initial_threshold": args.initial_threshold,
               "topk": args.topk}
     if args.min_loss:
@@ -334,7 +343,7 @@ def main(argv=None) -> Dict:
         kwargs["ratios"] = (0.25, 0.5, 0.75)
     def accuracy(model: nn.Module) -> List[float]:
         return fastmdl.evaluate(model, test)
-    result = run(full, pruned, loss_tasks(val, names, args.val_batches),
+    result = run(inputs, loss_tasks(val, names, args.val_batches),
                  make_finetune(train, [int(k) for k in args.finetune_steps.split(",")],
                                args.finetune_lr, accuracy),
                  accuracy=accuracy, pagcp_kwargs=kwargs,

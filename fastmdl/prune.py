@@ -12,6 +12,8 @@ From the traced graph of a :class:`MultiDomainModel`:
    convolution's per-domain scale and shift; a residual add that only reads the
    convolution becomes its residual input; a ReLU after either becomes its
    ``relu`` flag. Each fused step is exact: masked channels stay 0 throughout.
+   The BatchNorm's running statistics stay with the layer that absorbed it, so
+   ``fastmdl.recalibrate_bn`` can recompute them on the pruned network.
 """
 
 from __future__ import annotations
@@ -87,7 +89,9 @@ def prune(model: MultiDomainModel, *, fuse: bool = True) -> PrunedModel:
                 padding_mode=m.padding_mode)
         elif info.kind == "bn":
             scale, shift = m.scale_shift()
-            replacements[name] = PrunedBatchNorm2d(scale[:, in_idx], shift[:, in_idx], in_m)
+            stats = (m.running_mean[:, in_idx], m.running_var[:, in_idx], m.eps)
+            replacements[name] = PrunedBatchNorm2d(scale[:, in_idx], shift[:, in_idx], in_m,
+                                                   bn_stats=stats)
         elif info.kind == "head":
             weight = torch.cat(list(m.weights))[:, in_idx]
             bias = torch.cat(list(m.biases)) if m.biases is not None else None
@@ -186,10 +190,15 @@ def _fuse(gm: fx.GraphModule) -> None:
                 and nxt.args[0] is tail):
             bn = gm.get_submodule(nxt.target)
             shift = bn.shift.detach().clone()
+            bias = None if conv.shift is None else conv.shift.detach()
             if conv.shift is not None:
                 shift = shift + conv.shift.detach() * bn.scale.detach()
             conv.scale = nn.Parameter(bn.scale.detach().clone())
             conv.shift = nn.Parameter(shift)
+            # The convolution's statistics are of W * x without its bias (now in the shift).
+            if bn.has_stats:
+                mean, var, eps = bn.stats()
+                conv.set_bn_stats((mean if bias is None else mean - bias, var, eps))
             nxt.replace_all_uses_with(tail)
             gm.graph.erase_node(nxt)
             nxt = _only_user(tail)

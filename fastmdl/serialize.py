@@ -426,6 +426,7 @@ def _pruned_layer(layer_type: str, name: str, config: dict, t: Dict[str, torch.T
 
     D = num_domains
     if layer_type == "fastmdl.PrunedConv2d":
+        stats = _take_stats(name, config, take, shaped)
         _expect(set(config) == {"stride", "padding", "dilation", "groups", "padding_mode", "relu"}
                 and all(_is_pair(config[k], lo) for k, lo in (("stride", 1), ("padding", 0),
                                                                 ("dilation", 1)))
@@ -438,6 +439,10 @@ def _pruned_layer(layer_type: str, name: str, config: dict, t: Dict[str, torch.T
         scale, shift = take("scale", 2, optional=True), take("shift", 2, optional=True)
         shaped("scale", scale, (D, c_out), w.dtype)
         shaped("shift", shift, (D, c_out), w.dtype)
+        _expect(stats is None or (scale is not None and shift is not None),
+                f"layer {name!r} has BatchNorm statistics but no scale and shift")
+        if stats is not None:
+            shaped("bn_mean", stats[0], (D, c_out), stats[0].dtype)
         lists = {k: take(k, 1, torch.int64) for k in ("in_index", "in_offsets", "out_index",
                                                       "out_offsets")}
         _expect(lists["in_offsets"].numel() == D + 1 and lists["out_offsets"].numel() == D + 1,
@@ -450,15 +455,20 @@ def _pruned_layer(layer_type: str, name: str, config: dict, t: Dict[str, torch.T
         in_masks = _shapes.domain_masks(lists["in_index"], lists["in_offsets"], c_in, torch.float32)
         out_masks = _shapes.domain_masks(lists["out_index"], lists["out_offsets"], c_out,
                                          torch.float32)
-        return PrunedConv2d(w, in_masks, out_masks, scale, shift, **config)
-    _expect(config == {} or layer_type == "fastmdl.PrunedHeads",
-            f"layer {name!r} has config {config!r}, expected {{}}")
+        return PrunedConv2d(w, in_masks, out_masks, scale, shift, bn_stats=stats, **config)
     if layer_type == "fastmdl.PrunedBatchNorm2d":
+        stats = _take_stats(name, config, take, shaped)
+        _expect(config == {}, f"layer {name!r} has config {config!r}, expected {{}} or "
+                              "{'bn_eps': eps}")
         scale, shift, masks = take("scale", 2), take("shift", 2), take("masks", 2, torch.uint8)
         shaped("shift", shift, scale.shape, scale.dtype)
         shaped("masks", masks, scale.shape, torch.uint8)
+        if stats is not None:
+            shaped("bn_mean", stats[0], scale.shape, stats[0].dtype)
         _expect(scale.shape[0] == D, f"layer {name!r} must have {D} domains")
-        return PrunedBatchNorm2d(scale, shift, masks)
+        return PrunedBatchNorm2d(scale, shift, masks, bn_stats=stats)
+    _expect(config == {} or layer_type == "fastmdl.PrunedHeads",
+            f"layer {name!r} has config {config!r}, expected {{}}")
     w, b = take("weight", 2), take("bias", 1, optional=True)
     in_masks = take("in_masks", 2, torch.uint8)
     shaped("bias", b, w.shape[:1], w.dtype)
@@ -472,6 +482,21 @@ def _pruned_layer(layer_type: str, name: str, config: dict, t: Dict[str, torch.T
             f"layer {name!r}: num_classes {classes!r} must be {D} counts adding up to "
             f"{w.shape[0]} rows")
     return PrunedHeads(w, b, classes, in_masks)
+
+
+def _take_stats(name: str, config: dict, take, shaped):
+    """A folded BatchNorm's (mean, var, eps), popping ``bn_eps`` from ``config``; None
+    when the layer has none (files written before they were kept load unchanged)."""
+    eps = config.pop("bn_eps", None)
+    mean, var = take("bn_mean", 2, optional=True), take("bn_var", 2, optional=True)
+    if eps is None and mean is None and var is None:
+        return None
+    _expect(type(eps) in (int, float) and eps > 0 and mean is not None and var is not None,
+            f"layer {name!r}: a config bn_eps > 0 and the tensors bn_mean and bn_var come "
+            f"together, got bn_eps {eps!r}, bn_mean {'present' if mean is not None else 'absent'}"
+            f", bn_var {'present' if var is not None else 'absent'}")
+    shaped("bn_var", var, mean.shape, mean.dtype)
+    return mean, var, float(eps)
 
 
 # ---------------------------------------------------------------------------- shared checks

@@ -258,6 +258,7 @@ def _slice_conv(m: nn.Module, out: Optional[torch.Tensor], chan: Optional[torch.
         for attr in ("scale", "shift"):
             if getattr(m, attr) is not None:
                 setattr(m, attr, _param(getattr(m, attr), _rows(getattr(m, attr), out, 1)))
+        _slice_stats(m, out)
         # CSR lists index the kept channels: rebuild them from the sliced masks.
         m.in_index, m.in_offsets = _csr(_rows(in_masks, chan, 1))
         m.out_index, m.out_offsets = _csr(_rows(out_masks, out, 1))
@@ -267,11 +268,18 @@ def _slice_conv(m: nn.Module, out: Optional[torch.Tensor], chan: Optional[torch.
     m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1]
 
 
+def _slice_stats(m: nn.Module, chan: Optional[torch.Tensor]) -> None:
+    """A pruned layer's folded-BatchNorm statistics follow its channels."""
+    if m.has_stats:
+        m.bn_mean, m.bn_var = _rows(m.bn_mean, chan, 1), _rows(m.bn_var, chan, 1)
+
+
 def _slice_bn(m: nn.Module, chan: torch.Tensor) -> None:
     if isinstance(m, PrunedBatchNorm2d):
         m.scale = _param(m.scale, _rows(m.scale, chan, 1))
         m.shift = _param(m.shift, _rows(m.shift, chan, 1))
         m.masks = _rows(m.masks, chan, 1)
+        _slice_stats(m, chan)
         return
     dim = 1 if isinstance(m, BatchNorm2d) else 0  # fastmdl's are (D, C)
     for attr in ("weight", "bias"):

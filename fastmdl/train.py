@@ -223,18 +223,26 @@ def recalibrate_bn(model, loaders: Sequence, batches: int = 20, *, sync: bool = 
     batch's statistics are taken over all ranks' batches together, and every rank
     runs as many batches as the shortest rank can.
 
-    A :class:`fastmdl.PrunedModel` raises ``TypeError``: its BatchNorms are folded
-    into its convolutions, with no statistics left to recompute."""
+    A :class:`fastmdl.PrunedModel` is recalibrated through the statistics each
+    folded BatchNorm kept (:meth:`PrunedModel.calibrating`): the same result as
+    recalibrating before ``fastmdl.prune``, up to float rounding. It raises
+    ``TypeError`` if the model kept none, and ``ValueError`` with ``sync``."""
     from .layers import BatchNorm2d
     from .pruned import PrunedModel
 
-    if isinstance(model, PrunedModel):
-        raise TypeError("model is a PrunedModel, whose BatchNorms are folded into its "
-                        "convolutions' scale and shift: recalibrate the MultiDomainModel "
-                        "before fastmdl.prune")
     if batches <= 0:
         return
     per_domain = [min(batches, len(loader)) for loader in loaders]
+    if isinstance(model, PrunedModel):
+        if sync:
+            raise ValueError("sync=True is not supported for a PrunedModel: recalibrate on "
+                             "one process and broadcast the model")
+        device = next(model.parameters()).device
+        with model.calibrating():
+            for d, loader in enumerate(loaders):
+                for x, _ in itertools.islice(iter(loader), per_domain[d]):
+                    model(x.to(device), d)
+        return
     if sync:
         per_domain = [int(v) for v in _dist.reduce_host(per_domain, "min")]
     bns = [m for m in model.modules() if isinstance(m, BatchNorm2d)]

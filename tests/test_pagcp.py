@@ -203,6 +203,14 @@ def test_surgery_on_a_pruned_model_equals_pruning_more_masks(name):
     assert fastmdl.cost_report(small).union["flops"] == pytest.approx(net.flops(kept))
     assert fastmdl.cost_report(small).union["flops"] == pytest.approx(
         fastmdl.cost_report(b).union["flops"])
+    # The folded BatchNorm statistics followed the cut: recalibrating both agrees.
+    from fastmdl.train import recalibrate_bn
+    data = [[(torch.randn(6, 3, 8, 8, generator=g) * 2 + 1, None) for _ in range(2)]
+            for _ in range(3)]
+    recalibrate_bn(small, data, batches=2)
+    recalibrate_bn(b, data, batches=2)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x, domain), b(x, domain), rtol=1e-4, atol=1e-4)
 
 
 # -- the three kinds of model ------------------------------------------------------------------
@@ -354,10 +362,13 @@ def test_min_loss_floors_the_baseline_in_the_bound():
             fastmdl.pagcp(model, tasks, min_loss=bad, **kw)
 
 
-def test_calibrate_runs_on_every_candidate_and_on_the_result():
+@pytest.mark.parametrize("kind", ["multidomain", "pruned"])
+def test_calibrate_runs_on_every_candidate_and_on_the_result(kind):
     from fastmdl.train import recalibrate_bn
 
     m = masked_model(TinyResNet)
+    if kind == "pruned":  # folded BatchNorms, recalibrated through their kept statistics
+        m = fastmdl.prune(m)
     tasks = domain_tasks()
     g = torch.Generator().manual_seed(4)
     data = [[(torch.randn(6, 3, 8, 8, generator=g), torch.zeros(6, dtype=torch.int64))]
@@ -378,7 +389,7 @@ def test_calibrate_runs_on_every_candidate_and_on_the_result():
     again = copy.deepcopy(pruned)
     recalibrate_bn(again, data, batches=1)
     for (name, a), b in zip(pruned.state_dict().items(), again.state_dict().values()):
-        if "running" in name:
+        if "running" in name or "bn_" in name:
             torch.testing.assert_close(a, b)
     assert report.losses_after == {t: pytest.approx(fn(pruned.eval())) for t, fn in tasks.items()}
     with pytest.raises(TypeError, match="calibrate"):
@@ -449,3 +460,9 @@ def test_experiment_smoke_mode_runs(tmp_path):
     saved = json.loads((tmp_path / "pagcp_experiment.json").read_text())
     assert set(saved["reports"]) == {"budget 1.0", "prune 0.5"}
     assert "beats uniform L1" in (tmp_path / "pagcp_experiment.md").read_text()
+    # One input, calibrated: the pruned input's folded BatchNorms are recalibrated too.
+    one = pagcp_experiment.main(["--smoke", "--inputs", "prune 0.5", "--calibrate", "1",
+                                 "--out", str(tmp_path)])
+    assert {r["input"] for r in one["rows"]} == {"prune 0.5"}
+    with pytest.raises(SystemExit):
+        pagcp_experiment.main(["--smoke", "--inputs", "budget 2", "--out", str(tmp_path)])

@@ -6,6 +6,7 @@ from torch import nn
 
 import fastmdl
 from fastmdl.pruned import PrunedBatchNorm2d, PrunedConv2d
+from fastmdl.train import recalibrate_bn
 from models import CatNet, TinyResNet, TinyVGG
 from problems import require_backend
 
@@ -48,6 +49,64 @@ def test_pruned_equals_the_masked_model(name, fuse):
     n_conv_after = sum(c.weight.numel() for c in p.modules() if isinstance(c, PrunedConv2d))
     assert n_conv_after < n_conv_before
     assert n_pruned == fastmdl.cost_report(p).union["params"]
+
+
+def _calibration_data(seed=1, n=2):
+    """Per domain, ``n`` batches whose statistics differ from the training batches'."""
+    g = torch.Generator().manual_seed(seed)
+    return [[(torch.randn(6, 3, 8, 8, generator=g) * (1 + d) - d, torch.zeros(6, dtype=torch.long))
+             for _ in range(n)] for d in range(3)]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("fuse", [True, False])
+def test_recalibrating_the_pruned_model_equals_recalibrating_before_pruning(name, fuse):
+    m = trained(MODELS[name])
+    p = fastmdl.prune(m, fuse=fuse)
+    data = _calibration_data()
+    x = torch.randn(9, 3, 8, 8)
+    domain = torch.tensor([0, 1, 2, 2, 1, 0, 0, 1, 2])
+    with torch.no_grad():
+        before = p(x, domain)
+    recalibrate_bn(p, data, batches=2)
+    recalibrate_bn(m, data, batches=2)
+    ref = fastmdl.prune(m, fuse=fuse)
+    with torch.no_grad():
+        after, expected = p(x, domain), ref(x, domain)
+    assert not torch.allclose(before, after, atol=1e-3)  # the statistics did change
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-4)
+    for a, b in zip(p.net.modules(), ref.net.modules()):
+        if isinstance(a, (PrunedConv2d, PrunedBatchNorm2d)) and a.has_stats:
+            keep = (a.masks()[1] if isinstance(a, PrunedConv2d) else a.masks) > 0
+            torch.testing.assert_close(a.bn_mean[keep], b.bn_mean[keep], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(a.bn_var[keep], b.bn_var[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_recalibration_of_one_domain_leaves_the_others_and_rejects_what_it_cannot_do():
+    p = fastmdl.prune(trained(TinyResNet))
+    x = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        before = p(x, torch.tensor([0, 1, 2, 0, 1, 2]))
+    data = _calibration_data()
+    recalibrate_bn(p, [data[0], [], []], batches=2)  # domains 1 and 2 see no batch
+    with torch.no_grad():
+        after = p(x, torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert torch.equal(after[[1, 2, 4, 5]], before[[1, 2, 4, 5]])
+    assert not torch.allclose(after[[0, 3]], before[[0, 3]], atol=1e-3)
+    with pytest.raises(ValueError, match="sync"):
+        recalibrate_bn(p, data, batches=1, sync=True)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        recalibrate_bn(p, [[(torch.randn(1, 3, 1, 1), None)], [], []], batches=1)
+    for m in p.modules():  # a failed recalibration changes nothing
+        if isinstance(m, (PrunedConv2d, PrunedBatchNorm2d)):
+            assert m._calibration is None
+    with torch.no_grad():
+        assert torch.equal(p(x, torch.tensor([0, 1, 2, 0, 1, 2])), after)
+    for m in p.modules():
+        if isinstance(m, (PrunedConv2d, PrunedBatchNorm2d)):
+            m.set_bn_stats(None)
+    with pytest.raises(TypeError, match="no BatchNorm statistics"):
+        recalibrate_bn(p, data, batches=1)
 
 
 def test_resnet_fuses_bn_residual_and_relu_into_the_op():

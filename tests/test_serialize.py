@@ -17,6 +17,7 @@ from torch import nn
 
 import fastmdl
 from fastmdl import _io, serialize
+from fastmdl.train import recalibrate_bn
 
 sys.path.insert(0, os.path.dirname(__file__))
 from models import CatNet, TinyResNet, TinyVGG  # noqa: E402
@@ -104,6 +105,32 @@ def test_round_trip_is_exact(tmp_path, name, fuse):
     assert str(fastmdl.cost_report(q)) == str(fastmdl.cost_report(p))
     assert repr(q) == repr(p)
     assert os.listdir(tmp_path) == ["m.fmdl"]  # no temporary file left behind
+
+
+def test_batchnorm_statistics_survive_a_round_trip_and_files_without_them_load(tmp_path):
+    p = pruned()
+    path = tmp_path / "m.fmdl"
+    fastmdl.save(p, path)
+    q = fastmdl.load(path)
+    g = torch.Generator().manual_seed(3)
+    data = [[(torch.randn(6, 3, 8, 8, generator=g) * 2 - 1, None)] for _ in range(3)]
+    recalibrate_bn(p, data, batches=1)
+    recalibrate_bn(q, data, batches=1)
+    x = torch.randn(len(DOMAINS), 3, 8, 8)
+    for a, b in zip(_outputs(p, x), _outputs(q, x)):
+        assert torch.equal(a, b)
+    # A file from before the statistics were kept: it loads, runs, and says why it
+    # cannot be recalibrated.
+    for m in p.modules():
+        if hasattr(m, "set_bn_stats"):
+            m.set_bn_stats(None)
+    fastmdl.save(p, path)
+    old = fastmdl.load(path)
+    assert not any(k.endswith(("bn_mean", "bn_var")) for k in old.state_dict())
+    for a, b in zip(_outputs(p, x), _outputs(old, x)):
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="no BatchNorm statistics"):
+        recalibrate_bn(old, data, batches=1)
 
 
 def test_load_takes_pathlike_and_str_and_map_location(saved):
@@ -301,6 +328,20 @@ def _bad_scale_shape(t):
     t[k] = torch.cat([t[k], t[k][:1]])
 
 
+def _drop_bn_var(t):
+    del t[next(k for k in t if k.endswith(".bn_var"))]
+
+
+def _unlist_bn_var(spec):
+    del spec["tensors"][next(k for k in spec["tensors"] if k.endswith(".bn_var"))]
+
+
+def _bad_bn_stats_shape(t):
+    k = next(k for k in t if k.endswith(".bn_mean"))
+    for key in (k, k[:-len("mean")] + "var"):
+        t[key] = t[key][:, :-1].contiguous()
+
+
 CRAFTED = {
     "tensor shape differs from spec": (_shape_says, None, "spec says"),
     "function outside allowlist": (_set_node(_flatten, target="os.system"), None, "os.system"),
@@ -326,6 +367,12 @@ CRAFTED = {
     "bad conv config": (_set_module(_first_conv, config={"stride": [0, 1]}), None, "config"),
     "index out of range": (None, _out_of_range_index, "in_index"),
     "scale of the wrong shape": (None, _bad_scale_shape, "scale"),
+    "BatchNorm mean without its variance": (_unlist_bn_var, _drop_bn_var,
+                                             "bn_var absent"),
+    "BatchNorm statistics of the wrong shape": (None, _bad_bn_stats_shape, "bn_mean"),
+    "BatchNorm eps of zero": (_set_module(_first_conv, config={
+        "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1,
+        "padding_mode": "zeros", "relu": True, "bn_eps": 0.0}), None, "bn_eps > 0"),
 }
 
 
