@@ -24,6 +24,7 @@ benchmark's domains other than the backbone's source (Fashion-MNIST).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -52,7 +53,7 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
         taylor_batches: Optional[int] = None, input_size=None, seed: int = 0,
         weight: str = "components", l1: float = 0.0, gradual: bool = False,
         recalibrate: int = 0, basis_rows: bool = True, schedule: str = "constant",
-        log=print) -> Dict:
+        distill: float = 0.0, log=print) -> Dict:
     """Run the experiment (see the module docstring) and return
     ``{"settings", "domains", "rows"}``; each row is a dict (see :func:`_row`).
     ``budget=None`` leaves out the filter-pruning and double-pruning rows,
@@ -63,7 +64,10 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
     ``gradual`` reaches the ratios one after the other (Taylor scores recomputed,
     retrained in between) instead of each from the unpruned model; ``recalibrate``
     recomputes the BatchNorm statistics over that many batches per domain after
-    each pruning (and retraining). No individual weight is trained in any case.
+    each pruning (and retraining); ``schedule`` is :func:`fit`'s learning-rate
+    schedule; ``distill`` > 0 retrains each pruned network towards the unpruned
+    transfer's outputs too (:func:`distill_loss`, that weight). No individual
+    weight is trained in any case.
     With L1 or retraining, each method first gets a "(reference)" row: the unpruned
     transfer without L1, trained as many epochs as its deepest pruned row, which
     that method's drops are taken against."""
@@ -79,7 +83,7 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
 
     recipe = dict(ratios=ratios, scope=scope, lr=lr, retrain_epochs=retrain_epochs,
                   taylor_batches=taylor_batches, weight=weight, l1=l1, gradual=gradual,
-                  recalibrate=recalibrate, schedule=schedule, log=log)
+                  recalibrate=recalibrate, schedule=schedule, distill=distill, log=log)
     # The deepest pruned row has trained for `matched` epochs in all; its drop is
     # taken against an unpruned transfer (without L1) trained as long, so that extra
     # training cannot pass for pruning that costs nothing.
@@ -119,7 +123,7 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
     settings = {"epochs": epochs, "ratios": list(ratios), "budget": budget, "scope": scope,
                 "lr": lr, "retrain_epochs": retrain_epochs, "taylor_batches": taylor_batches,
                 "weight": weight, "l1": l1, "gradual": gradual, "recalibrate": recalibrate,
-                "schedule": schedule,
+                "schedule": schedule, "distill": distill,
                 "reference_epochs": matched, "basis_rows": basis_rows,
                 "input_size": list(input_size), "seed": seed,
                 "date": datetime.date.today().isoformat(), "torch": torch.__version__,
@@ -142,7 +146,7 @@ def _fresh(model):
 
 def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
                 retrain_epochs, taylor_batches, weight, l1, gradual, recalibrate, reference,
-                schedule, log) -> List[Dict]:
+                schedule, distill, log) -> List[Dict]:
     """Transfer ``model`` by basis scaling, then one row per pruning ratio; drops are
     against ``reference`` accuracies (default: this transfer unpruned)."""
     bm = basis.decompose(model)
@@ -151,6 +155,8 @@ def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
     ref = full if reference is None else reference
     rows = [_row(method, budget, 0.0, basis.cost_report(bm), full, ref)]
     log(_line(rows[-1]))
+    # The teacher of every retraining: this transfer, unpruned and frozen.
+    teacher = copy.deepcopy(bm).eval() if distill > 0 else None
     current, done = bm, 0.0
     for ratio in sorted(ratios) if gradual else ratios:
         # basis.prune's ratio counts what is left, so the step from `done` to `ratio`
@@ -160,7 +166,8 @@ def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
         importance = basis.taylor_importance(source, train, max_batches=taylor_batches)
         pruned = basis.prune(source, importance, ratio=step, scope=scope, weight=weight)
         if retrain_epochs:
-            fit(pruned, train, retrain_epochs, lr, schedule=schedule)
+            fit(pruned, train, retrain_epochs, lr, schedule=schedule, teacher=teacher,
+                distill=distill)
         if recalibrate:
             recalibrate_bn(pruned, train, batches=recalibrate)
             pruned.eval()
@@ -174,14 +181,27 @@ def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
 SCHEDULES = ("constant", "cosine")
 
 
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    r""":math:`T^2 \, \mathrm{KL}(\mathrm{softmax}(t/T) \,\|\, \mathrm{softmax}(s/T))`,
+    averaged over the batch, over each sample's own classes (the logits are -inf
+    past a domain's classes, where both distributions are 0)."""
+    own = torch.isfinite(teacher)
+    log_t = F.log_softmax(teacher / temperature, dim=1)
+    log_s = F.log_softmax(student / temperature, dim=1)
+    diff = torch.where(own, log_t - log_s, torch.zeros_like(log_t))
+    return temperature ** 2 * (log_t.exp() * diff).sum(1).mean()
+
+
 def fit(model, loaders: Sequence, epochs: int, lr: float, l1: float = 0.0,
-        schedule: str = "constant") -> None:
+        schedule: str = "constant", teacher: Optional[nn.Module] = None,
+        distill: float = 0.0, temperature: float = 4.0) -> None:
     """Adam on the trainable parameters (after decompose: factors, BatchNorm, heads),
     one mixed batch per step with a batch of every domain, as ``fastmdl.train``;
     ``l1`` > 0 adds ``l1 * basis.factor_l1(model)`` to the loss. ``schedule``
     "cosine" anneals the learning rate from ``lr`` to 0 over this call's steps,
     lr_t = lr (1 + cos(pi t / T)) / 2, so each call ends converged rather than at
-    the last step of a constant-rate walk."""
+    the last step of a constant-rate walk. With a ``teacher`` (frozen, evaluation
+    mode), the loss is (1 - distill) CE + distill :func:`distill_loss`."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -195,7 +215,12 @@ def fit(model, loaders: Sequence, epochs: int, lr: float, l1: float = 0.0,
         batches = mixed_batches(loaders)
         for _ in range(steps):
             x, y, dom = (t.to(device) for t in next(batches))
-            loss = F.cross_entropy(model(x, dom), y)
+            logits = model(x, dom)
+            loss = F.cross_entropy(logits, y)
+            if teacher is not None and distill > 0:
+                with torch.no_grad():
+                    target = teacher(x, dom)
+                loss = (1 - distill) * loss + distill * distill_loss(logits, target, temperature)
             if l1 > 0:
                 loss = loss + l1 * basis.factor_l1(model)
             opt.zero_grad(set_to_none=True)
@@ -241,7 +266,8 @@ def to_markdown(result: Dict) -> str:
              f"{s.get('reference_epochs', '-')}, weight {s.get('weight', 'components')}, "
              f"L1 {s.get('l1', 0.0)}, gradual {s.get('gradual', False)}, BatchNorm "
              f"recalibrated on {s.get('recalibrate', 0)} batches, learning rate "
-             f"{s.get('lr', '-')} {s.get('schedule', 'constant')}, input {tuple(s['input_size'])}, "
+             f"{s.get('lr', '-')} {s.get('schedule', 'constant')}, distillation weight "
+             f"{s.get('distill', 0.0)}, input {tuple(s['input_size'])}, "
              f"{s['seconds']:.0f} s. Percentages are of ONE backbone (the single-domain "
              "network); drops are against the method's reference row where it has one (the "
              "unpruned transfer without L1, trained as long as its deepest pruned row), else "
@@ -338,6 +364,8 @@ def main(argv=None) -> Dict:
                     help="batches per domain to recompute BatchNorm statistics after pruning")
     ap.add_argument("--schedule", default="constant", choices=SCHEDULES,
                     help="learning-rate schedule of every training call")
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="weight of distillation from the unpruned transfer when retraining")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -359,7 +387,8 @@ def main(argv=None) -> Dict:
                      scope=args.scope, lr=args.lr, retrain_epochs=args.retrain_epochs,
                      taylor_batches=args.taylor_batches, seed=args.seed, weight=args.weight,
                      l1=args.l1, gradual=args.gradual, recalibrate=args.recalibrate,
-                     basis_rows=not args.no_basis_rows, schedule=args.schedule)
+                     basis_rows=not args.no_basis_rows, schedule=args.schedule,
+                     distill=args.distill)
     finally:
         torch.set_num_threads(threads)
     result["settings"]["smoke"] = args.smoke

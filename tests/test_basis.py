@@ -2,6 +2,8 @@
 
 import copy
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -485,6 +487,31 @@ def test_experiment_smoke_mode_runs(tmp_path):
     assert "- basis: target" in (tmp_path / "basis_experiment.md").read_text()
     only = basis_experiment.main(["--smoke", "--no-basis-rows", "--out", str(tmp_path)])
     assert {row["method"] for row in only["rows"]} == {"filters", "double"}
+    recipe = basis_experiment.main(["--smoke", "--budget", "none", "--gradual", "--retrain-epochs",
+                                    "1", "--schedule", "cosine", "--distill", "0.5",
+                                    "--out", str(tmp_path)])
+    assert recipe["settings"]["distill"] == 0.5 and recipe["settings"]["schedule"] == "cosine"
+    assert all(math.isfinite(a) for row in recipe["rows"] for a in row["acc"])
+
+
+def test_distill_loss_is_the_kl_divergence_over_each_samples_own_classes():
+    from basis_experiment import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(4, 5, generator=g)
+    student = torch.randn(4, 5, generator=g)
+    teacher[:2, 3:] = student[:2, 3:] = float("-inf")  # samples of a 3-class domain
+    loss = distill_loss(student, teacher, 2.0)
+    expected = 0.0
+    for t, s_ in zip(teacher, student):
+        own = torch.isfinite(t)
+        p, q = torch.softmax(t[own] / 2, 0), torch.softmax(s_[own] / 2, 0)
+        expected += 4 * float((p * (p / q).log()).sum()) / 4
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(distill_loss(teacher, teacher, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    student.requires_grad_(True)
+    distill_loss(student, teacher, 2.0).backward()
+    assert torch.isfinite(student.grad).all()
 
 
 def test_experiment_target_needs_70_percent_fewer_params_and_every_domain_within_a_point():
