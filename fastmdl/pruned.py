@@ -31,65 +31,88 @@ def _csr(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 BatchNormStats = Tuple[torch.Tensor, torch.Tensor, float]  # (mean (D, C), var (D, C), eps)
 
 
-class _Calibration:
-    r"""BatchNorm statistics recomputed on a folded layer, as
-    :func:`fastmdl.recalibrate_bn` does on the unfolded network: each forward
-    normalises every domain's rows with their own batch statistics,
+class _UnfoldedBatchNorm:
+    r"""The BatchNorm folded into a layer, unfolded again so it can use batch
+    statistics: with :math:`\mu_0, \sigma_0^2` the statistics the folded scale s and
+    shift t were computed with (held fixed, so that
+
+    .. math:: \gamma = s \sqrt{\sigma_0^2 + \epsilon},\qquad \beta = t + \mu_0 s
+
+    is a fixed linear reparametrisation and gradients reach s and t), each forward
+    with batch statistics normalises every domain's rows with their own,
 
     .. math:: y = \gamma_d (z - \bar z_d) / \sqrt{\mathrm{var}(z)_d + \epsilon} + \beta_d,
 
-    with :math:`\gamma = s \sqrt{\sigma^2 + \epsilon}` and :math:`\beta = t + \mu s`
-    recovered from the folded scale s, shift t and the stored statistics
-    :math:`\mu, \sigma^2`; the new statistics are the plain average over the batches
-    (unbiased variances), as a BatchNorm with ``momentum=None`` keeps them."""
+    and moves the running statistics r towards them, :math:`r \leftarrow (1 - m) r + m\,
+    \mathrm{stat}` (unbiased variance; with ``momentum=None``, m = 1/k at a domain's
+    k-th batch: the plain average, as :func:`fastmdl.recalibrate_bn` keeps). A forward
+    without batch statistics uses the running ones. :meth:`result` folds γ, β and
+    the running statistics back into (s, t)."""
 
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, stats: BatchNormStats,
-                 masks: torch.Tensor):
-        mean, var, self.eps = stats
-        f32 = torch.float32
-        self.old_scale, self.old_shift = scale.detach().clone(), shift.detach().clone()
-        self.gamma = scale.detach().to(f32) * torch.sqrt(var.to(f32) + self.eps)
-        self.beta = shift.detach().to(f32) + mean.to(f32) * scale.detach().to(f32)
-        self.old_mean, self.old_var = mean, var
+    def __init__(self, layer: "_FoldedBatchNorm", masks: torch.Tensor,
+                 momentum: Optional[float], always_batch: bool):
+        mean, var, self.eps = layer.stats()
+        self.layer, self.momentum, self.always_batch = layer, momentum, always_batch
+        self.ref_mean, self.ref_var = mean, var
         self.keep = masks.to(mean.device) > 0
-        self.sum_mean = torch.zeros_like(self.gamma)
-        self.sum_var = torch.zeros_like(self.gamma)
-        self.count = torch.zeros(self.gamma.shape[0], dtype=f32, device=self.gamma.device)
+        # At least float32 (half statistics drift), float64 kept for float64 models.
+        self.acc = torch.promote_types(layer.scale.dtype, torch.float32)
+        self.run_mean = mean.detach().to(self.acc).clone()
+        self.run_var = var.detach().to(self.acc).clone()
+        self.count = torch.zeros(mean.shape[0], dtype=torch.float32, device=mean.device)
+
+    def affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(γ, β), (D, C), as functions of the layer's live scale and shift."""
+        s = self.layer.scale.to(self.acc)
+        gamma = s * torch.sqrt(self.ref_var.to(self.acc) + self.eps)
+        return gamma, self.layer.shift.to(self.acc) + self.ref_mean.to(self.acc) * s
 
     def __call__(self, z: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(z)
+        gamma, beta = self.affine()
+        if not (self.always_batch or self.layer.training):
+            scale = gamma * torch.rsqrt(self.run_var + self.eps)
+            shift = beta - self.run_mean * scale
+            return (z.to(self.acc) * scale[domain][:, :, None, None]
+                    + shift[domain][:, :, None, None]).to(z.dtype)
+        out = torch.zeros_like(z)
         for d in domain.unique().tolist():
             rows = (domain == d).nonzero().squeeze(1)
-            zd = z.index_select(0, rows).float()
+            zd = z.index_select(0, rows).to(self.acc)
             n = zd.numel() // zd.shape[1]
             if n < 2:
-                raise ValueError("BatchNorm recalibration needs more than 1 value per channel "
-                                 f"of each domain in a batch, got {n} for domain {d}: use "
-                                 "larger batches")
+                raise ValueError("BatchNorm with batch statistics needs more than 1 value per "
+                                 f"channel of each domain in a batch, got {n} for domain {d}: "
+                                 "use larger batches")
             var, mean = torch.var_mean(zd, dim=(0, 2, 3), unbiased=False)
-            scale = self.gamma[d] * torch.rsqrt(var + self.eps)
-            y = (zd - mean[:, None, None]) * scale[:, None, None] + self.beta[d][:, None, None]
-            out[rows] = y.to(z.dtype)
-            self.sum_mean[d] += mean
-            self.sum_var[d] += var * (n / (n - 1))
-            self.count[d] += 1
+            scale = gamma[d] * torch.rsqrt(var + self.eps)
+            y = (zd - mean[:, None, None]) * scale[:, None, None] + beta[d][:, None, None]
+            out = out.index_copy(0, rows, y.to(z.dtype))
+            self._track(d, mean.detach(), var.detach() * (n / (n - 1)))
         return out
 
+    @torch.no_grad()
+    def _track(self, d: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+        self.count[d] += 1
+        m = 1.0 / float(self.count[d]) if self.momentum is None else self.momentum
+        keep = self.keep[d]  # a channel the domain does not use has no statistics
+        self.run_mean[d] = torch.where(keep, (1 - m) * self.run_mean[d] + m * mean, self.run_mean[d])
+        self.run_var[d] = torch.where(keep, (1 - m) * self.run_var[d] + m * var, self.run_var[d])
+
+    @torch.no_grad()
     def result(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(scale, shift, mean, var) after the batches seen; a domain that saw none,
-        and a channel a domain does not use, keep their statistics."""
-        seen = self.count > 0
-        n = self.count.clamp(min=1)[:, None]
-        keep = self.keep & seen[:, None]
-        mean = torch.where(keep, self.sum_mean / n, self.old_mean.float())
-        var = torch.where(keep, self.sum_var / n, self.old_var.float())
-        keep = keep.to(self.old_scale.device)
-        scale = self.gamma * torch.rsqrt(var + self.eps)
-        shift = self.beta - mean * scale
-        # What is not recomputed stays bit for bit (no round trip through gamma, beta).
-        scale = torch.where(keep, scale.to(self.old_scale.dtype), self.old_scale)
-        shift = torch.where(keep, shift.to(self.old_shift.dtype), self.old_shift)
-        return scale, shift, mean.to(self.old_mean.dtype), var.to(self.old_var.dtype)
+        """(scale, shift, mean, var) folded from γ, β and the running statistics; a
+        domain that saw no batch, and a channel a domain does not use, keep their
+        scale, shift and statistics bit for bit."""
+        scale, shift = self.layer.scale.detach(), self.layer.shift.detach()
+        keep = self.keep & (self.count > 0)[:, None]
+        gamma, beta = self.affine()
+        new_scale = gamma * torch.rsqrt(self.run_var + self.eps)
+        new_shift = beta - self.run_mean * new_scale
+        keep_p = keep.to(scale.device)
+        return (torch.where(keep_p, new_scale.to(scale.dtype), scale),
+                torch.where(keep_p, new_shift.to(shift.dtype), shift),
+                torch.where(keep, self.run_mean.to(self.ref_mean.dtype), self.ref_mean),
+                torch.where(keep, self.run_var.to(self.ref_var.dtype), self.ref_var))
 
 
 class _FoldedBatchNorm(nn.Module):
@@ -103,7 +126,7 @@ class _FoldedBatchNorm(nn.Module):
         self.register_buffer("bn_mean", None if mean is None else mean.detach().clone())
         self.register_buffer("bn_var", None if var is None else var.detach().clone())
         self.bn_eps = None if eps is None else float(eps)
-        self._calibration: Optional[_Calibration] = None
+        self._unfolded: Optional[_UnfoldedBatchNorm] = None
 
     @property
     def has_stats(self) -> bool:
@@ -112,13 +135,13 @@ class _FoldedBatchNorm(nn.Module):
     def stats(self) -> Optional[BatchNormStats]:
         return (self.bn_mean, self.bn_var, self.bn_eps) if self.has_stats else None
 
-    def _start_calibration(self, masks: torch.Tensor) -> None:
-        self._calibration = _Calibration(self.scale, self.shift, self.stats(), masks)
+    def _unfold(self, masks: torch.Tensor, momentum: Optional[float], always_batch: bool) -> None:
+        self._unfolded = _UnfoldedBatchNorm(self, masks, momentum, always_batch)
 
-    def _end_calibration(self, commit: bool) -> None:
-        calibration, self._calibration = self._calibration, None
-        if commit and calibration is not None:
-            scale, shift, mean, var = calibration.result()
+    def _refold(self, commit: bool) -> None:
+        unfolded, self._unfolded = self._unfolded, None
+        if commit and unfolded is not None:
+            scale, shift, mean, var = unfolded.result()
             with torch.no_grad():
                 self.scale.copy_(scale)
                 self.shift.copy_(shift)
@@ -190,9 +213,9 @@ class PrunedConv2d(_FoldedBatchNorm):
             ph, pw = padding
             x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
             padding = [0, 0]
-        if self._calibration is not None:
+        if self._unfolded is not None:
             z = self._conv(x, domain, padding, None, None, None, False)
-            z = self._calibration(z, domain) * self.masks()[1].to(z.dtype)[domain][:, :, None, None]
+            z = self._unfolded(z, domain) * self.masks()[1].to(z.dtype)[domain][:, :, None, None]
             if residual is not None:
                 z = z + residual
             return torch.relu(z) if self.relu else z
@@ -240,8 +263,8 @@ class PrunedBatchNorm2d(_FoldedBatchNorm):
         return {"bn_eps": self.bn_eps} if self.has_stats else {}
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        if self._calibration is not None:
-            return self._calibration(x, domain) * self.masks.to(x.dtype)[domain][:, :, None, None]
+        if self._unfolded is not None:
+            return self._unfolded(x, domain) * self.masks.to(x.dtype)[domain][:, :, None, None]
         return x * self.scale[domain][:, :, None, None] + self.shift[domain][:, :, None, None]
 
 
@@ -334,30 +357,73 @@ class PrunedModel(nn.Module):
         with shared_batch_plan():
             return self.net(x, domain)
 
+    @property
+    def has_bn_stats(self) -> bool:
+        """Whether some folded BatchNorm kept its statistics, so that
+        :meth:`calibrating` and :meth:`batchnorm_training` can work."""
+        return any(isinstance(m, _FoldedBatchNorm) and m.has_stats for m in self.net.modules())
+
     @contextlib.contextmanager
     def calibrating(self) -> Iterator[None]:
-        """Within the block, every layer with a folded BatchNorm normalises each
-        domain's rows with their batch statistics and averages them; on leaving it
-        normally, each layer's statistics, scale and shift are the recomputed ones
-        (a domain that ran no batch keeps its own). :func:`fastmdl.recalibrate_bn`
-        is the usual way in. Raises ``TypeError`` if no layer kept its statistics."""
+        """Within the block (run under ``torch.no_grad``), every layer with a folded
+        BatchNorm normalises each domain's rows with their batch statistics and
+        averages them; on leaving it normally, each layer's statistics, scale and
+        shift are the recomputed ones (a domain that ran no batch keeps its own).
+        :func:`fastmdl.recalibrate_bn` is the usual way in. Raises ``TypeError`` if
+        no layer kept its statistics."""
+        with self._unfolded_batchnorm(None, always_batch=True), torch.no_grad():
+            yield
+
+    @contextlib.contextmanager
+    def batchnorm_training(self, momentum: Optional[float] = 0.1) -> Iterator[None]:
+        r"""Fine-tune a pruned network as its unpruned form trained: within the block,
+        every folded BatchNorm is a BatchNorm again. A layer in training mode
+        normalises each domain's rows with their batch statistics, with gradients
+        through them and through its scale s and shift t (γ = s·sqrt(σ²+ε) and
+        β = t + μs, with the statistics held at entry), and moves its running
+        statistics by ``momentum`` (None: their plain average, as
+        :func:`fastmdl.recalibrate_bn`); in eval mode it uses the running ones.
+        On leaving the block normally, γ, β and the running statistics are folded
+        back into scale and shift (an exception leaves the statistics as they were
+        at entry, which the trained s and t still match). Parameters stay the
+        same tensors, so an optimizer made before the block keeps working; each
+        exit rebases s and t, so wrap a whole fine-tune in one block.
+
+        A mixed batch then takes one pass through the op per convolution (without
+        its fused epilogue) plus the normalisation, per domain, in PyTorch. Raises
+        ``TypeError`` if no layer kept its statistics, ``ValueError`` for a
+        momentum outside (0, 1]."""
+        if momentum is not None:
+            if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+                raise TypeError(f"momentum must be a float in (0, 1] or None, got "
+                                f"{type(momentum).__name__}")
+            if not 0 < momentum <= 1:
+                raise ValueError(f"momentum must be in (0, 1] or None, got {momentum}")
+            momentum = float(momentum)
+        with self._unfolded_batchnorm(momentum, always_batch=False):
+            yield
+
+    @contextlib.contextmanager
+    def _unfolded_batchnorm(self, momentum: Optional[float], always_batch: bool) -> Iterator[None]:
         layers = [m for m in self.net.modules()
                   if isinstance(m, _FoldedBatchNorm) and m.has_stats]
         if not layers:
             raise TypeError("this PrunedModel kept no BatchNorm statistics (it was saved by a "
                             "fastmdl without them, or its network has no BatchNorm): "
-                            "recalibrate the MultiDomainModel before fastmdl.prune")
+                            "recalibrate or fine-tune the MultiDomainModel before fastmdl.prune")
+        if any(m._unfolded is not None for m in layers):
+            raise RuntimeError("this PrunedModel is already inside calibrating() or "
+                               "batchnorm_training(); they do not nest")
         for m in layers:
             masks = m.masks()[1] if isinstance(m, PrunedConv2d) else m.masks
-            m._start_calibration(masks)
+            m._unfold(masks, momentum, always_batch)
         ok = False
         try:
-            with torch.no_grad():
-                yield
+            yield
             ok = True
         finally:
             for m in layers:
-                m._end_calibration(commit=ok)
+                m._refold(commit=ok)
 
     def extra_repr(self) -> str:
         return f"num_domains={self.num_domains}, num_classes={self.num_classes}"

@@ -99,7 +99,7 @@ def test_recalibration_of_one_domain_leaves_the_others_and_rejects_what_it_canno
         recalibrate_bn(p, [[(torch.randn(1, 3, 1, 1), None)], [], []], batches=1)
     for m in p.modules():  # a failed recalibration changes nothing
         if isinstance(m, (PrunedConv2d, PrunedBatchNorm2d)):
-            assert m._calibration is None
+            assert m._unfolded is None
     with torch.no_grad():
         assert torch.equal(p(x, torch.tensor([0, 1, 2, 0, 1, 2])), after)
     for m in p.modules():
