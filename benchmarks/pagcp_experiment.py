@@ -5,6 +5,7 @@
                                           [--initial-rate 0.05] [--initial-threshold 5]
                                           [--topk 0.8] [--calibrate 5] [--min-loss 0.1]
                                           [--inputs "budget 1.0,prune 0.5"]
+                                          [--domains digits,faces,textures]
                                           [--out benchmarks/out]
 
 Two inputs, both multi-domain models of the same backbone:
@@ -287,7 +288,7 @@ def _real_inputs(args):
         raise SystemExit(f"the full experiment needs fastmdl.data and fastmdl.pretrained ({e}); "
                          "run with --smoke meanwhile")
     backbone, _ = pretrained_backbone(size=args.size, width=args.width, seed=args.seed)
-    data = builtin_benchmark(args.size, domains=["digits", "faces", "textures"], seed=args.seed)
+    data = builtin_benchmark(args.size, domains=args.domains, seed=args.seed)
     train = data.loaders("train", args.batch_size, seed=args.seed)
     val = data.loaders("val", args.batch_size, shuffle=False)
     test = data.loaders("test", args.batch_size, shuffle=False)
@@ -325,6 +326,10 @@ def main(argv=None) -> Dict:
     ap.add_argument("--inputs", default=",".join(INPUTS),
                     type=lambda v: [x.strip() for x in v.split(",")],
                     help=f"comma-separated input models, of {INPUTS}")
+    ap.add_argument("--domains", default="digits,faces,textures",
+                    type=lambda v: [x.strip() for x in v.split(",")],
+                    help="comma-separated domains of the built-in benchmark (fashion, digits, "
+                         "faces, textures); fashion is the backbone's own source")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -334,6 +339,9 @@ def main(argv=None) -> Dict:
     args = ap.parse_args(argv)
     if not args.inputs or not set(args.inputs) <= set(INPUTS):
         ap.error(f"--inputs must be a comma-separated subset of {INPUTS}, got {args.inputs}")
+    known = ("fashion", "digits", "faces", "textures")
+    if not args.domains or not set(args.domains) <= set(known) or len(set(args.domains)) < len(args.domains):
+        ap.error(f"--domains must be distinct names from {known}, got {args.domains}")
     if args.smoke:
         inputs, names, train, val, test = _smoke_inputs(args.seed)
         inputs = {k: inputs[k] for k in args.inputs}

@@ -466,3 +466,6 @@ def test_experiment_smoke_mode_runs(tmp_path):
     assert {r["input"] for r in one["rows"]} == {"prune 0.5"}
     with pytest.raises(SystemExit):
         pagcp_experiment.main(["--smoke", "--inputs", "budget 2", "--out", str(tmp_path)])
+    for bad in ("digits,mnist", "digits,digits", ""):
+        with pytest.raises(SystemExit):
+            pagcp_experiment.main(["--smoke", "--domains", bad, "--out", str(tmp_path)])
