@@ -130,6 +130,7 @@ def _with(layer, scale, shift, f):
 
 def test_batchnorm_training_rejects_what_it_cannot_do_and_leaves_an_aborted_block_as_it_was():
     p = fastmdl.prune(trained(TinyResNet))
+    assert p.has_bn_stats
     x = torch.randn(6, 3, 8, 8)
     domain = torch.tensor([0, 1, 2, 0, 1, 2])
     with torch.no_grad():
@@ -159,6 +160,7 @@ def test_batchnorm_training_rejects_what_it_cannot_do_and_leaves_an_aborted_bloc
     for m in p.modules():
         if isinstance(m, (PrunedConv2d, PrunedBatchNorm2d)):
             m.set_bn_stats(None)
+    assert not p.has_bn_stats
     with pytest.raises(TypeError, match="no BatchNorm statistics"):
         with p.batchnorm_training():
             pass
