@@ -339,9 +339,9 @@ def main(argv=None) -> Dict:
     args = ap.parse_args(argv)
     if not args.inputs or not set(args.inputs) <= set(INPUTS):
         ap.error(f"--inputs must be a comma-separated subset of {INPUTS}, got {args.inputs}")
-    known = ("fashion", "digits", "faces", "textures")
-    if not args.domains or not set(args.domains) <= set(known) or len(set(args.domains)) < len(args.domains):
-        ap.error(f"--domains must be distinct names from {known}, got {args.domains}")
+    from fastmdl.data.benchmark import DOMAINS
+    if not args.domains or not set(args.domains) <= set(DOMAINS) or len(set(args.domains)) < len(args.domains):
+        ap.error(f"--domains must be distinct names from {DOMAINS}, got {args.domains}")
     if args.smoke:
         inputs, names, train, val, test = _smoke_inputs(args.seed)
         inputs = {k: inputs[k] for k in args.inputs}

@@ -46,8 +46,9 @@ class _UnfoldedBatchNorm:
     and moves the running statistics r towards them, :math:`r \leftarrow (1 - m) r + m\,
     \mathrm{stat}` (unbiased variance; with ``momentum=None``, m = 1/k at a domain's
     k-th batch: the plain average, as :func:`fastmdl.recalibrate_bn` keeps). A forward
-    without batch statistics uses the running ones. :meth:`result` folds γ, β and
-    the running statistics back into (s, t)."""
+    without batch statistics uses the running ones. Channels a domain does not
+    use are 0 in its rows. :meth:`result` folds γ, β and the running statistics
+    back into (s, t)."""
 
     def __init__(self, layer: "_FoldedBatchNorm", masks: torch.Tensor,
                  momentum: Optional[float], always_batch: bool):
@@ -69,11 +70,12 @@ class _UnfoldedBatchNorm:
 
     def __call__(self, z: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         gamma, beta = self.affine()
+        mask = self.keep.to(device=z.device, dtype=z.dtype)[domain][:, :, None, None]
         if not (self.always_batch or self.layer.training):
             scale = gamma * torch.rsqrt(self.run_var + self.eps)
             shift = beta - self.run_mean * scale
             return (z.to(self.acc) * scale[domain][:, :, None, None]
-                    + shift[domain][:, :, None, None]).to(z.dtype)
+                    + shift[domain][:, :, None, None]).to(z.dtype) * mask
         out = torch.zeros_like(z)
         for d in domain.unique().tolist():
             rows = (domain == d).nonzero().squeeze(1)
@@ -88,7 +90,7 @@ class _UnfoldedBatchNorm:
             y = (zd - mean[:, None, None]) * scale[:, None, None] + beta[d][:, None, None]
             out = out.index_copy(0, rows, y.to(z.dtype))
             self._track(d, mean.detach(), var.detach() * (n / (n - 1)))
-        return out
+        return out * mask
 
     @torch.no_grad()
     def _track(self, d: int, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -215,7 +217,7 @@ class PrunedConv2d(_FoldedBatchNorm):
             padding = [0, 0]
         if self._unfolded is not None:
             z = self._conv(x, domain, padding, None, None, None, False)
-            z = self._unfolded(z, domain) * self.masks()[1].to(z.dtype)[domain][:, :, None, None]
+            z = self._unfolded(z, domain)
             if residual is not None:
                 z = z + residual
             return torch.relu(z) if self.relu else z
@@ -264,7 +266,7 @@ class PrunedBatchNorm2d(_FoldedBatchNorm):
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         if self._unfolded is not None:
-            return self._unfolded(x, domain) * self.masks.to(x.dtype)[domain][:, :, None, None]
+            return self._unfolded(x, domain)
         return x * self.scale[domain][:, :, None, None] + self.shift[domain][:, :, None, None]
 
 
@@ -361,7 +363,10 @@ class PrunedModel(nn.Module):
     def has_bn_stats(self) -> bool:
         """Whether some folded BatchNorm kept its statistics, so that
         :meth:`calibrating` and :meth:`batchnorm_training` can work."""
-        return any(isinstance(m, _FoldedBatchNorm) and m.has_stats for m in self.net.modules())
+        return bool(self._stat_layers())
+
+    def _stat_layers(self) -> List[_FoldedBatchNorm]:
+        return [m for m in self.net.modules() if isinstance(m, _FoldedBatchNorm) and m.has_stats]
 
     @contextlib.contextmanager
     def calibrating(self) -> Iterator[None]:
@@ -405,8 +410,7 @@ class PrunedModel(nn.Module):
 
     @contextlib.contextmanager
     def _unfolded_batchnorm(self, momentum: Optional[float], always_batch: bool) -> Iterator[None]:
-        layers = [m for m in self.net.modules()
-                  if isinstance(m, _FoldedBatchNorm) and m.has_stats]
+        layers = self._stat_layers()
         if not layers:
             raise TypeError("this PrunedModel kept no BatchNorm statistics (it was saved by a "
                             "fastmdl without them, or its network has no BatchNorm): "
