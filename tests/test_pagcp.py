@@ -459,13 +459,20 @@ def test_experiment_smoke_mode_runs(tmp_path):
     assert {r["method"].split(" (")[0] for r in result["rows"]} == {"input", "PAGCP", "uniform L1"}
     saved = json.loads((tmp_path / "pagcp_experiment.json").read_text())
     assert set(saved["reports"]) == {"budget 1.0", "prune 0.5"}
-    assert "beats uniform L1" in (tmp_path / "pagcp_experiment.md").read_text()
+    md = (tmp_path / "pagcp_experiment.md").read_text()
+    assert "beats uniform L1" in md
+    # The verdict is stated once per input, at the pre-declared length only.
+    assert md.count("target at the short fine-tune (1 steps") == 2
+    assert saved["settings"]["short_steps"] == 1
     # One input, calibrated: the pruned input's folded BatchNorms are recalibrated too.
     one = pagcp_experiment.main(["--smoke", "--inputs", "prune 0.5", "--calibrate", "1",
                                  "--out", str(tmp_path)])
     assert {r["input"] for r in one["rows"]} == {"prune 0.5"}
     with pytest.raises(SystemExit):
         pagcp_experiment.main(["--smoke", "--inputs", "budget 2", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # refused before any training starts
+        pagcp_experiment.main(["--short-steps", "30", "--finetune-steps", "50,200",
+                               "--out", str(tmp_path)])
     for bad in ("digits,mnist", "digits,digits", ""):
         with pytest.raises(SystemExit):
             pagcp_experiment.main(["--smoke", "--domains", bad, "--out", str(tmp_path)])
