@@ -484,7 +484,10 @@ def test_experiment_smoke_mode_runs(tmp_path):
     assert (tmp_path / "basis_experiment.md").exists()
     methods = {row["method"] for row in result["rows"]}
     assert methods == {"basis", "filters", "double"}
-    assert "- basis: target" in (tmp_path / "basis_experiment.md").read_text()
+    md = (tmp_path / "basis_experiment.md").read_text()
+    assert "- basis: target" in md and "- basis (test): target" in md
+    assert "Held-out test split" in md
+    assert all(len(row["test"]["acc"]) == 2 for row in result["rows"])
     only = basis_experiment.main(["--smoke", "--no-basis-rows", "--out", str(tmp_path)])
     assert {row["method"] for row in only["rows"]} == {"filters", "double"}
     recipe = basis_experiment.main(["--smoke", "--budget", "none", "--gradual", "--retrain-epochs",
@@ -526,6 +529,13 @@ def test_experiment_target_needs_70_percent_fewer_params_and_every_domain_within
             row("basis", 0.8, [23, 23], [1.5, 0.0]),      # one domain drops too far
             row("double", 0.8, [20, 20], [0.0, 1.0])]     # exactly 1 point is not "under"
     lines = basis_experiment.target_lines({"rows": rows})
-    assert lines[0].startswith("- basis: target met at ratio 0.75 (70.0% fewer")
+    assert lines[0] == ("- basis: target met at ratio 0.75 (70.0% fewer params than the "
+                        "backbone in every domain, largest drop 0.9 points, mean 0.7)")
     assert lines[1] == ("- double: target (>= 70% fewer params, every domain within 1 point) "
                         "NOT met by any row")
+    # On the test split the drops under row["test"] decide, not the validation ones.
+    for r in rows:
+        r["test"] = {"drop_points": [d + 0.5 for d in r["drop_points"]]}
+    lines = basis_experiment.target_lines({"rows": rows}, "test")
+    assert lines[0] == ("- basis (test): target (>= 70% fewer params, every domain within 1 "
+                        "point) NOT met by any row")
