@@ -20,7 +20,8 @@ of ONE backbone (the single-domain network). Accuracy is given on the validation
 split and on the held-out test split: the recipe's settings were chosen on the
 first, so the second is the one to quote. Writes basis_experiment.md and .json.
 The full run uses ``fastmdl.pretrained.pretrained_backbone`` and the built-in
-benchmark's domains other than the backbone's source (Fashion-MNIST).
+benchmark's domains other than the backbone's source (Fashion-MNIST). Also writes
+basis_experiment.png (accuracy against params, see :func:`plot`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from contenders import write_atomic  # noqa: E402
+from plotting import pyplot, save_png  # noqa: E402
 
 import fastmdl  # noqa: E402
 from fastmdl import basis  # noqa: E402
@@ -351,6 +353,40 @@ def target_lines(result: Dict, split: str = "val") -> List[str]:
     return out
 
 
+def plot(result: Dict, path: str) -> bool:
+    """basis_experiment.png: mean accuracy against params per domain (% of one
+    backbone), one line per method, one panel per split; the dashed line is the
+    method's reference, the shaded band 1 point under it, the grey line 70% fewer
+    params. Returns False (nothing written) without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    splits = ["val"] + (["test"] if all("test" in r for r in result["rows"]) else [])
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4), squeeze=False)
+    n = len(result["domains"])
+    for ax, split in zip(axes[0], splits):
+        methods = dict.fromkeys(r["method"] for r in result["rows"]
+                                if "reference" not in r["method"] and r["method"] != "filters")
+        for i, method in enumerate(methods):
+            rows = [r for r in result["rows"] if r["method"] == method]
+            x = [sum(r["params_pct"]) / n for r in rows]
+            y = [100 * _split(r, split)["mean_acc"] for r in rows]
+            line, = ax.plot(x, y, "o-", label=method)
+            ref = next((r for r in result["rows"] if r["method"].startswith(method + " (ref")),
+                       rows[0])
+            top = 100 * _split(ref, split)["mean_acc"]
+            ax.axhline(top, color=line.get_color(), ls="--", lw=0.8,
+                       label=f"{method}: reference, and 1 point under it")
+            ax.axhspan(top - 1, top, color=line.get_color(), alpha=0.08)
+        ax.axvline(30, color="grey", lw=0.8, label="70% fewer params")
+        ax.invert_xaxis()
+        ax.set_xlabel("params per domain, % of one backbone")
+        ax.set_ylabel(f"mean accuracy % ({'held-out test' if split == 'test' else 'validation'})")
+        ax.legend(fontsize=7)
+    save_png(fig, path)
+    return True
+
+
 def _smoke_inputs(seed: int = 0):
     """A random 'backbone' and two domains of random 12x12 greyscale tensors."""
     from torch.utils.data import DataLoader, TensorDataset
@@ -443,8 +479,10 @@ def main(argv=None) -> Dict:
     md = to_markdown(result)
     write_atomic(stem + ".json", json.dumps(result, indent=1))
     write_atomic(stem + ".md", md)
+    png = plot(result, stem + ".png")
     print(md)
-    print(f"wrote {stem}.md and {stem}.json")
+    print(f"wrote {stem}.md, {stem}.json" + (f" and {stem}.png" if png else
+                                             " (no plot: matplotlib is not installed)"))
     return result
 
 

@@ -23,7 +23,8 @@ training epoch is about 47 steps). Targets (issue 7): at least 40% fewer FLOPs t
 most 1 point of mean accuracy lost, better mean accuracy than uniform L1, after a
 short fine-tune; the table gives them at every length, and the verdict line at
 ``--short-steps`` (default 50, about one epoch), a length to fix before the run.
-Writes pagcp_experiment.md and .json (``_smoke`` suffix for --smoke in benchmarks/out).
+Writes pagcp_experiment.md, .json and .png (accuracy against fine-tune steps;
+``_smoke`` suffix for --smoke in benchmarks/out).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from contenders import write_atomic  # noqa: E402
+from plotting import pyplot, save_png  # noqa: E402
 
 import fastmdl  # noqa: E402
 from fastmdl.pagcp import uniform_prune  # noqa: E402
@@ -180,6 +182,38 @@ def to_markdown(result: Dict) -> str:
         lines.append(f"- **{label}: target at the short fine-tune ({s['short_steps']} steps, "
                      f"fixed before the run): {'met' if ok else 'NOT met'}**")
     return "\n".join(lines) + "\n"
+
+
+def plot(result: Dict, path: str) -> bool:
+    """pagcp_experiment.png: one panel per input, mean test accuracy against
+    fine-tune steps for PAGCP and uniform L1 (at PAGCP's FLOPs); the dashed line is
+    the input, the shaded band 1 point under it, the grey line the short fine-tune
+    the verdict is taken at. Returns False (nothing written) without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    labels = list(dict.fromkeys(r["input"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(labels), figsize=(5 * len(labels), 3.8), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        rows = [r for r in result["rows"] if r["input"] == label]
+        ref = 100 * rows[0]["mean_acc_before_finetune"]
+        for r in rows[1:]:
+            steps = sorted(int(k) for k in r["mean_acc_after_finetune"])
+            ax.plot(steps, [100 * r["mean_acc_after_finetune"][str(k)] for k in steps], "o-",
+                    label=f"{r['method']}, {100 * r['union_flops'] / rows[0]['union_flops']:.0f}% "
+                          "of the input's FLOPs")
+        ax.axhline(ref, color="black", ls="--", lw=0.8, label="input")
+        ax.axhspan(ref - 1, ref, color="black", alpha=0.06)
+        if result["settings"].get("short_steps") is not None:
+            ax.axvline(result["settings"]["short_steps"], color="grey", lw=0.8,
+                       label="short fine-tune")
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_title(label)
+        ax.set_xlabel("fine-tune steps")
+        ax.set_ylabel("mean test accuracy %")
+        ax.legend(fontsize=7)
+    save_png(fig, path)
+    return True
 
 
 # -- building blocks for the command line ------------------------------------------------------
@@ -389,8 +423,10 @@ def main(argv=None) -> Dict:
     md = to_markdown(result)
     write_atomic(stem + ".json", json.dumps(result, indent=1, allow_nan=False))
     write_atomic(stem + ".md", md)
+    png = plot(result, stem + ".png")
     print(md)
-    print(f"wrote {stem}.md and {stem}.json")
+    print(f"wrote {stem}.md, {stem}.json" + (f" and {stem}.png" if png else
+                                             " (no plot: matplotlib is not installed)"))
     return result
 
 

@@ -487,6 +487,7 @@ def test_experiment_smoke_mode_runs(tmp_path):
     md = (tmp_path / "basis_experiment.md").read_text()
     assert "- basis: target" in md and "- basis (test): target" in md
     assert "Held-out test split" in md
+    assert (tmp_path / "basis_experiment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(len(row["test"]["acc"]) == 2 for row in result["rows"])
     only = basis_experiment.main(["--smoke", "--no-basis-rows", "--out", str(tmp_path)])
     assert {row["method"] for row in only["rows"]} == {"filters", "double"}
