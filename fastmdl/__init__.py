@@ -24,6 +24,7 @@ from .prune import prune  # noqa: E402
 from .pagcp import pagcp  # noqa: E402
 from .serialize import load, save  # noqa: E402
 from .train import evaluate, fill_budget, recalibrate_bn, train  # noqa: E402
+from .finetune import finetune  # noqa: E402
 from . import basis  # noqa: E402
 from .metrics import decathlon_score  # noqa: E402
 from . import data  # noqa: E402
@@ -31,4 +32,4 @@ from . import data  # noqa: E402
 __all__ = ["ops", "__version__", "Conv2d", "BatchNorm2d", "DomainHeads", "MaskGroup",
            "MultiDomainModel", "convert", "BudgetLoss", "cost_report", "CostReport", "PrunedModel", "prune", "pagcp",
            "save", "load",
-           "train", "evaluate", "fill_budget", "recalibrate_bn", "decathlon_score", "data", "basis"]
+           "train", "finetune", "evaluate", "fill_budget", "recalibrate_bn", "decathlon_score", "data", "basis"]
