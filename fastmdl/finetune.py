@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import numbers
 from typing import Callable, Iterable, List, Optional, Sequence
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .pagcp import _positive
 from .train import _check_labels, _check_loaders, _progress, mixed_batches, recalibrate_bn
 
 
@@ -54,9 +54,7 @@ def finetune(model: nn.Module, train_loaders: Sequence, steps: int, *, lr: float
                         f"{type(model).__name__}")
     steps = _count(steps, "steps")
     recalibrate = _count(recalibrate, "recalibrate")
-    if (isinstance(lr, bool) or not isinstance(lr, numbers.Real)
-            or not math.isfinite(lr) or lr <= 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    _positive(lr, "lr")
     marks = sorted({_count(k, "checkpoints") for k in checkpoints})
     if marks and marks[-1] > steps:
         raise ValueError(f"checkpoints must lie in [0, steps={steps}], got {marks[-1]}")
