@@ -301,7 +301,7 @@ def to_markdown(result: Dict) -> str:
              "network); drops are against the method's reference row where it has one (the "
              "unpruned transfer without L1, trained as long as its deepest pruned row), else "
              "against its own unpruned row."]
-    splits = ["val"] + (["test"] if all("test" in r for r in result["rows"]) else [])
+    splits = _splits(result)
     for split in splits:
         if len(splits) > 1:
             lines += ["", {"val": "Validation split (what the recipe was chosen on):",
@@ -323,6 +323,11 @@ def to_markdown(result: Dict) -> str:
         lines.append("")
         lines += target_lines(result, split)
     return "\n".join(lines) + "\n"
+
+
+def _splits(result: Dict) -> List[str]:
+    """The splits every row was scored on: "val", and "test" when measured."""
+    return ["val"] + (["test"] if all("test" in r for r in result["rows"]) else [])
 
 
 def _split(row: Dict, split: str) -> Dict:
@@ -361,13 +366,13 @@ def plot(result: Dict, path: str) -> bool:
     plt = pyplot()
     if plt is None:
         return False
-    splits = ["val"] + (["test"] if all("test" in r for r in result["rows"]) else [])
+    splits = _splits(result)
     fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4), squeeze=False)
     n = len(result["domains"])
     for ax, split in zip(axes[0], splits):
         methods = dict.fromkeys(r["method"] for r in result["rows"]
                                 if "reference" not in r["method"] and r["method"] != "filters")
-        for i, method in enumerate(methods):
+        for method in methods:
             rows = [r for r in result["rows"] if r["method"] == method]
             x = [sum(r["params_pct"]) / n for r in rows]
             y = [100 * _split(r, split)["mean_acc"] for r in rows]
