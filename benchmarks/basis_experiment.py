@@ -51,6 +51,8 @@ from fastmdl.train import mixed_batches, recalibrate_bn  # noqa: E402
 # (name, num_classes, train_loader, val_loader[, test_loader])
 DomainSpec = Tuple[str, int, Sequence, Sequence]
 Scores = Dict[str, List[float]]  # split ("val", "test") -> per-domain accuracy
+# What distillation distils from (see run's docstring).
+TEACHERS = ("transfer", "reference")
 
 
 def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
@@ -59,7 +61,7 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
         taylor_batches: Optional[int] = None, input_size=None, seed: int = 0,
         weight: str = "components", l1: float = 0.0, gradual: bool = False,
         recalibrate: int = 0, basis_rows: bool = True, schedule: str = "constant",
-        distill: float = 0.0, log=print) -> Dict:
+        distill: float = 0.0, teacher: str = "transfer", log=print) -> Dict:
     """Run the experiment (see the module docstring) and return
     ``{"settings", "domains", "rows"}``; each row is a dict (see :func:`_row`).
     ``budget=None`` leaves out the filter-pruning and double-pruning rows,
@@ -72,11 +74,15 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
     recomputes the BatchNorm statistics over that many batches per domain after
     each pruning (and retraining); ``schedule`` is :func:`fit`'s learning-rate
     schedule; ``distill`` > 0 retrains each pruned network towards the unpruned
-    transfer's outputs too (:func:`distill_loss`, that weight). No individual
-    weight is trained in any case.
+    transfer's outputs too (:func:`distill_loss`, that weight); ``teacher`` says
+    which unpruned network: "transfer" (the one just pruned, ``epochs`` of
+    training) or "reference" (the reference row's network below, trained as long
+    as the deepest pruned row). No individual weight is trained in any case.
     With L1 or retraining, each method first gets a "(reference)" row: the unpruned
     transfer without L1, trained as many epochs as its deepest pruned row, which
     that method's drops are taken against."""
+    if teacher not in TEACHERS:
+        raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
     names = [d[0] for d in domains]
     classes = [int(d[1]) for d in domains]
     train = [d[2] for d in domains]
@@ -95,26 +101,33 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
     # training cannot pass for pruning that costs nothing.
     matched = epochs + retrain_epochs * (len(ratios) if gradual else 1)
     separate = l1 > 0 or matched > epochs
+    if teacher == "reference" and not (distill > 0 and separate):
+        raise ValueError("teacher='reference' distils from the reference row's network, so it "
+                         "needs distill > 0 and a reference row (retrain_epochs > 0 or l1 > 0)")
     suffix = " + L1" if l1 > 0 else ""
 
-    def reference(method: str, budget_: float, source: nn.Module) -> Optional[Scores]:
+    def reference(method: str, budget_: float, source: nn.Module):
+        """(accuracies, network) of the method's reference row, or (None, None)."""
         if not separate:
-            return None  # the method's own unpruned row is trained as long
+            return None, None  # the method's own unpruned row is trained as long
         bm = basis.decompose(source)
         fit(bm, train, matched, lr, schedule=schedule)
         acc = val(bm)
         rows.append(_row(f"{method} (reference, {matched} epochs)", budget_, 0.0,
                          basis.cost_report(bm), acc, acc))
         log(_line(rows[-1]))
-        return acc
+        return acc, bm.eval()
+
+    def teacher_of(ref_model):
+        return ref_model if teacher == "reference" else None
 
     if basis_rows:
         torch.manual_seed(seed)
         model = _fresh(fastmdl.convert(backbone, len(domains), classes, input_size=input_size))
-        ref = reference("basis", 1.0, model)
+        ref, ref_model = reference("basis", 1.0, model)
         torch.manual_seed(seed)
         rows += _basis_rows("basis" + suffix, 1.0, model, train, val, epochs, reference=ref,
-                            **recipe)
+                            teacher=teacher_of(ref_model), **recipe)
     if budget is not None:
         torch.manual_seed(seed)
         masked = _fresh(fastmdl.convert(backbone, len(domains), classes, input_size=input_size))
@@ -122,14 +135,14 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
         acc = val(masked)
         rows.append(_row("filters", budget, 0.0, fastmdl.cost_report(masked), acc, acc))
         log(_line(rows[-1]))
-        ref = reference("double", budget, masked)
+        ref, ref_model = reference("double", budget, masked)
         torch.manual_seed(seed)
         rows += _basis_rows("double" + suffix, budget, masked, train, val, epochs,
-                            reference=ref, **recipe)
+                            reference=ref, teacher=teacher_of(ref_model), **recipe)
     settings = {"epochs": epochs, "ratios": list(ratios), "budget": budget, "scope": scope,
                 "lr": lr, "retrain_epochs": retrain_epochs, "taylor_batches": taylor_batches,
                 "weight": weight, "l1": l1, "gradual": gradual, "recalibrate": recalibrate,
-                "schedule": schedule, "distill": distill,
+                "schedule": schedule, "distill": distill, "teacher": teacher,
                 "reference_epochs": matched, "basis_rows": basis_rows,
                 "input_size": list(input_size), "seed": seed,
                 "date": datetime.date.today().isoformat(), "torch": torch.__version__,
@@ -166,18 +179,21 @@ def _fresh(model):
 
 def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
                 retrain_epochs, taylor_batches, weight, l1, gradual, recalibrate, reference,
-                schedule, distill, log) -> List[Dict]:
+                schedule, distill, log, teacher=None) -> List[Dict]:
     """Transfer ``model`` by basis scaling, then one row per pruning ratio; drops are
-    against ``reference`` accuracies (default: this transfer unpruned). ``val`` is
-    :func:`_scorer`'s ``score``."""
+    against ``reference`` accuracies (default: this transfer unpruned). With
+    ``distill`` > 0 every retraining distils from ``teacher`` (frozen; default:
+    this transfer unpruned). ``val`` is :func:`_scorer`'s ``score``."""
     bm = basis.decompose(model)
     fit(bm, train, epochs, lr, l1=l1, schedule=schedule)
     full = val(bm)
     ref = full if reference is None else reference
     rows = [_row(method, budget, 0.0, basis.cost_report(bm), full, ref)]
     log(_line(rows[-1]))
-    # The teacher of every retraining: this transfer, unpruned and frozen.
-    teacher = copy.deepcopy(bm).eval() if distill > 0 else None
+    if distill > 0 and teacher is None:
+        teacher = copy.deepcopy(bm).eval()  # this transfer, unpruned and frozen
+    elif distill <= 0:
+        teacher = None
     current, done = bm, 0.0
     for ratio in sorted(ratios) if gradual else ratios:
         # basis.prune's ratio counts what is left, so the step from `done` to `ratio`
@@ -296,7 +312,7 @@ def to_markdown(result: Dict) -> str:
              f"L1 {s.get('l1', 0.0)}, gradual {s.get('gradual', False)}, BatchNorm "
              f"recalibrated on {s.get('recalibrate', 0)} batches, learning rate "
              f"{s.get('lr', '-')} {s.get('schedule', 'constant')}, distillation weight "
-             f"{s.get('distill', 0.0)}, input {tuple(s['input_size'])}, "
+             f"{s.get('distill', 0.0)} (teacher: {s.get('teacher', 'transfer')}), input {tuple(s['input_size'])}, "
              f"{s['seconds']:.0f} s. Percentages are of ONE backbone (the single-domain "
              "network); drops are against the method's reference row where it has one (the "
              "unpruned transfer without L1, trained as long as its deepest pruned row), else "
@@ -452,6 +468,10 @@ def main(argv=None) -> Dict:
                     help="learning-rate schedule of every training call")
     ap.add_argument("--distill", type=float, default=0.0,
                     help="weight of distillation from the unpruned transfer when retraining")
+    ap.add_argument("--teacher", default="transfer", choices=TEACHERS,
+                    help="what --distill distils from: the unpruned transfer being pruned "
+                         "(--epochs of training) or the reference row's network (trained as "
+                         "long as the deepest pruned row)")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -474,7 +494,7 @@ def main(argv=None) -> Dict:
                      taylor_batches=args.taylor_batches, seed=args.seed, weight=args.weight,
                      l1=args.l1, gradual=args.gradual, recalibrate=args.recalibrate,
                      basis_rows=not args.no_basis_rows, schedule=args.schedule,
-                     distill=args.distill)
+                     distill=args.distill, teacher=args.teacher)
     finally:
         torch.set_num_threads(threads)
     result["settings"]["smoke"] = args.smoke

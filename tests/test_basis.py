@@ -496,6 +496,14 @@ def test_experiment_smoke_mode_runs(tmp_path):
                                     "--out", str(tmp_path)])
     assert recipe["settings"]["distill"] == 0.5 and recipe["settings"]["schedule"] == "cosine"
     assert all(math.isfinite(a) for row in recipe["rows"] for a in row["acc"])
+    taught = basis_experiment.main(["--smoke", "--budget", "none", "--gradual", "--retrain-epochs",
+                                    "1", "--schedule", "cosine", "--distill", "0.5",
+                                    "--teacher", "reference",
+                                    "--out", str(tmp_path)])
+    assert taught["settings"]["teacher"] == "reference"
+    assert "(teacher: reference)" in (tmp_path / "basis_experiment.md").read_text()
+    # The teacher changes what the pruned rows learn, not the reference or the transfer.
+    assert taught["rows"][:2] == recipe["rows"][:2] and taught["rows"][2:] != recipe["rows"][2:]
 
 
 def test_distill_loss_is_the_kl_divergence_over_each_samples_own_classes():
@@ -540,3 +548,16 @@ def test_experiment_target_needs_70_percent_fewer_params_and_every_domain_within
     lines = basis_experiment.target_lines({"rows": rows}, "test")
     assert lines[0] == ("- basis (test): target (>= 70% fewer params, every domain within 1 "
                         "point) NOT met by any row")
+
+
+def test_experiment_refuses_a_teacher_it_cannot_use_before_training():
+    import basis_experiment
+
+    backbone, domains = basis_experiment._smoke_inputs()
+    with pytest.raises(ValueError, match="teacher must be one of"):
+        basis_experiment.run(backbone, domains, epochs=1, teacher="backbone", log=None)
+    # No distillation, or no reference row to distil from: the flag would do nothing.
+    for settings in (dict(retrain_epochs=1), dict(distill=0.5)):
+        with pytest.raises(ValueError, match="teacher='reference'"):
+            basis_experiment.run(backbone, domains, epochs=1, teacher="reference", log=None,
+                                 **settings)
