@@ -42,10 +42,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from contenders import write_atomic  # noqa: E402
-from plotting import pyplot, save_png  # noqa: E402
 
 import fastmdl  # noqa: E402
 from fastmdl import basis  # noqa: E402
+from fastmdl._plot import pyplot, save_png  # noqa: E402
 from fastmdl.train import mixed_batches, recalibrate_bn  # noqa: E402
 
 # (name, num_classes, train_loader, val_loader[, test_loader])

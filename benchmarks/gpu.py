@@ -109,7 +109,7 @@ from pruned_model import pruned_resnet26  # noqa: E402
 
 import fastmdl  # noqa: E402
 from fastmdl import backends  # noqa: E402
-from fastmdl._io import atomic_write  # noqa: E402
+from fastmdl._plot import pyplot, save_png  # noqa: E402
 from fastmdl.ops import domain_conv2d  # noqa: E402
 
 DRY_BANNER = "DRY RUN on CPU: tiny shapes, no timing claims"
@@ -782,12 +782,12 @@ def csv_text(header: str, columns: List[str], rows: List[Dict[str, Any]]) -> str
     return buf.getvalue()
 
 
-def plot(path: str, header: str, op_rows: List[Dict[str, Any]], model_rows: List[Dict[str, Any]]) -> None:
+def plot(path: str, header: str, op_rows: List[Dict[str, Any]], model_rows: List[Dict[str, Any]]) -> bool:
     """gpu.png: speed-ups of the best fused variant per op point; images/s per model
-    contender and mode. Written to a temporary file, then renamed over path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    contender and mode, written atomically. Returns False (no file) without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(10, 0.16 * len(op_rows) + 4), 11),
                                    gridspec_kw={"height_ratios": [3, 2]})
@@ -826,9 +826,8 @@ def plot(path: str, header: str, op_rows: List[Dict[str, Any]], model_rows: List
     ax2.set_title("model level", fontsize=9)
     fig.suptitle(header, fontsize=7)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)
+    return True
 
 
 def write_outputs(out_dir: str, header: str, op_rows, model_rows, md: str) -> List[str]:
@@ -837,7 +836,8 @@ def write_outputs(out_dir: str, header: str, op_rows, model_rows, md: str) -> Li
     write_atomic(paths[0], csv_text(header, OP_COLUMNS, op_rows))
     write_atomic(paths[1], csv_text(header, MODEL_COLUMNS, model_rows))
     write_atomic(paths[2], md)
-    plot(paths[3], header, op_rows, model_rows)
+    if not plot(paths[3], header, op_rows, model_rows):
+        paths.pop()  # no matplotlib: every table is written, the picture is not
     return paths
 
 

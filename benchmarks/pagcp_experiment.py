@@ -45,9 +45,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from contenders import write_atomic  # noqa: E402
-from plotting import pyplot, save_png  # noqa: E402
 
 import fastmdl  # noqa: E402
+from fastmdl._plot import pyplot, save_png  # noqa: E402
 from fastmdl.pagcp import uniform_prune  # noqa: E402
 from fastmdl.train import recalibrate_bn  # noqa: E402
 

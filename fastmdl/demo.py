@@ -17,7 +17,8 @@ from typing import Dict, Optional
 
 import torch
 
-from ._io import atomic_write, write_report
+from ._io import write_report
+from ._plot import pyplot, save_png
 
 
 def run(out_dir: str = "fastmdl-demo", *, budget: float = 0.5, epochs: int = 3,
@@ -141,12 +142,8 @@ def _table(r: Dict) -> str:
 
 
 def _plot(r: Dict, path: str) -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     names = [d["name"] for d in r["domains"]] + ["union"]
     acc = [100 * d["test_accuracy"] for d in r["domains"]] + [0]
@@ -163,7 +160,5 @@ def _plot(r: Dict, path: str) -> Optional[str]:
     ax.set_title(f"fastmdl demo: budget {r['budget']}")
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
     return path

@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._io import atomic_write, write_report
+from ._io import write_report
+from ._plot import pyplot, save_png
 
 SHARING = (None, "intersection", "union", "jaccard")
 
@@ -130,12 +131,8 @@ def table(result: Dict) -> str:
 
 
 def _plot(result: Dict, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for share in SHARING:
@@ -156,6 +153,4 @@ def _plot(result: Dict, path: str) -> None:
     a1.legend(fontsize=7)
     a2.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)

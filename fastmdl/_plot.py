@@ -1,10 +1,10 @@
-"""The two things every benchmark plot needs: a headless pyplot, or None when
-matplotlib is missing (the plot is then skipped, never the run), and an atomic
-PNG write."""
+"""The two things every plot of fastmdl and its benchmarks needs: a headless
+pyplot, or None when matplotlib is missing (the plot is then skipped, never the
+run that makes it), and an atomic PNG write."""
 
 from __future__ import annotations
 
-from fastmdl._io import atomic_write
+from ._io import atomic_write
 
 
 def pyplot():
