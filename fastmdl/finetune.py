@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import numbers
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pagcp import _positive
+from ._checks import count as _count, positive as _positive
 from .train import _check_labels, _check_loaders, _progress, mixed_batches, recalibrate_bn
 
 
@@ -104,10 +103,3 @@ def finetune(model: nn.Module, train_loaders: Sequence, steps: int, *, lr: float
         callback(steps, model)
     return losses
 
-
-def _count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return int(value)

@@ -37,6 +37,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
+from ._checks import positive as _positive
 from .surgery import Group, Kept, Network
 
 DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 20))
@@ -384,13 +385,6 @@ def _loss(value, name: str) -> float:
         raise ValueError(f"task {name!r} returned the loss {value}: PAGCP's bounds are "
                          "multiples of the loss, so it must be finite and >= 0")
     return value
-
-
-def _positive(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _check_tasks(tasks) -> Dict[str, Callable]:
