@@ -190,10 +190,10 @@ def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
     ref = full if reference is None else reference
     rows = [_row(method, budget, 0.0, basis.cost_report(bm), full, ref)]
     log(_line(rows[-1]))
-    if distill > 0 and teacher is None:
-        teacher = copy.deepcopy(bm).eval()  # this transfer, unpruned and frozen
-    elif distill <= 0:
+    if distill <= 0:
         teacher = None
+    elif teacher is None:
+        teacher = copy.deepcopy(bm).eval()  # this transfer, unpruned and frozen
     current, done = bm, 0.0
     for ratio in sorted(ratios) if gradual else ratios:
         # basis.prune's ratio counts what is left, so the step from `done` to `ratio`
@@ -312,7 +312,8 @@ def to_markdown(result: Dict) -> str:
              f"L1 {s.get('l1', 0.0)}, gradual {s.get('gradual', False)}, BatchNorm "
              f"recalibrated on {s.get('recalibrate', 0)} batches, learning rate "
              f"{s.get('lr', '-')} {s.get('schedule', 'constant')}, distillation weight "
-             f"{s.get('distill', 0.0)} (teacher: {s.get('teacher', 'transfer')}), input {tuple(s['input_size'])}, "
+             f"{s.get('distill', 0.0)} (teacher: {s.get('teacher', 'transfer')}), input "
+             f"{tuple(s['input_size'])}, "
              f"{s['seconds']:.0f} s. Percentages are of ONE backbone (the single-domain "
              "network); drops are against the method's reference row where it has one (the "
              "unpruned transfer without L1, trained as long as its deepest pruned row), else "
