@@ -134,7 +134,8 @@ def to_markdown(result: Dict) -> str:
     each fine-tune length."""
     s = result["settings"]
     steps = sorted({int(k) for r in result["rows"] for k in r["mean_acc_after_finetune"]})
-    lines = [f"PAGCP experiment, {s['date']}, {s['machine']}, {s['threads']} threads, torch "
+    lines = [f"PAGCP experiment, seed {s.get('seed', '-')}, {s['date']}, {s['machine']}, "
+             f"{s['threads']} threads, torch "
              f"{s['torch']}, {s['seconds']:.0f} s; PAGCP settings {s['pagcp'] or 'default'}; "
              f"BatchNorm calibration batches {s.get('calibrate_batches', 0)}. FLOPs and params "
              "are of the union network (what the model holds for all domains); drop = the "
@@ -391,7 +392,8 @@ def main(argv=None) -> Dict:
     result["settings"]["calibrate_batches"] = args.calibrate
     result["settings"].update(smoke=args.smoke, domains=list(names),
                               finetune_steps=args.finetune_steps, epochs=args.epochs,
-                              short_steps=args.short_steps)
+                              short_steps=args.short_steps, seed=args.seed, lr=args.lr,
+                              finetune_lr=args.finetune_lr, val_batches=args.val_batches)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "pagcp_experiment" + ("_smoke" if args.smoke and
                                                         args.out == ap.get_default("out") else ""))

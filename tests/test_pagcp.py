@@ -464,6 +464,7 @@ def test_experiment_smoke_mode_runs(tmp_path):
     # The verdict is stated once per input, at the pre-declared length only.
     assert md.count("target at the short fine-tune (1 steps") == 2
     assert saved["settings"]["short_steps"] == 1
+    assert saved["settings"]["seed"] == 0 and md.startswith("PAGCP experiment, seed 0,")
     assert (tmp_path / "pagcp_experiment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # One input, calibrated: the pruned input's folded BatchNorms are recalibrated too.
     one = pagcp_experiment.main(["--smoke", "--inputs", "prune 0.5", "--calibrate", "1",
