@@ -91,3 +91,10 @@ def test_model_rows(dry_run):
     for r in rows:
         if r["check"] == "ok":
             assert math.isfinite(float(r["rel_err"])) and float(r["rel_err"]) <= float(r["rel_err_bound"])
+
+
+def test_without_matplotlib_the_tables_are_written_and_no_png(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu, "pyplot", lambda: None)  # what _plot.pyplot gives without matplotlib
+    paths = gpu.write_outputs(str(tmp_path), "header", [], [], "md")
+    assert [os.path.basename(p) for p in paths] == ["gpu_ops.csv", "gpu_model.csv", "gpu.md"]
+    assert sorted(os.listdir(tmp_path)) == ["gpu.md", "gpu_model.csv", "gpu_ops.csv"]

@@ -1,14 +1,12 @@
 """fastmdl._plot: the headless pyplot and the atomic PNG write every plot uses
-(the experiment, the demo and the benchmarks)."""
+(the experiment, the demo and the benchmarks; gpu.py's fallback without
+matplotlib is tested beside its dry run)."""
 
 import os
-import sys
 
 import pytest
 
 from fastmdl import _plot
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_pyplot_is_headless_and_save_png_writes_a_whole_png_atomically(tmp_path):
@@ -28,12 +26,3 @@ def test_pyplot_is_headless_and_save_png_writes_a_whole_png_atomically(tmp_path)
     assert os.listdir(tmp_path) == ["fig.png"]  # no temporary file left behind
     assert not plt.fignum_exists(fig.number)  # closed: long runs do not pile up figures
 
-
-def test_gpu_benchmark_without_matplotlib_writes_its_tables_and_no_png(tmp_path, monkeypatch):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import gpu
-
-    monkeypatch.setattr(gpu, "pyplot", lambda: None)  # what _plot.pyplot gives without matplotlib
-    paths = gpu.write_outputs(str(tmp_path), "header", [], [], "md")
-    assert [os.path.basename(p) for p in paths] == ["gpu_ops.csv", "gpu_model.csv", "gpu.md"]
-    assert sorted(os.listdir(tmp_path)) == ["gpu.md", "gpu_model.csv", "gpu_ops.csv"]
