@@ -45,6 +45,7 @@ from contenders import write_atomic  # noqa: E402
 
 import fastmdl  # noqa: E402
 from fastmdl import basis  # noqa: E402
+from fastmdl._checks import count  # noqa: E402
 from fastmdl._plot import pyplot, save_png  # noqa: E402
 from fastmdl.train import mixed_batches, recalibrate_bn  # noqa: E402
 
@@ -61,7 +62,8 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
         taylor_batches: Optional[int] = None, input_size=None, seed: int = 0,
         weight: str = "components", l1: float = 0.0, gradual: bool = False,
         recalibrate: int = 0, basis_rows: bool = True, schedule: str = "constant",
-        distill: float = 0.0, teacher: str = "transfer", log=print) -> Dict:
+        distill: float = 0.0, teacher: str = "transfer",
+        last_retrain_epochs: Optional[int] = None, log=print) -> Dict:
     """Run the experiment (see the module docstring) and return
     ``{"settings", "domains", "rows"}``; each row is a dict (see :func:`_row`).
     ``budget=None`` leaves out the filter-pruning and double-pruning rows,
@@ -77,12 +79,19 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
     transfer's outputs too (:func:`distill_loss`, that weight); ``teacher`` says
     which unpruned network: "transfer" (the one just pruned, ``epochs`` of
     training) or "reference" (the reference row's network below, trained as long
-    as the deepest pruned row). No individual weight is trained in any case.
+    as the deepest pruned row). ``last_retrain_epochs`` retrains the deepest cut
+    (the largest ratio) that many epochs instead of ``retrain_epochs``; default the
+    same. No individual weight is trained in any case.
     With L1 or retraining, each method first gets a "(reference)" row: the unpruned
     transfer without L1, trained as many epochs as its deepest pruned row, which
     that method's drops are taken against."""
     if teacher not in TEACHERS:
         raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
+    retrain_epochs = count(retrain_epochs, "retrain_epochs")
+    last = (retrain_epochs if last_retrain_epochs is None
+            else count(last_retrain_epochs, "last_retrain_epochs"))
+    if not ratios:
+        raise ValueError("ratios must name at least one basis ratio, got none")
     names = [d[0] for d in domains]
     classes = [int(d[1]) for d in domains]
     train = [d[2] for d in domains]
@@ -95,11 +104,12 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
 
     recipe = dict(ratios=ratios, scope=scope, lr=lr, retrain_epochs=retrain_epochs,
                   taylor_batches=taylor_batches, weight=weight, l1=l1, gradual=gradual,
-                  recalibrate=recalibrate, schedule=schedule, distill=distill, log=log)
+                  recalibrate=recalibrate, schedule=schedule, distill=distill,
+                  last_retrain_epochs=last, log=log)
     # The deepest pruned row has trained for `matched` epochs in all; its drop is
     # taken against an unpruned transfer (without L1) trained as long, so that extra
     # training cannot pass for pruning that costs nothing.
-    matched = epochs + retrain_epochs * (len(ratios) if gradual else 1)
+    matched = epochs + retrain_epochs * (len(ratios) - 1 if gradual else 0) + last
     separate = l1 > 0 or matched > epochs
     if teacher == "reference" and not (distill > 0 and separate):
         raise ValueError("teacher='reference' distils from the reference row's network, so it "
@@ -140,7 +150,8 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
         rows += _basis_rows("double" + suffix, budget, masked, train, val, epochs,
                             reference=ref, teacher=teacher_of(ref_model), **recipe)
     settings = {"epochs": epochs, "ratios": list(ratios), "budget": budget, "scope": scope,
-                "lr": lr, "retrain_epochs": retrain_epochs, "taylor_batches": taylor_batches,
+                "lr": lr, "retrain_epochs": retrain_epochs, "last_retrain_epochs": last,
+                "taylor_batches": taylor_batches,
                 "weight": weight, "l1": l1, "gradual": gradual, "recalibrate": recalibrate,
                 "schedule": schedule, "distill": distill, "teacher": teacher,
                 "reference_epochs": matched, "basis_rows": basis_rows,
@@ -179,11 +190,14 @@ def _fresh(model):
 
 def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
                 retrain_epochs, taylor_batches, weight, l1, gradual, recalibrate, reference,
-                schedule, distill, log, teacher=None) -> List[Dict]:
+                schedule, distill, log, teacher=None,
+                last_retrain_epochs=None) -> List[Dict]:
     """Transfer ``model`` by basis scaling, then one row per pruning ratio; drops are
     against ``reference`` accuracies (default: this transfer unpruned). With
     ``distill`` > 0 every retraining distils from ``teacher`` (frozen; default:
-    this transfer unpruned). ``val`` is :func:`_scorer`'s ``score``."""
+    this transfer unpruned). The deepest cut (the largest ratio) retrains
+    ``last_retrain_epochs`` (default ``retrain_epochs``). ``val`` is
+    :func:`_scorer`'s ``score``."""
     bm = basis.decompose(model)
     fit(bm, train, epochs, lr, l1=l1, schedule=schedule)
     full = val(bm)
@@ -194,6 +208,7 @@ def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
         teacher = None
     elif teacher is None:
         teacher = copy.deepcopy(bm).eval()  # this transfer, unpruned and frozen
+    deepest = max(ratios)
     current, done = bm, 0.0
     for ratio in sorted(ratios) if gradual else ratios:
         # basis.prune's ratio counts what is left, so the step from `done` to `ratio`
@@ -202,8 +217,10 @@ def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
         source = current if gradual else bm
         importance = basis.taylor_importance(source, train, max_batches=taylor_batches)
         pruned = basis.prune(source, importance, ratio=step, scope=scope, weight=weight)
-        if retrain_epochs:
-            fit(pruned, train, retrain_epochs, lr, schedule=schedule, teacher=teacher,
+        n = (retrain_epochs if ratio != deepest or last_retrain_epochs is None
+             else last_retrain_epochs)
+        if n:
+            fit(pruned, train, n, lr, schedule=schedule, teacher=teacher,
                 distill=distill)
         if recalibrate:
             recalibrate_bn(pruned, train, batches=recalibrate)
@@ -307,7 +324,7 @@ def to_markdown(result: Dict) -> str:
                "FLOPs % (mean/domain)", "union params %", "union FLOPs %"])
     lines = [f"Basis scaling and double pruning, {s['date']}, {s['machine']}, {s['threads']} "
              f"threads, torch {s['torch']}; {s['epochs']} epochs, scope {s['scope']}, "
-             f"retrain epochs {s['retrain_epochs']}, reference epochs "
+             f"retrain epochs {s['retrain_epochs']}{_last_cut(s)}, reference epochs "
              f"{s.get('reference_epochs', '-')}, weight {s.get('weight', 'components')}, "
              f"L1 {s.get('l1', 0.0)}, gradual {s.get('gradual', False)}, BatchNorm "
              f"recalibrated on {s.get('recalibrate', 0)} batches, learning rate "
@@ -340,6 +357,11 @@ def to_markdown(result: Dict) -> str:
         lines.append("")
         lines += target_lines(result, split)
     return "\n".join(lines) + "\n"
+
+
+def _last_cut(settings: Dict) -> str:
+    last = settings.get("last_retrain_epochs", settings["retrain_epochs"])
+    return "" if last == settings["retrain_epochs"] else f" ({last} after the deepest cut)"
 
 
 def _splits(result: Dict) -> List[str]:
@@ -454,6 +476,8 @@ def main(argv=None) -> Dict:
     ap.add_argument("--scope", default="global", choices=basis.SCOPES)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--retrain-epochs", type=int, default=0)
+    ap.add_argument("--last-retrain-epochs", type=int, default=None,
+                    help="retraining epochs after the deepest cut (default: --retrain-epochs)")
     ap.add_argument("--taylor-batches", type=int, default=None)
     ap.add_argument("--no-basis-rows", action="store_true",
                     help="only the filter and double-pruning rows")
@@ -495,7 +519,8 @@ def main(argv=None) -> Dict:
                      taylor_batches=args.taylor_batches, seed=args.seed, weight=args.weight,
                      l1=args.l1, gradual=args.gradual, recalibrate=args.recalibrate,
                      basis_rows=not args.no_basis_rows, schedule=args.schedule,
-                     distill=args.distill, teacher=args.teacher)
+                     distill=args.distill, teacher=args.teacher,
+                     last_retrain_epochs=args.last_retrain_epochs)
     finally:
         torch.set_num_threads(threads)
     result["settings"]["smoke"] = args.smoke

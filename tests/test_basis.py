@@ -504,6 +504,21 @@ def test_experiment_smoke_mode_runs(tmp_path):
     assert "(teacher: reference)" in (tmp_path / "basis_experiment.md").read_text()
     # The teacher changes what the pruned rows learn, not the reference or the transfer.
     assert taught["rows"][:2] == recipe["rows"][:2] and taught["rows"][2:] != recipe["rows"][2:]
+    longer = basis_experiment.main(["--smoke", "--budget", "none", "--gradual", "--retrain-epochs",
+                                    "1", "--schedule", "cosine", "--distill", "0.5",
+                                    "--last-retrain-epochs", "3", "--out", str(tmp_path)])
+    # The deepest cut (0.8) retrains 3 epochs: 1 of transfer + 1 after 0.5 + 3 for the reference.
+    assert longer["settings"]["last_retrain_epochs"] == 3
+    assert longer["settings"]["reference_epochs"] == 5 == recipe["settings"]["reference_epochs"] + 2
+    assert "retrain epochs 1 (3 after the deepest cut)" in (tmp_path / "basis_experiment.md").read_text()
+    # Only the reference row and the deepest cut's row are trained differently: the
+    # transfer and the 0.5 cut score as before (their drops move with the reference).
+    def scores(row):
+        return row["acc"], row["test"]["acc"], row["params"]
+    assert [r["basis_ratio"] for r in longer["rows"]] == [0.0, 0.0, 0.5, 0.8]
+    assert [scores(r) for r in longer["rows"][1:3]] == [scores(r) for r in recipe["rows"][1:3]]
+    assert longer["rows"][0]["method"] == "basis (reference, 5 epochs)"
+    assert scores(longer["rows"][3]) != scores(recipe["rows"][3])
 
 
 def test_distill_loss_is_the_kl_divergence_over_each_samples_own_classes():
@@ -550,12 +565,18 @@ def test_experiment_target_needs_70_percent_fewer_params_and_every_domain_within
                         "point) NOT met by any row")
 
 
-def test_experiment_refuses_a_teacher_it_cannot_use_before_training():
+def test_experiment_refuses_bad_settings_before_training():
     import basis_experiment
 
     backbone, domains = basis_experiment._smoke_inputs()
     with pytest.raises(ValueError, match="teacher must be one of"):
         basis_experiment.run(backbone, domains, epochs=1, teacher="backbone", log=None)
+    with pytest.raises(ValueError, match="last_retrain_epochs must be >= 0"):
+        basis_experiment.run(backbone, domains, epochs=1, last_retrain_epochs=-1, log=None)
+    with pytest.raises(TypeError, match="last_retrain_epochs must be an int"):
+        basis_experiment.run(backbone, domains, epochs=1, last_retrain_epochs=2.0, log=None)
+    with pytest.raises(ValueError, match="ratios must name at least one"):
+        basis_experiment.run(backbone, domains, epochs=1, ratios=(), log=None)
     # No distillation, or no reference row to distil from: the flag would do nothing.
     for settings in (dict(retrain_epochs=1), dict(distill=0.5)):
         with pytest.raises(ValueError, match="teacher='reference'"):
