@@ -38,7 +38,16 @@ domain keeps, so no rank is spent on pruned filters::
     small = fastmdl.basis.prune(bm, imp, ratio=0.7)             # 3. basis pruning
     print(fastmdl.basis.cost_report(small))
 
-Skip step 1 for basis pruning alone. Grouped convolutions are left as they are.
+With PAGCP as the filter-pruning half, its result is a physically smaller
+:class:`fastmdl.MultiDomainModel`, decomposed the same way::
+
+    small, report = fastmdl.pagcp(model, tasks)                  # 1. PAGCP's channel cut
+    bm = fastmdl.basis.decompose(small)                          # 2., 3. as above
+
+A :class:`fastmdl.PrunedModel` is not decomposed (its BatchNorm is folded into
+the convolutions): step 1's masks already remove, from the basis and from
+:func:`cost_report`, what :func:`fastmdl.prune` would remove. Skip step 1 for
+basis pruning alone. Grouped convolutions are left as they are.
 """
 
 from __future__ import annotations
@@ -122,9 +131,12 @@ def decompose(model: nn.Module, num_domains: Optional[int] = None) -> nn.Module:
     if isinstance(model, BasisModel):
         raise TypeError("model is already a BasisModel: decompose once, before basis.prune")
     if isinstance(model, PrunedModel):
-        raise TypeError("model must be a plain network or a MultiDomainModel, got a PrunedModel: "
-                        "decompose the MultiDomainModel instead (its filter masks stay on, which "
-                        "is the filter-pruning half of double pruning)")
+        raise TypeError("model must be a plain network or a MultiDomainModel, got a PrunedModel "
+                        "(its BatchNorm is folded into the convolutions, and only factors and "
+                        "BatchNorm train here): for double pruning, decompose the MultiDomainModel "
+                        "that fastmdl.prune was given (its filter masks stay on, and the basis "
+                        "spans only the filters some domain keeps), or the MultiDomainModel "
+                        "fastmdl.pagcp returns")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     is_mdm = isinstance(model, MultiDomainModel)

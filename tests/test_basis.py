@@ -240,6 +240,32 @@ def test_pruned_mixed_batch_equals_one_domain_at_a_time(name, scope):
             close(mixed[MIXED == d], one[MIXED == d])
 
 
+def test_double_pruning_after_pagcp_decomposes_its_smaller_network():
+    """Double pruning with PAGCP as the filter-pruning half: PAGCP returns a physically
+    smaller MultiDomainModel, which decomposes exactly and prunes like any other."""
+    from test_pagcp import FEW_RATIOS, domain_tasks, masked_model
+
+    m = masked_model(TinyResNet)
+    small, _ = fastmdl.pagcp(m, domain_tasks(), initial_threshold=3.0, ratios=FEW_RATIOS)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in m.parameters())
+    bm = basis.decompose(small).eval()
+    x = torch.randn(9, 3, 8, 8)
+    with torch.no_grad():
+        close(bm(x, MIXED), small(x, MIXED))
+    randomise_factors(bm)
+    double = basis.prune(bm, ratio=0.5, scope="global", loaders=loaders())
+    with torch.no_grad():
+        mixed = double(x, MIXED)
+        close(mixed, _dense_equivalent(bm, double)(x, MIXED))
+        for d in range(3):
+            close(mixed[MIXED == d], double(x, d)[MIXED == d])
+    # PAGCP's cut shows in the cost: fewer params than basis pruning alone at the ratio.
+    alone = basis.decompose(m).eval()
+    randomise_factors(alone)
+    single = basis.prune(alone, ratio=0.5, scope="global", loaders=loaders())
+    assert basis.cost_report(double).union["params"] < basis.cost_report(single).union["params"]
+
+
 def _dense_equivalent(bm, p):
     """A copy of the dense bm with factors zeroed where p's domains dropped a component."""
     ref = copy.deepcopy(bm)
@@ -466,6 +492,8 @@ def test_bad_input_is_rejected_with_the_argument_named():
         basis.decompose("resnet")
     with pytest.raises(TypeError, match="already a BasisModel"):
         basis.decompose(bm)
+    with pytest.raises(TypeError, match="got a PrunedModel.*fastmdl.pagcp"):
+        basis.decompose(fastmdl.prune(trained(TinyResNet)))
     with pytest.raises(ValueError, match="num_domains"):
         basis.decompose(trained(TinyResNet), num_domains=2)
     with pytest.raises(ValueError, match="loader_per_domain"):
