@@ -1,0 +1,150 @@
+"""Issue 8's target read over several seeds of ``basis_experiment.py``.
+
+    python benchmarks/basis_seeds.py out/s0/basis_experiment.json out/s1/basis_experiment.json ...
+                                     [--method basis] [--ratio 0.75] [--split test] [--out FILE.md]
+
+One run's drop on one domain is noisier than the target's 1-point bar (a test
+split of 270 digits gives a binomial standard error of about 1 point at 97%), so
+besides each seed's own figures this reports the per-domain drop averaged over
+the seeds. The readings, for one method's row at one basis ratio (default: the
+deepest ratio of the first run):
+
+- R1: every seed's mean drop over the domains is under 1 point;
+- R2: every domain's drop, averaged over the seeds, is under 1 point;
+- R3: the seeds on which every domain is within 1 point (reported, not a verdict);
+
+and, for all three, every seed's row must have at least 70% fewer params per
+domain than the backbone. Runs that differ in anything but the seed (and the
+date, machine and time taken) are refused: the readings are about one recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from contenders import write_atomic  # noqa: E402
+
+# Settings that may differ between the runs being summarised.
+PER_RUN = ("seed", "date", "machine", "threads", "seconds", "torch", "smoke")
+
+
+def _recipe(settings: Dict) -> Dict:
+    out = {k: v for k, v in settings.items() if k not in PER_RUN}
+    # Runs from before --last-retrain-epochs existed retrained every cut alike.
+    out.setdefault("last_retrain_epochs", out.get("retrain_epochs"))
+    return out
+
+
+def pick(result: Dict, method: str, ratio: float, split: str) -> Dict:
+    """``result``'s row of ``method`` at basis ratio ``ratio``, as
+    ``{"seed", "drops", "params_pct"}`` with the drops on ``split``."""
+    rows = [r for r in result["rows"] if r["method"] == method
+            and abs(r["basis_ratio"] - ratio) < 1e-9]
+    if len(rows) != 1:
+        raise ValueError(f"the run of seed {result['settings'].get('seed')} has {len(rows)} rows "
+                         f"of method {method!r} at ratio {ratio}, expected 1")
+    row = rows[0]
+    scored = row if split == "val" else row.get(split)
+    if scored is None:
+        raise ValueError(f"the run of seed {result['settings'].get('seed')} was not scored on "
+                         f"split {split!r}")
+    return {"seed": result["settings"].get("seed"), "drops": list(scored["drop_points"]),
+            "params_pct": list(row["params_pct"])}
+
+
+def summarise(results: Sequence[Dict], *, method: str = "basis", ratio: Optional[float] = None,
+              split: str = "test") -> Dict:
+    """The readings R1-R3 (module docstring) over ``results`` (parsed
+    basis_experiment.json files of one recipe, one per seed)."""
+    if not results:
+        raise ValueError("results must hold at least one basis_experiment.json run, got none")
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    recipe = _recipe(results[0]["settings"])
+    for r in results[1:]:
+        other = _recipe(r["settings"])
+        if other != recipe:
+            diff = sorted(k for k in set(recipe) | set(other) if recipe.get(k) != other.get(k))
+            raise ValueError(f"the runs differ in {', '.join(diff)}: summarise runs of one "
+                             "recipe that differ only in the seed")
+    seeds = [r["settings"].get("seed") for r in results]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"each run must be of a different seed, got seeds {seeds}")
+    if ratio is None:
+        ratio = max(recipe["ratios"])
+    picked = [pick(r, method, ratio, split) for r in results]
+    domains = list(results[0]["domains"])
+    per_domain = [sum(p["drops"][i] for p in picked) / len(picked) for i in range(len(domains))]
+    small = all(max(p["params_pct"]) <= 30 for p in picked)
+    r1 = small and all(sum(p["drops"]) / len(p["drops"]) < 1 for p in picked)
+    r2 = small and all(d < 1 for d in per_domain)
+    r3 = [p["seed"] for p in picked if max(p["params_pct"]) <= 30 and max(p["drops"]) < 1]
+    return {"method": method, "ratio": ratio, "split": split, "domains": domains,
+            "seeds": picked, "domain_mean_drops": per_domain, "params_ok": small,
+            "R1": r1, "R2": r2, "R3": r3, "settings": recipe}
+
+
+def _num(v: float, digits: int = 1) -> str:
+    text = f"{v:.{digits}f}"
+    return text[1:] if text.startswith("-") and text.strip("-0.") == "" else text  # no "-0.0"
+
+
+def to_markdown(s: Dict) -> str:
+    """The summary as a markdown table (one row per seed, then the mean over seeds)
+    and the three readings."""
+    names = s["domains"]
+    head = (["seed", "fewer params than the backbone (least, over domains)"]
+            + [f"drop {n}" for n in names] + ["mean drop", "max drop"])
+    lines = [f"Method {s['method']!r} at basis ratio {s['ratio']:.2f}, {s['split']} split, "
+             f"{len(s['seeds'])} seeds; drops in points against each run's reference row.", "",
+             "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for p in s["seeds"]:
+        d = p["drops"]
+        lines.append("| " + " | ".join(
+            [str(p["seed"]), f"{100 - max(p['params_pct']):.1f}%"]
+            + [_num(v) for v in d] + [_num(sum(d) / len(d)), _num(max(d))]) + " |")
+    m = s["domain_mean_drops"]
+    lines.append("| " + " | ".join(["mean over seeds", ""] + [_num(v, 2) for v in m]
+                                   + [_num(sum(m) / len(m), 2), _num(max(m), 2)]) + " |")
+    n = len(s["seeds"])
+    verdict = {True: "met", False: "NOT met"}
+    lines += ["",
+              f"- R1 (every seed's mean drop under 1 point): {verdict[s['R1']]}",
+              f"- R2 (every domain's drop, averaged over the seeds, under 1 point): "
+              f"{verdict[s['R2']]}",
+              f"- R3 (every domain within 1 point): {len(s['R3'])} of {n} seeds "
+              f"({', '.join(str(x) for x in s['R3']) or 'none'})"]
+    if not s["params_ok"]:
+        lines.append("- some seed's row keeps more than 30% of the backbone's params in a "
+                     "domain: no reading can be met")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> Dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", help="basis_experiment.json files, one per seed")
+    ap.add_argument("--method", default="basis")
+    ap.add_argument("--ratio", type=float, default=None,
+                    help="basis ratio of the row to read (default: the deepest)")
+    ap.add_argument("--split", default="test", choices=("val", "test"))
+    ap.add_argument("--out", default=None, help="also write the markdown here")
+    args = ap.parse_args(argv)
+    results = []
+    for path in args.runs:
+        with open(path) as f:
+            results.append(json.load(f))
+    summary = summarise(results, method=args.method, ratio=args.ratio, split=args.split)
+    md = to_markdown(summary)
+    print(md, end="")
+    if args.out:
+        write_atomic(args.out, md)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
