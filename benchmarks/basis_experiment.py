@@ -54,6 +54,10 @@ DomainSpec = Tuple[str, int, Sequence, Sequence]
 Scores = Dict[str, List[float]]  # split ("val", "test") -> per-domain accuracy
 # What distillation distils from (see run's docstring).
 TEACHERS = ("transfer", "reference")
+# Issue 8's target: a row keeps at most this % of the backbone's params in every
+# domain, and loses less than this many points of accuracy.
+TARGET_PARAMS_PCT = 30.0
+TARGET_DROP = 1.0
 
 
 def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
@@ -191,7 +195,7 @@ def _fresh(model):
 def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
                 retrain_epochs, taylor_batches, weight, l1, gradual, recalibrate, reference,
                 schedule, distill, log, teacher=None,
-                last_retrain_epochs=None) -> List[Dict]:
+                last_retrain_epochs: Optional[int] = None) -> List[Dict]:
     """Transfer ``model`` by basis scaling, then one row per pruning ratio; drops are
     against ``reference`` accuracies (default: this transfer unpruned). With
     ``distill`` > 0 every retraining distils from ``teacher`` (frozen; default:
@@ -209,6 +213,7 @@ def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
     elif teacher is None:
         teacher = copy.deepcopy(bm).eval()  # this transfer, unpruned and frozen
     deepest = max(ratios)
+    last = retrain_epochs if last_retrain_epochs is None else last_retrain_epochs
     current, done = bm, 0.0
     for ratio in sorted(ratios) if gradual else ratios:
         # basis.prune's ratio counts what is left, so the step from `done` to `ratio`
@@ -217,8 +222,7 @@ def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
         source = current if gradual else bm
         importance = basis.taylor_importance(source, train, max_batches=taylor_batches)
         pruned = basis.prune(source, importance, ratio=step, scope=scope, weight=weight)
-        n = (retrain_epochs if ratio != deepest or last_retrain_epochs is None
-             else last_retrain_epochs)
+        n = last if ratio == deepest else retrain_epochs
         if n:
             fit(pruned, train, n, lr, schedule=schedule, teacher=teacher,
                 distill=distill)
@@ -382,8 +386,8 @@ def target_lines(result: Dict, split: str = "val") -> List[str]:
     for method in dict.fromkeys(r["method"] for r in result["rows"]
                                 if r["basis_ratio"] > 0):
         rows = [r for r in result["rows"] if r["method"] == method and r["basis_ratio"] > 0]
-        hits = [r for r in rows if max(r["params_pct"]) <= 30
-                and max(_split(r, split)["drop_points"]) < 1]
+        hits = [r for r in rows if max(r["params_pct"]) <= TARGET_PARAMS_PCT
+                and max(_split(r, split)["drop_points"]) < TARGET_DROP]
         if hits:
             best = min(hits, key=lambda r: max(r["params_pct"]))
             drops = _split(best, split)["drop_points"]
@@ -421,8 +425,8 @@ def plot(result: Dict, path: str) -> bool:
             top = 100 * _split(ref, split)["mean_acc"]
             ax.axhline(top, color=line.get_color(), ls="--", lw=0.8,
                        label=f"{method}: reference, and 1 point under it")
-            ax.axhspan(top - 1, top, color=line.get_color(), alpha=0.08)
-        ax.axvline(30, color="grey", lw=0.8, label="70% fewer params")
+            ax.axhspan(top - TARGET_DROP, top, color=line.get_color(), alpha=0.08)
+        ax.axvline(TARGET_PARAMS_PCT, color="grey", lw=0.8, label="70% fewer params")
         ax.invert_xaxis()
         ax.set_xlabel("params per domain, % of one backbone")
         ax.set_ylabel(f"mean accuracy % ({'held-out test' if split == 'test' else 'validation'})")

@@ -27,6 +27,7 @@ import sys
 from typing import Dict, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from basis_experiment import TARGET_DROP, TARGET_PARAMS_PCT, _split  # noqa: E402
 from contenders import write_atomic  # noqa: E402
 
 # Settings that may differ between the runs being summarised.
@@ -42,18 +43,20 @@ def _recipe(settings: Dict) -> Dict:
 
 def pick(result: Dict, method: str, ratio: float, split: str) -> Dict:
     """``result``'s row of ``method`` at basis ratio ``ratio``, as
-    ``{"seed", "drops", "params_pct"}`` with the drops on ``split``."""
+    ``{"seed", "drops", "small", "params_pct"}`` with the drops on ``split`` and
+    ``small`` whether every domain is within the target's share of params."""
     rows = [r for r in result["rows"] if r["method"] == method
             and abs(r["basis_ratio"] - ratio) < 1e-9]
     if len(rows) != 1:
         raise ValueError(f"the run of seed {result['settings'].get('seed')} has {len(rows)} rows "
                          f"of method {method!r} at ratio {ratio}, expected 1")
     row = rows[0]
-    scored = row if split == "val" else row.get(split)
-    if scored is None:
+    if split != "val" and split not in row:
         raise ValueError(f"the run of seed {result['settings'].get('seed')} was not scored on "
                          f"split {split!r}")
-    return {"seed": result["settings"].get("seed"), "drops": list(scored["drop_points"]),
+    drops = list(_split(row, split)["drop_points"])
+    return {"seed": result["settings"].get("seed"), "drops": drops,
+            "small": max(row["params_pct"]) <= TARGET_PARAMS_PCT,
             "params_pct": list(row["params_pct"])}
 
 
@@ -80,10 +83,10 @@ def summarise(results: Sequence[Dict], *, method: str = "basis", ratio: Optional
     picked = [pick(r, method, ratio, split) for r in results]
     domains = list(results[0]["domains"])
     per_domain = [sum(p["drops"][i] for p in picked) / len(picked) for i in range(len(domains))]
-    small = all(max(p["params_pct"]) <= 30 for p in picked)
-    r1 = small and all(sum(p["drops"]) / len(p["drops"]) < 1 for p in picked)
-    r2 = small and all(d < 1 for d in per_domain)
-    r3 = [p["seed"] for p in picked if max(p["params_pct"]) <= 30 and max(p["drops"]) < 1]
+    small = all(p["small"] for p in picked)
+    r1 = small and all(sum(p["drops"]) / len(p["drops"]) < TARGET_DROP for p in picked)
+    r2 = small and all(d < TARGET_DROP for d in per_domain)
+    r3 = [p["seed"] for p in picked if p["small"] and max(p["drops"]) < TARGET_DROP]
     return {"method": method, "ratio": ratio, "split": split, "domains": domains,
             "seeds": picked, "domain_mean_drops": per_domain, "params_ok": small,
             "R1": r1, "R2": r2, "R3": r3, "settings": recipe}
@@ -120,8 +123,8 @@ def to_markdown(s: Dict) -> str:
               f"- R3 (every domain within 1 point): {len(s['R3'])} of {n} seeds "
               f"({', '.join(str(x) for x in s['R3']) or 'none'})"]
     if not s["params_ok"]:
-        lines.append("- some seed's row keeps more than 30% of the backbone's params in a "
-                     "domain: no reading can be met")
+        lines.append(f"- some seed's row keeps more than {TARGET_PARAMS_PCT:g}% of the "
+                     "backbone's params in a domain: no reading can be met")
     return "\n".join(lines) + "\n"
 
 
