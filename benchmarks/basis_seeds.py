@@ -2,6 +2,7 @@
 
     python benchmarks/basis_seeds.py out/s0/basis_experiment.json out/s1/basis_experiment.json ...
                                      [--method basis] [--ratio 0.75] [--split test] [--out FILE.md]
+                                     [--against base/s0/basis_experiment.json ...]
 
 One run's drop on one domain is noisier than the target's 1-point bar (a test
 split of 270 digits gives a binomial standard error of about 1 point at 97%), so
@@ -16,6 +17,12 @@ deepest ratio of the first run):
 and, for all three, every seed's row must have at least 70% fewer params per
 domain than the backbone. Runs that differ in anything but the seed (and the
 date, machine and time taken) are refused: the readings are about one recipe.
+
+``--against`` names the runs of an earlier recipe: the seeds both recipes ran are
+then compared pair by pair (:func:`compare`), each domain's drop before and after
+and its change, and whether the pair shares its reference row to the digit (the
+two recipes then differ only after the reference, and the change is the recipe's
+alone, free of the noise between seeds).
 """
 
 from __future__ import annotations
@@ -92,6 +99,61 @@ def summarise(results: Sequence[Dict], *, method: str = "basis", ratio: Optional
             "R1": r1, "R2": r2, "R3": r3, "settings": recipe}
 
 
+def _reference_acc(result: Dict, method: str, split: str) -> list:
+    """The accuracies on ``split`` that ``method``'s drops are taken against: its
+    "(reference, ...)" row when it has one, else its unpruned row."""
+    rows = ([r for r in result["rows"] if r["method"].startswith(f"{method} (reference")]
+            or [r for r in result["rows"] if r["method"] == method and r["basis_ratio"] == 0])
+    if not rows:
+        raise ValueError(f"the run of seed {result['settings'].get('seed')} has no reference or "
+                         f"unpruned row of method {method!r}")
+    return list(_split(rows[0], split)["acc"])
+
+
+def compare(base: Sequence[Dict], new: Sequence[Dict], *, method: str = "basis",
+            ratio: Optional[float] = None, split: str = "test") -> Dict:
+    r"""Recipe ``new`` against recipe ``base`` (each a list of runs of one recipe,
+    as for :func:`summarise`) on the seeds both ran: per seed and domain the drop
+    before and after and the change :math:`\Delta = \mathrm{drop}_{new} -
+    \mathrm{drop}_{base}` (negative: ``new`` loses less), the mean change per
+    domain over those seeds, and per seed whether both reference rows have the same
+    accuracies (then :math:`\Delta` is the recipe's alone). ``ratio`` defaults to
+    the deepest of ``new``; ``base`` must have a row there too."""
+    after = summarise(new, method=method, ratio=ratio, split=split)
+    before = summarise(base, method=method, ratio=after["ratio"], split=split)
+    if before["domains"] != after["domains"]:
+        raise ValueError(f"the recipes cover different domains: {before['domains']} and "
+                         f"{after['domains']}")
+    old = {r["settings"].get("seed"): r for r in base}
+    fresh = {r["settings"].get("seed"): r for r in new}
+    shared = [s for s in fresh if s in old]
+    if not shared:
+        raise ValueError(f"no seed was run by both recipes: base has {sorted(old)}, new has "
+                         f"{sorted(fresh)}")
+    drops_a = {p["seed"]: p["drops"] for p in before["seeds"]}
+    drops_b = {p["seed"]: p["drops"] for p in after["seeds"]}
+    pairs = []
+    for seed in shared:
+        a, b = drops_a[seed], drops_b[seed]
+        same = _reference_acc(old[seed], method, split) == _reference_acc(fresh[seed], method,
+                                                                          split)
+        pairs.append({"seed": seed, "before": a, "after": b,
+                      "change": [y - x for x, y in zip(a, b)], "same_reference": same})
+    n = len(after["domains"])
+    changed = sorted(k for k in set(before["settings"]) | set(after["settings"])
+                     if before["settings"].get(k) != after["settings"].get(k))
+    return {"method": method, "ratio": after["ratio"], "split": split, "domains": after["domains"],
+            "pairs": pairs,
+            "mean_change": [sum(p["change"][i] for p in pairs) / len(pairs) for i in range(n)],
+            "unpaired": sorted(set(old) ^ set(fresh)),
+            "settings_changed": {k: (before["settings"].get(k), after["settings"].get(k))
+                                 for k in changed}}
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
 def _num(v: float, digits: int = 1) -> str:
     text = f"{v:.{digits}f}"
     return text[1:] if text.startswith("-") and text.strip("-0.") == "" else text  # no "-0.0"
@@ -104,7 +166,7 @@ def to_markdown(s: Dict) -> str:
     head = (["seed", "fewer params than the backbone (least, over domains)"]
             + [f"drop {n}" for n in names] + ["mean drop", "max drop"])
     lines = [f"Method {s['method']!r} at basis ratio {s['ratio']:.2f}, {s['split']} split, "
-             f"{len(s['seeds'])} seeds; drops in points against each run's reference row.", "",
+             f"{_seeds(len(s['seeds']))}; drops in points against each run's reference row.", "",
              "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for p in s["seeds"]:
         d = p["drops"]
@@ -128,6 +190,35 @@ def to_markdown(s: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison_markdown(c: Dict) -> str:
+    """:func:`compare`'s result as a markdown table, one row per shared seed."""
+    names = c["domains"]
+
+    def cell(a: float, b: float, digits: int = 1) -> str:
+        return f"{_num(a, digits)} -> {_num(b, digits)} ({_num(b - a, digits)})"
+    head = ["seed", "same reference"] + [f"drop {n}" for n in names] + ["mean drop"]
+    what = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in c["settings_changed"].items())
+    lines = [f"Paired by seed: method {c['method']!r} at basis ratio {c['ratio']:.2f}, "
+             f"{c['split']} split, {_seeds(len(c['pairs']))} run by both recipes"
+             + (f" (unpaired: {', '.join(map(str, c['unpaired']))})" if c["unpaired"] else "")
+             + f". Drops in points, base -> new (change); the recipes differ in: "
+             f"{what or 'nothing'}.", "",
+             "| " + " | ".join(head) + " |", "|---:|---|" + "---:|" * (len(head) - 2)]
+    for p in c["pairs"]:
+        a, b = p["before"], p["after"]
+        lines.append("| " + " | ".join(
+            [str(p["seed"]), "yes" if p["same_reference"] else "no"]
+            + [cell(x, y) for x, y in zip(a, b)] + [cell(sum(a) / len(a), sum(b) / len(b))])
+            + " |")
+    k = len(c["pairs"])
+    mean_a = [sum(p["before"][i] for p in c["pairs"]) / k for i in range(len(names))]
+    mean_b = [sum(p["after"][i] for p in c["pairs"]) / k for i in range(len(names))]
+    lines.append("| " + " | ".join(
+        ["mean over seeds", ""] + [cell(x, y, 2) for x, y in zip(mean_a, mean_b)]
+        + [cell(sum(mean_a) / len(names), sum(mean_b) / len(names), 2)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> Dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", help="basis_experiment.json files, one per seed")
@@ -136,17 +227,25 @@ def main(argv=None) -> Dict:
                     help="basis ratio of the row to read (default: the deepest)")
     ap.add_argument("--split", default="test", choices=("val", "test"))
     ap.add_argument("--out", default=None, help="also write the markdown here")
+    ap.add_argument("--against", nargs="+", default=None, metavar="RUN",
+                    help="basis_experiment.json files of an earlier recipe: compare seed by seed")
     args = ap.parse_args(argv)
-    results = []
-    for path in args.runs:
-        with open(path) as f:
-            results.append(json.load(f))
+    results = [_load(path) for path in args.runs]
     summary = summarise(results, method=args.method, ratio=args.ratio, split=args.split)
     md = to_markdown(summary)
+    if args.against:
+        summary["comparison"] = compare([_load(p) for p in args.against], results,
+                                        method=args.method, ratio=args.ratio, split=args.split)
+        md += "\n" + comparison_markdown(summary["comparison"])
     print(md, end="")
     if args.out:
         write_atomic(args.out, md)
     return summary
+
+
+def _load(path: str) -> Dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 if __name__ == "__main__":

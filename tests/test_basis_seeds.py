@@ -10,14 +10,16 @@ RECIPE = {"epochs": 5, "ratios": [0.6, 0.75], "retrain_epochs": 2, "teacher": "r
           "reference_epochs": 9}
 
 
-def run(seed, drops, params=(28.0, 29.0, 28.5), test=True, **recipe):
+def run(seed, drops, params=(28.0, 29.0, 28.5), test=True, ref=(0.97, 1.0, 0.96), **recipe):
     """A basis_experiment.json-like result whose 0.75 row has these test drops (the
-    validation drops are the test drops + 5, so a mix-up of splits shows)."""
+    validation drops are the test drops + 5, so a mix-up of splits shows) and whose
+    reference row has the test accuracies ``ref``."""
     def row(method, ratio, d, p):
+        acc = [a - x / 100 for a, x in zip(ref, d)]
         r = {"method": method, "basis_ratio": ratio, "drop_points": [x + 5 for x in d],
-             "params_pct": list(p)}
+             "acc": [a - 0.05 for a in acc], "params_pct": list(p)}
         if test:
-            r["test"] = {"drop_points": list(d)}
+            r["test"] = {"drop_points": list(d), "acc": acc}
         return r
     settings = {**RECIPE, **recipe, "seed": seed, "date": f"2026-11-{seed + 1:02d}",
                 "seconds": 100.0 + seed}
@@ -84,3 +86,49 @@ def test_command_line_reads_the_json_files_and_writes_the_table(tmp_path, capsys
     assert s["R1"] and s["R2"] and s["R3"] == [3, 4]
     assert out.read_text() == capsys.readouterr().out
     assert "2 seeds" in out.read_text()
+
+
+def test_compare_pairs_the_seeds_both_recipes_ran(tmp_path, capsys):
+    base = [run(0, [0.4, 0.0, 1.5]), run(1, [1.9, 0.0, -1.7]), run(2, [2.2, 0.0, -0.3])]
+    new = [run(2, [1.2, 0.0, 0.7], ratios=[0.3, 0.6, 0.75], retrain_epochs=1),
+           run(1, [0.4, 0.0, -1.0], ref=(0.94, 1.0, 0.96), ratios=[0.3, 0.6, 0.75],
+               retrain_epochs=1),
+           run(3, [0.0] * 3, ratios=[0.3, 0.6, 0.75], retrain_epochs=1)]
+    c = basis_seeds.compare(base, new)
+    assert [p["seed"] for p in c["pairs"]] == [2, 1] and c["unpaired"] == [0, 3]
+    assert c["pairs"][0]["change"] == pytest.approx([-1.0, 0.0, 1.0])
+    assert c["pairs"][1]["change"] == pytest.approx([-1.5, 0.0, 0.7])
+    assert c["mean_change"] == pytest.approx([-1.25, 0.0, 0.85])
+    # Seed 1's new reference differs (0.94 on digits): its change mixes recipe and reference.
+    assert [p["same_reference"] for p in c["pairs"]] == [True, False]
+    # (runs without last_retrain_epochs retrained every cut alike)
+    assert c["settings_changed"] == {"ratios": ([0.6, 0.75], [0.3, 0.6, 0.75]),
+                                     "retrain_epochs": (2, 1), "last_retrain_epochs": (2, 1)}
+    md = basis_seeds.comparison_markdown(c)
+    assert "| 2 | yes | 2.2 -> 1.2 (-1.0) | 0.0 -> 0.0 (0.0) | -0.3 -> 0.7 (1.0) |" in md
+    assert "| 1 | no | 1.9 -> 0.4 (-1.5) |" in md
+    assert "(unpaired: 0, 3)" in md and "retrain_epochs 2 -> 1" in md
+    assert "| mean over seeds |  | 2.05 -> 0.80 (-1.25) |" in md
+    # On the command line, --against names the base recipe's runs.
+    paths = {}
+    for name, runs in (("base", base), ("new", new)):
+        paths[name] = []
+        for r in runs:
+            path = tmp_path / f"{name}{r['settings']['seed']}.json"
+            path.write_text(json.dumps(r))
+            paths[name].append(str(path))
+    s = basis_seeds.main(paths["new"] + ["--against"] + paths["base"])
+    assert s["comparison"]["mean_change"] == pytest.approx(c["mean_change"])
+    assert "Paired by seed" in capsys.readouterr().out
+
+
+def test_compare_refuses_what_cannot_be_paired():
+    base = [run(0, [0.0] * 3)]
+    with pytest.raises(ValueError, match="no seed was run by both recipes: base has \\[0\\], new has \\[5\\]"):
+        basis_seeds.compare(base, [run(5, [0.0] * 3, retrain_epochs=1)])
+    other = run(0, [0.0] * 3)
+    other["domains"] = ["a", "b", "c"]
+    with pytest.raises(ValueError, match="different domains"):
+        basis_seeds.compare(base, [other])
+    with pytest.raises(ValueError, match="0 rows of method 'basis' at ratio 0.8"):
+        basis_seeds.compare(base, [run(0, [0.0] * 3, ratios=[0.6, 0.8])], ratio=0.8)
