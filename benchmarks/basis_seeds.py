@@ -115,10 +115,11 @@ def compare(base: Sequence[Dict], new: Sequence[Dict], *, method: str = "basis",
     r"""Recipe ``new`` against recipe ``base`` (each a list of runs of one recipe,
     as for :func:`summarise`) on the seeds both ran: per seed and domain the drop
     before and after and the change :math:`\Delta = \mathrm{drop}_{new} -
-    \mathrm{drop}_{base}` (negative: ``new`` loses less), the mean change per
-    domain over those seeds, and per seed whether both reference rows have the same
-    accuracies (then :math:`\Delta` is the recipe's alone). ``ratio`` defaults to
-    the deepest of ``new``; ``base`` must have a row there too."""
+    \mathrm{drop}_{base}` (negative: ``new`` loses less), each domain's mean drop
+    over those seeds before and after and its change, and per seed whether both
+    reference rows have the same accuracies (then :math:`\Delta` is the recipe's
+    alone). ``ratio`` defaults to the deepest of ``new``; ``base`` must have a row
+    there too."""
     after = summarise(new, method=method, ratio=ratio, split=split)
     before = summarise(base, method=method, ratio=after["ratio"], split=split)
     if before["domains"] != after["domains"]:
@@ -140,11 +141,14 @@ def compare(base: Sequence[Dict], new: Sequence[Dict], *, method: str = "basis",
         pairs.append({"seed": seed, "before": a, "after": b,
                       "change": [y - x for x, y in zip(a, b)], "same_reference": same})
     n = len(after["domains"])
+    mean_a = [sum(p["before"][i] for p in pairs) / len(pairs) for i in range(n)]
+    mean_b = [sum(p["after"][i] for p in pairs) / len(pairs) for i in range(n)]
     changed = sorted(k for k in set(before["settings"]) | set(after["settings"])
                      if before["settings"].get(k) != after["settings"].get(k))
     return {"method": method, "ratio": after["ratio"], "split": split, "domains": after["domains"],
             "pairs": pairs,
-            "mean_change": [sum(p["change"][i] for p in pairs) / len(pairs) for i in range(n)],
+            "mean_before": mean_a, "mean_after": mean_b,
+            "mean_change": [y - x for x, y in zip(mean_a, mean_b)],
             "unpaired": sorted(set(old) ^ set(fresh)),
             "settings_changed": {k: (before["settings"].get(k), after["settings"].get(k))
                                  for k in changed}}
@@ -210,9 +214,7 @@ def comparison_markdown(c: Dict) -> str:
             [str(p["seed"]), "yes" if p["same_reference"] else "no"]
             + [cell(x, y) for x, y in zip(a, b)] + [cell(sum(a) / len(a), sum(b) / len(b))])
             + " |")
-    k = len(c["pairs"])
-    mean_a = [sum(p["before"][i] for p in c["pairs"]) / k for i in range(len(names))]
-    mean_b = [sum(p["after"][i] for p in c["pairs"]) / k for i in range(len(names))]
+    mean_a, mean_b = c["mean_before"], c["mean_after"]
     lines.append("| " + " | ".join(
         ["mean over seeds", ""] + [cell(x, y, 2) for x, y in zip(mean_a, mean_b)]
         + [cell(sum(mean_a) / len(names), sum(mean_b) / len(names), 2)]) + " |")
