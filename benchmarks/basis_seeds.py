@@ -14,6 +14,10 @@ deepest ratio of the first run):
 - R2: every domain's drop, averaged over the seeds, is under 1 point;
 - R3: the seeds on which every domain is within 1 point (reported, not a verdict);
 
+with, under the mean over seeds, its standard error (the seeds' sample standard
+deviation over the square root of their number), so a reader can tell a mean
+that misses the bar by less than its own noise from one that misses by more.
+
 and, for all three, every seed's row must have at least 70% fewer params per
 domain than the backbone. Runs that differ in anything but the seed (and the
 date, machine and time taken) are refused: the readings are about one recipe.
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from typing import Dict, Optional, Sequence
 
@@ -70,7 +75,9 @@ def pick(result: Dict, method: str, ratio: float, split: str) -> Dict:
 def summarise(results: Sequence[Dict], *, method: str = "basis", ratio: Optional[float] = None,
               split: str = "test") -> Dict:
     """The readings R1-R3 (module docstring) over ``results`` (parsed
-    basis_experiment.json files of one recipe, one per seed)."""
+    basis_experiment.json files of one recipe, one per seed), each domain's mean
+    drop over the seeds and its standard error :math:`s / \\sqrt{n}` (``domain_se``;
+    ``mean_drop_se`` for the seeds' mean drops; None with one seed)."""
     if not results:
         raise ValueError("results must hold at least one basis_experiment.json run, got none")
     if split not in ("val", "test"):
@@ -91,11 +98,16 @@ def summarise(results: Sequence[Dict], *, method: str = "basis", ratio: Optional
     domains = list(results[0]["domains"])
     per_domain = [sum(p["drops"][i] for p in picked) / len(picked) for i in range(len(domains))]
     small = all(p["small"] for p in picked)
+    # Per domain, then of each seed's mean over the domains (the R1 quantity).
+    columns = [[p["drops"][i] for p in picked] for i in range(len(domains))]
+    columns.append([sum(p["drops"]) / len(p["drops"]) for p in picked])
+    se = ([statistics.stdev(c) / len(c) ** 0.5 for c in columns] if len(picked) > 1 else None)
     r1 = small and all(sum(p["drops"]) / len(p["drops"]) < TARGET_DROP for p in picked)
     r2 = small and all(d < TARGET_DROP for d in per_domain)
     r3 = [p["seed"] for p in picked if p["small"] and max(p["drops"]) < TARGET_DROP]
     return {"method": method, "ratio": ratio, "split": split, "domains": domains,
             "seeds": picked, "domain_mean_drops": per_domain, "params_ok": small,
+            "domain_se": se[:-1] if se else None, "mean_drop_se": se[-1] if se else None,
             "R1": r1, "R2": r2, "R3": r3, "settings": recipe}
 
 
@@ -180,6 +192,10 @@ def to_markdown(s: Dict) -> str:
     m = s["domain_mean_drops"]
     lines.append("| " + " | ".join(["mean over seeds", ""] + [_num(v, 2) for v in m]
                                    + [_num(sum(m) / len(m), 2), _num(max(m), 2)]) + " |")
+    if s["domain_se"] is not None:
+        lines.append("| " + " | ".join(["standard error of that mean", ""]
+                                       + [_num(v, 2) for v in s["domain_se"]]
+                                       + [_num(s["mean_drop_se"], 2), ""]) + " |")
     n = len(s["seeds"])
     verdict = {True: "met", False: "NOT met"}
     lines += ["",

@@ -1,6 +1,7 @@
 """benchmarks/basis_seeds.py: issue 8's target read over several seeds."""
 
 import json
+import statistics
 
 import pytest
 
@@ -39,6 +40,17 @@ def test_the_three_readings():
     assert "| 1 | 71.0% | 0.7 | 0.0 | -0.8 | 0.0 | 0.7 |" in md  # -0.03 prints as 0.0
     assert "| mean over seeds |  | 0.87 | 0.00 | -1.27 | -0.13 | 0.87 |" in md
     assert "- R3 (every domain within 1 point): 1 of 3 seeds (1)" in md
+    # Standard errors: sample standard deviation over sqrt(3), per domain and of the
+    # seeds' mean drops (0.633, -0.033, -1.0).
+    digits = statistics.stdev([0.4, 0.7, 1.5]) / 3 ** 0.5
+    means = statistics.stdev([1.9 / 3, -0.1 / 3, -1.0]) / 3 ** 0.5
+    assert s["domain_se"] == pytest.approx([digits, 0.0, statistics.stdev([1.5, -0.8, -4.5])
+                                            / 3 ** 0.5])
+    assert s["mean_drop_se"] == pytest.approx(means)
+    assert (f"| standard error of that mean |  | {digits:.2f} | 0.00 | 1.75 | {means:.2f} |  |"
+            in md)
+    one = basis_seeds.summarise([run(0, [0.4, 0.0, 1.5])])
+    assert one["domain_se"] is None and "standard error" not in basis_seeds.to_markdown(one)
     # A seed whose mean drop reaches 1 point breaks R1; a domain whose average does, R2.
     s = basis_seeds.summarise([run(0, [2.0, 1.0, 0.0]), run(1, [-1.0, 0.0, 0.5])])
     assert not s["R1"] and s["R2"] and s["R3"] == [1]
@@ -60,7 +72,8 @@ def test_other_ratio_and_runs_from_before_last_retrain_epochs():
 
 
 def test_runs_of_different_recipes_or_one_seed_twice_are_refused():
-    with pytest.raises(ValueError, match="differ in last_retrain_epochs, reference_epochs, retrain_epochs"):
+    with pytest.raises(ValueError, match="differ in last_retrain_epochs, reference_epochs, "
+                                         "retrain_epochs"):
         basis_seeds.summarise([run(0, [0.0] * 3),
                                run(1, [0.0] * 3, retrain_epochs=4, reference_epochs=11)])
     with pytest.raises(ValueError, match="different seed, got seeds \\[0, 0\\]"):
@@ -124,7 +137,8 @@ def test_compare_pairs_the_seeds_both_recipes_ran(tmp_path, capsys):
 
 def test_compare_refuses_what_cannot_be_paired():
     base = [run(0, [0.0] * 3)]
-    with pytest.raises(ValueError, match="no seed was run by both recipes: base has \\[0\\], new has \\[5\\]"):
+    with pytest.raises(ValueError, match="no seed was run by both recipes: base has \\[0\\], "
+                                         "new has \\[5\\]"):
         basis_seeds.compare(base, [run(5, [0.0] * 3, retrain_epochs=1)])
     other = run(0, [0.0] * 3)
     other["domains"] = ["a", "b", "c"]
