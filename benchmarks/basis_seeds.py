@@ -14,13 +14,13 @@ deepest ratio of the first run):
 - R2: every domain's drop, averaged over the seeds, is under 1 point;
 - R3: the seeds on which every domain is within 1 point (reported, not a verdict);
 
-with, under the mean over seeds, its standard error (the seeds' sample standard
-deviation over the square root of their number), so a reader can tell a mean
-that misses the bar by less than its own noise from one that misses by more.
-
 and, for all three, every seed's row must have at least 70% fewer params per
 domain than the backbone. Runs that differ in anything but the seed (and the
 date, machine and time taken) are refused: the readings are about one recipe.
+
+Under each mean over the seeds stands its standard error (the seeds' sample
+standard deviation over the square root of their number), so a reader can tell
+a mean that misses the bar by less than its own noise from one that misses by more.
 
 ``--against`` names the runs of an earlier recipe: the seeds both recipes ran are
 then compared pair by pair (:func:`compare`), each domain's drop before and after
@@ -96,19 +96,23 @@ def summarise(results: Sequence[Dict], *, method: str = "basis", ratio: Optional
         ratio = max(recipe["ratios"])
     picked = [pick(r, method, ratio, split) for r in results]
     domains = list(results[0]["domains"])
-    per_domain = [sum(p["drops"][i] for p in picked) / len(picked) for i in range(len(domains))]
+    by_domain = [[p["drops"][i] for p in picked] for i in range(len(domains))]
+    seed_means = [sum(p["drops"]) / len(p["drops"]) for p in picked]
+    per_domain = [sum(c) / len(c) for c in by_domain]
     small = all(p["small"] for p in picked)
-    # Per domain, then of each seed's mean over the domains (the R1 quantity).
-    columns = [[p["drops"][i] for p in picked] for i in range(len(domains))]
-    columns.append([sum(p["drops"]) / len(p["drops"]) for p in picked])
-    se = ([statistics.stdev(c) / len(c) ** 0.5 for c in columns] if len(picked) > 1 else None)
-    r1 = small and all(sum(p["drops"]) / len(p["drops"]) < TARGET_DROP for p in picked)
+    r1 = small and all(m < TARGET_DROP for m in seed_means)
     r2 = small and all(d < TARGET_DROP for d in per_domain)
     r3 = [p["seed"] for p in picked if p["small"] and max(p["drops"]) < TARGET_DROP]
     return {"method": method, "ratio": ratio, "split": split, "domains": domains,
             "seeds": picked, "domain_mean_drops": per_domain, "params_ok": small,
-            "domain_se": se[:-1] if se else None, "mean_drop_se": se[-1] if se else None,
+            "domain_se": [_standard_error(c) for c in by_domain] if len(picked) > 1 else None,
+            "mean_drop_se": _standard_error(seed_means),
             "R1": r1, "R2": r2, "R3": r3, "settings": recipe}
+
+
+def _standard_error(values: Sequence[float]) -> Optional[float]:
+    """:math:`s / \\sqrt{n}` of ``values`` (None for fewer than two)."""
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
 
 
 def _reference_acc(result: Dict, method: str, split: str) -> list:
