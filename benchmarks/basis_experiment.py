@@ -160,6 +160,7 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
                 "schedule": schedule, "distill": distill, "teacher": teacher,
                 "reference_epochs": matched, "basis_rows": basis_rows,
                 "input_size": list(input_size), "seed": seed,
+                "backbone_params": sum(p.numel() for p in backbone.parameters()),
                 "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                 "machine": platform.processor() or platform.machine(),
                 "threads": torch.get_num_threads(), "seconds": time.perf_counter() - start}
@@ -334,7 +335,7 @@ def to_markdown(result: Dict) -> str:
              f"recalibrated on {s.get('recalibrate', 0)} batches, learning rate "
              f"{s.get('lr', '-')} {s.get('schedule', 'constant')}, distillation weight "
              f"{s.get('distill', 0.0)} (teacher: {s.get('teacher', 'transfer')}), input "
-             f"{tuple(s['input_size'])}, "
+             f"{tuple(s['input_size'])}, {_backbone(s)}"
              f"{s['seconds']:.0f} s. Percentages are of ONE backbone (the single-domain "
              "network); drops are against the method's reference row where it has one (the "
              "unpruned transfer without L1, trained as long as its deepest pruned row), else "
@@ -361,6 +362,15 @@ def to_markdown(result: Dict) -> str:
         lines.append("")
         lines += target_lines(result, split)
     return "\n".join(lines) + "\n"
+
+
+def _backbone(settings: Dict) -> str:
+    """What was pruned, for the header; runs recorded before these keys existed
+    say nothing."""
+    parts = [f"width {settings['width']}"] if "width" in settings else []
+    if "backbone_params" in settings:
+        parts.append(f"{settings['backbone_params']:,} parameters")
+    return f"backbone {', '.join(parts)}, " if parts else ""
 
 
 def _last_cut(settings: Dict) -> str:
@@ -528,6 +538,8 @@ def main(argv=None) -> Dict:
     finally:
         torch.set_num_threads(threads)
     result["settings"]["smoke"] = args.smoke
+    if not args.smoke:  # the smoke backbone and data ignore these
+        result["settings"].update(width=args.width, size=args.size, batch_size=args.batch_size)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "basis_experiment" + ("_smoke" if args.smoke and
                                                          args.out == ap.get_default("out") else ""))

@@ -515,6 +515,14 @@ def test_experiment_smoke_mode_runs(tmp_path):
     md = (tmp_path / "basis_experiment.md").read_text()
     assert "- basis: target" in md and "- basis (test): target" in md
     assert "Held-out test split" in md
+    # The header names what was pruned; the smoke backbone has no width setting.
+    backbone, _ = basis_experiment._smoke_inputs(0)
+    n = sum(p.numel() for p in backbone.parameters())
+    assert result["settings"]["backbone_params"] == n and "width" not in result["settings"]
+    assert f"backbone {n:,} parameters, " in md
+    assert basis_experiment._backbone({"width": 0.5, "backbone_params": 1471978}) == (
+        "backbone width 0.5, 1,471,978 parameters, ")
+    assert basis_experiment._backbone({}) == ""
     assert (tmp_path / "basis_experiment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(len(row["test"]["acc"]) == 2 for row in result["rows"])
     only = basis_experiment.main(["--smoke", "--no-basis-rows", "--out", str(tmp_path)])
