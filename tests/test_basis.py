@@ -546,7 +546,8 @@ def test_experiment_smoke_mode_runs(tmp_path):
     # The deepest cut (0.8) retrains 3 epochs: 1 of transfer + 1 after 0.5 + 3 for the reference.
     assert longer["settings"]["last_retrain_epochs"] == 3
     assert longer["settings"]["reference_epochs"] == 5 == recipe["settings"]["reference_epochs"] + 2
-    assert "retrain epochs 1 (3 after the deepest cut)" in (tmp_path / "basis_experiment.md").read_text()
+    md = (tmp_path / "basis_experiment.md").read_text()
+    assert "retrain epochs 1 (3 after the deepest cut)" in md
     # Only the reference row and the deepest cut's row are trained differently: the
     # transfer and the 0.5 cut score as before (their drops move with the reference).
     def scores(row):
