@@ -47,6 +47,7 @@ import fastmdl  # noqa: E402
 from fastmdl import basis  # noqa: E402
 from fastmdl._checks import count  # noqa: E402
 from fastmdl._plot import pyplot, save_png  # noqa: E402
+from fastmdl.pretrained import _bar  # noqa: E402
 from fastmdl.train import mixed_batches, recalibrate_bn  # noqa: E402
 
 # (name, num_classes, train_loader, val_loader[, test_loader])
@@ -67,7 +68,7 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
         weight: str = "components", l1: float = 0.0, gradual: bool = False,
         recalibrate: int = 0, basis_rows: bool = True, schedule: str = "constant",
         distill: float = 0.0, teacher: str = "transfer",
-        last_retrain_epochs: Optional[int] = None, log=print) -> Dict:
+        last_retrain_epochs: Optional[int] = None, log=print, progress: bool = True) -> Dict:
     """Run the experiment (see the module docstring) and return
     ``{"settings", "domains", "rows"}``; each row is a dict (see :func:`_row`).
     ``budget=None`` leaves out the filter-pruning and double-pruning rows,
@@ -85,7 +86,8 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
     training) or "reference" (the reference row's network below, trained as long
     as the deepest pruned row). ``last_retrain_epochs`` retrains the deepest cut
     (the largest ratio) that many epochs instead of ``retrain_epochs``; default the
-    same. No individual weight is trained in any case.
+    same. No individual weight is trained in any case. ``progress`` shows a bar
+    for each training call (a full run takes hours on a CPU).
     With L1 or retraining, each method first gets a "(reference)" row: the unpruned
     transfer without L1, trained as many epochs as its deepest pruned row, which
     that method's drops are taken against."""
@@ -109,7 +111,7 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
     recipe = dict(ratios=ratios, scope=scope, lr=lr, retrain_epochs=retrain_epochs,
                   taylor_batches=taylor_batches, weight=weight, l1=l1, gradual=gradual,
                   recalibrate=recalibrate, schedule=schedule, distill=distill,
-                  last_retrain_epochs=last, log=log)
+                  last_retrain_epochs=last, log=log, progress=progress)
     # The deepest pruned row has trained for `matched` epochs in all; its drop is
     # taken against an unpruned transfer (without L1) trained as long, so that extra
     # training cannot pass for pruning that costs nothing.
@@ -125,7 +127,8 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
         if not separate:
             return None, None  # the method's own unpruned row is trained as long
         bm = basis.decompose(source)
-        fit(bm, train, matched, lr, schedule=schedule)
+        fit(bm, train, matched, lr, schedule=schedule,
+            desc=f"{method} reference, {_epochs(matched)}" if progress else None)
         acc = val(bm)
         rows.append(_row(f"{method} (reference, {matched} epochs)", budget_, 0.0,
                          basis.cost_report(bm), acc, acc))
@@ -145,7 +148,8 @@ def run(backbone: nn.Module, domains: Sequence[DomainSpec], *, epochs: int,
     if budget is not None:
         torch.manual_seed(seed)
         masked = _fresh(fastmdl.convert(backbone, len(domains), classes, input_size=input_size))
-        fastmdl.train(masked, train, budget=budget, epochs=epochs, lr=lr, progress=False, log=None)
+        fastmdl.train(masked, train, budget=budget, epochs=epochs, lr=lr, progress=progress,
+                      log=None)
         acc = val(masked)
         rows.append(_row("filters", budget, 0.0, fastmdl.cost_report(masked), acc, acc))
         log(_line(rows[-1]))
@@ -195,7 +199,7 @@ def _fresh(model):
 
 def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
                 retrain_epochs, taylor_batches, weight, l1, gradual, recalibrate, reference,
-                schedule, distill, log, teacher=None,
+                schedule, distill, log, teacher=None, progress: bool = False,
                 last_retrain_epochs: Optional[int] = None) -> List[Dict]:
     """Transfer ``model`` by basis scaling, then one row per pruning ratio; drops are
     against ``reference`` accuracies (default: this transfer unpruned). With
@@ -204,7 +208,8 @@ def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
     ``last_retrain_epochs`` (default ``retrain_epochs``). ``val`` is
     :func:`_scorer`'s ``score``."""
     bm = basis.decompose(model)
-    fit(bm, train, epochs, lr, l1=l1, schedule=schedule)
+    fit(bm, train, epochs, lr, l1=l1, schedule=schedule,
+        desc=f"{method} transfer, {_epochs(epochs)}" if progress else None)
     full = val(bm)
     ref = full if reference is None else reference
     rows = [_row(method, budget, 0.0, basis.cost_report(bm), full, ref)]
@@ -225,8 +230,8 @@ def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
         pruned = basis.prune(source, importance, ratio=step, scope=scope, weight=weight)
         n = last if ratio == deepest else retrain_epochs
         if n:
-            fit(pruned, train, n, lr, schedule=schedule, teacher=teacher,
-                distill=distill)
+            fit(pruned, train, n, lr, schedule=schedule, teacher=teacher, distill=distill,
+                desc=f"{method} at {ratio:.2f}, {_epochs(n)}" if progress else None)
         if recalibrate:
             recalibrate_bn(pruned, train, batches=recalibrate)
             pruned.eval()
@@ -237,6 +242,10 @@ def _basis_rows(method, budget, model, train, val, epochs, *, ratios, scope, lr,
 
 
 SCHEDULES = ("constant", "cosine")
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -252,14 +261,15 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
 def fit(model, loaders: Sequence, epochs: int, lr: float, l1: float = 0.0,
         schedule: str = "constant", teacher: Optional[nn.Module] = None,
-        distill: float = 0.0, temperature: float = 4.0) -> None:
+        distill: float = 0.0, temperature: float = 4.0, desc: Optional[str] = None) -> None:
     """Adam on the trainable parameters (after decompose: factors, BatchNorm, heads),
     one mixed batch per step with a batch of every domain, as ``fastmdl.train``;
     ``l1`` > 0 adds ``l1 * basis.factor_l1(model)`` to the loss. ``schedule``
     "cosine" anneals the learning rate from ``lr`` to 0 over this call's steps,
     lr_t = lr (1 + cos(pi t / T)) / 2, so each call ends converged rather than at
     the last step of a constant-rate walk. With a ``teacher`` (frozen, evaluation
-    mode), the loss is (1 - distill) CE + distill :func:`distill_loss`."""
+    mode), the loss is (1 - distill) CE + distill :func:`distill_loss`. A ``desc``
+    shows a progress bar of this call's steps under that name."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -268,6 +278,7 @@ def fit(model, loaders: Sequence, epochs: int, lr: float, l1: float = 0.0,
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps))
              if schedule == "cosine" else None)
     device = params[0].device
+    bar = _bar(epochs * steps, desc is not None, desc or "")
     model.train()
     for _ in range(epochs):
         batches = mixed_batches(loaders)
@@ -286,6 +297,10 @@ def fit(model, loaders: Sequence, epochs: int, lr: float, l1: float = 0.0,
             opt.step()
             if sched is not None:
                 sched.step()
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
     model.eval()
 
 
@@ -464,14 +479,14 @@ def _smoke_inputs(seed: int = 0):
     return backbone, domains
 
 
-def _real_inputs(size: int, width: float, batch_size: int, seed: int):
+def _real_inputs(size: int, width: float, batch_size: int, seed: int, progress: bool = True):
     try:
         from fastmdl.data import builtin_benchmark
         from fastmdl.pretrained import pretrained_backbone
     except ImportError as e:
         raise SystemExit(f"the full experiment needs fastmdl.data and fastmdl.pretrained "
                          f"({e}); run with --smoke meanwhile")
-    backbone, _ = pretrained_backbone(size=size, width=width, seed=seed)
+    backbone, _ = pretrained_backbone(size=size, width=width, seed=seed, progress=progress)
     data = builtin_benchmark(size, domains=["digits", "faces", "textures"], seed=seed)
     train = data.loaders("train", batch_size, seed=seed)
     val = data.loaders("val", batch_size, shuffle=False)
@@ -515,6 +530,8 @@ def main(argv=None) -> Dict:
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress bars (they go to stderr)")
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--out", default=os.path.join(here, "out"))
     args = ap.parse_args(argv)
@@ -526,7 +543,8 @@ def main(argv=None) -> Dict:
         # Tiny tensors gain nothing from threads, and lose much on a busy machine.
         torch.set_num_threads(1)
     else:
-        backbone, domains = _real_inputs(args.size, args.width, args.batch_size, args.seed)
+        backbone, domains = _real_inputs(args.size, args.width, args.batch_size, args.seed,
+                                         progress=not args.no_progress)
     try:
         result = run(backbone, domains, epochs=args.epochs, ratios=ratios, budget=args.budget,
                      scope=args.scope, lr=args.lr, retrain_epochs=args.retrain_epochs,
@@ -534,7 +552,8 @@ def main(argv=None) -> Dict:
                      l1=args.l1, gradual=args.gradual, recalibrate=args.recalibrate,
                      basis_rows=not args.no_basis_rows, schedule=args.schedule,
                      distill=args.distill, teacher=args.teacher,
-                     last_retrain_epochs=args.last_retrain_epochs)
+                     last_retrain_epochs=args.last_retrain_epochs,
+                     progress=not args.no_progress)
     finally:
         torch.set_num_threads(threads)
     result["settings"]["smoke"] = args.smoke

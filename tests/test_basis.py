@@ -504,10 +504,12 @@ def test_bad_input_is_rejected_with_the_argument_named():
         bm(torch.randn(2, 3, 8, 8), 3)
 
 
-def test_experiment_smoke_mode_runs(tmp_path):
+def test_experiment_smoke_mode_runs(tmp_path, capsys):
     import basis_experiment
 
     result = basis_experiment.main(["--smoke", "--out", str(tmp_path)])
+    # Each training call shows a bar (stderr) under its name; --no-progress hides them.
+    assert "basis transfer, 1 epoch:" in capsys.readouterr().err
     assert (tmp_path / "basis_experiment.json").exists()
     assert (tmp_path / "basis_experiment.md").exists()
     methods = {row["method"] for row in result["rows"]}
@@ -525,7 +527,9 @@ def test_experiment_smoke_mode_runs(tmp_path):
     assert basis_experiment._backbone({}) == ""
     assert (tmp_path / "basis_experiment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(len(row["test"]["acc"]) == 2 for row in result["rows"])
-    only = basis_experiment.main(["--smoke", "--no-basis-rows", "--out", str(tmp_path)])
+    only = basis_experiment.main(["--smoke", "--no-basis-rows", "--no-progress",
+                                  "--out", str(tmp_path)])
+    assert "transfer, 1 epoch:" not in capsys.readouterr().err
     assert {row["method"] for row in only["rows"]} == {"filters", "double"}
     recipe = basis_experiment.main(["--smoke", "--budget", "none", "--gradual", "--retrain-epochs",
                                     "1", "--schedule", "cosine", "--distill", "0.5",
