@@ -29,7 +29,8 @@ def _extension_and_cmdclass():
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     nvcc = shutil.which("nvcc") or (
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None)
-    use_cuda = bool(cuda_sources) and torch.version.cuda is not None and nvcc and os.path.exists(nvcc)
+    use_cuda = (bool(cuda_sources) and torch.version.cuda is not None and nvcc
+                and os.path.exists(nvcc))
     if os.environ.get("FASTMDL_NO_CUDA") == "1":
         use_cuda = False
 

@@ -100,7 +100,8 @@ def _gather(x: torch.Tensor, rows: torch.Tensor, chans: torch.Tensor) -> torch.T
     """x[rows][:, chans], in x's memory format (a channels_last x is gathered through
     its NHWC view, so the copy comes out channels_last without a second copy)."""
     if output_memory_format(x) == torch.channels_last:
-        return x.permute(0, 2, 3, 1).index_select(0, rows).index_select(3, chans).permute(0, 3, 1, 2)
+        return (x.permute(0, 2, 3, 1).index_select(0, rows).index_select(3, chans)
+                .permute(0, 3, 1, 2))
     return x.index_select(0, rows).index_select(1, chans)
 
 
@@ -139,7 +140,8 @@ def contenders(p: Problem, backends: List[str], *, fixed_rows: bool = False,
         return y
 
     def mask():
-        return F.conv2d(p.x, p.weight, None, p.stride, p.padding) * out_mask[p.domain][:, :, None, None]
+        return (F.conv2d(p.x, p.weight, None, p.stride, p.padding)
+                * out_mask[p.domain][:, :, None, None])
 
     def dense():
         return F.conv2d(p.x, p.weight, None, p.stride, p.padding)

@@ -21,8 +21,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from contenders import (BASELINES, RESNET_LAYERS, contenders, make_problem, matmul_gflops,  # noqa: E402
-                        median_seconds, write_atomic)
+from contenders import (BASELINES, RESNET_LAYERS, contenders, make_problem,  # noqa: E402
+                        matmul_gflops, median_seconds, write_atomic)
 
 import fastmdl  # noqa: E402
 from fastmdl import backends  # noqa: E402
@@ -40,13 +40,16 @@ def cpu_name() -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--domains", type=int, default=4)
     ap.add_argument("--keep", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
-    ap.add_argument("--quick", action="store_true", help="two small layers, three repeats (smoke run)")
+    ap.add_argument("--out",
+                    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    ap.add_argument("--quick", action="store_true",
+                    help="two small layers, three repeats (smoke run)")
     args = ap.parse_args(argv)
 
     ok, why = backends.status("cpp", "cpu")
@@ -75,7 +78,8 @@ def main(argv=None) -> int:
         got, want = fns["cpp"](), fns["reference"]()
         err = ((got - want).abs().max() / want.abs().max()).item()
         if err > 1e-4:
-            raise SystemExit(f"{label}: cpp disagrees with the reference (relative error {err:.2e})")
+            raise SystemExit(f"{label}: cpp disagrees with the reference "
+                             f"(relative error {err:.2e})")
         t = {name: median_seconds(fns[name], repeats=repeats) for name in names}
         useful = p.useful_flops()
         rows.append({

@@ -199,7 +199,8 @@ def usable_fused(device_type: str, dtype: torch.dtype, notes: List[str]) -> List
     names = []
     for name in FUSED:
         if name not in backends.NAMES:
-            notes.append(f"backend {name}: not in fastmdl.backends.NAMES (not built into this checkout)")
+            notes.append(f"backend {name}: not in fastmdl.backends.NAMES "
+                         "(not built into this checkout)")
             continue
         try:
             ok, why = backends.status(name, device_type)
@@ -517,11 +518,13 @@ def model_setup(run: Run) -> Tuple[List[ModelContender], Dict[str, Any]]:
     base, masked, pruned = pruned_resnet26(MODEL_DOMAINS, MODEL_KEEP, MODEL_SHARED, size, width)
     report = fastmdl.cost_report(pruned)
     info = {"n": n, "size": size, "width": width,
-            "domain_flops": statistics.mean(r["flops"] / r["baseline_flops"] for r in report.domains),
+            "domain_flops": statistics.mean(r["flops"] / r["baseline_flops"]
+                                            for r in report.domains),
             "union_flops": report.union["flops"] / report.baseline["flops"]}
     dev, dtype, cl = run.device, run.dtype, torch.channels_last
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 3, size, size, generator=gen).to(device=dev, dtype=dtype).contiguous(memory_format=cl)
+    x = (torch.randn(n, 3, size, size, generator=gen).to(device=dev, dtype=dtype)
+         .contiguous(memory_format=cl))
     domain_cpu = (torch.arange(n) % MODEL_DOMAINS)[torch.randperm(n, generator=gen)]
     domain = domain_cpu.to(dev)
     x64 = x.to(torch.float64).contiguous()
@@ -597,7 +600,8 @@ def run_model_mode(run: Run, mc: ModelContender, mode: str, info: Dict[str, Any]
                          + (" (dynamo, backend='eager': no code generation)" if run.dry else ""))
         except Exception as exc:
             _recover(run)
-            row.update(check=f"failed: {_reason(exc)}", notes="; ".join(notes + [f"compile failed: {_reason(exc)}"]))
+            row.update(check=f"failed: {_reason(exc)}",
+                       notes="; ".join(notes + [f"compile failed: {_reason(exc)}"]))
             row["_invalid"].add("ms")
             return row
     ms, err, note = measure(run, f"{mc.name} [{mode}]", fn, mc.want, row["rel_err_bound"],
@@ -638,8 +642,9 @@ def model_level(run: Run) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
             if mode == "graphed" and not run.cuda:
                 row.update(check="skipped", notes="CUDA graphs skipped (dry run on CPU)")
             elif mode == "compile" and run.elapsed() > compile_cutoff:
-                row.update(check="skipped", notes=f"skipped: time budget (past {compile_cutoff:.0f} s "
-                           f"of the {run.budget:.0f} s budget, --budget)")
+                row.update(check="skipped",
+                           notes=f"skipped: time budget (past {compile_cutoff:.0f} s "
+                                 f"of the {run.budget:.0f} s budget, --budget)")
             else:
                 row = run_model_mode(run, mc, mode, info)
             rows[(mc.name, mode)] = row
@@ -688,8 +693,10 @@ def op_table(rows: List[Dict[str, Any]]) -> str:
         cells = [r["sweep"], r["layer"], str(r["domains"]), str(r["n"]), str(r["keep"]),
                  f"{100 * r['useful_fraction']:.0f}%" if r.get("useful_fraction") else "-",
                  _cell(r, "ms_a_eager"), _cell(r, "ms_a_graphed"),
-                 "invalid" if b is None and {"ms_b_eager", "ms_b_graphed"} & r["_invalid"] else _f(b),
-                 "invalid" if c is None and {"ms_c_eager", "ms_c_graphed"} & r["_invalid"] else _f(c),
+                 ("invalid" if b is None and {"ms_b_eager", "ms_b_graphed"} & r["_invalid"]
+                  else _f(b)),
+                 ("invalid" if c is None and {"ms_c_eager", "ms_c_graphed"} & r["_invalid"]
+                  else _f(c)),
                  _f(r.get("ms_d_ideal")), r.get("best_fused") or "-", _f(r.get("ms_best_fused")),
                  _f(r.get("useful_tflops_best")),
                  f"{100 * r['of_matmul_best']:.1f}%" if r.get("of_matmul_best") else "-",
@@ -738,7 +745,8 @@ def _judge(name: str, rows: List[Dict[str, Any]], col: str, ok: Callable[[float]
 
 
 def targets_block(run: Run, op_rows: List[Dict[str, Any]], model_rows: List[Dict[str, Any]]) -> str:
-    lines = ["TARGETS (stated for H100, bfloat16, N=64, D=10, keep 0.5, 3x3 layers with >= 64 channels)"]
+    lines = ["TARGETS (stated for H100, bfloat16, N=64, D=10, keep 0.5, 3x3 layers "
+             "with >= 64 channels)"]
     if run.dry:
         lines.append("n/a   every target: dry run on CPU, no timing claims")
         return "\n".join(lines)
@@ -782,7 +790,8 @@ def csv_text(header: str, columns: List[str], rows: List[Dict[str, Any]]) -> str
     return buf.getvalue()
 
 
-def plot(path: str, header: str, op_rows: List[Dict[str, Any]], model_rows: List[Dict[str, Any]]) -> bool:
+def plot(path: str, header: str, op_rows: List[Dict[str, Any]],
+         model_rows: List[Dict[str, Any]]) -> bool:
     """gpu.png: speed-ups of the best fused variant per op point; images/s per model
     contender and mode, written atomically. Returns False (no file) without matplotlib."""
     plt = pyplot()
@@ -792,7 +801,8 @@ def plot(path: str, header: str, op_rows: List[Dict[str, Any]], model_rows: List
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(10, 0.16 * len(op_rows) + 4), 11),
                                    gridspec_kw={"height_ratios": [3, 2]})
     xs = list(range(len(op_rows)))
-    series = [("vs (a) eager", "speedup_vs_a_eager", "o"), ("vs (a) graphed", "speedup_vs_a_graphed", "s"),
+    series = [("vs (a) eager", "speedup_vs_a_eager", "o"),
+              ("vs (a) graphed", "speedup_vs_a_graphed", "s"),
               ("vs (b)", "speedup_vs_b", "^"), ("(d) / best", "best_over_ideal", "x")]
     any_value = False
     for label, col, marker in series:
@@ -814,10 +824,12 @@ def plot(path: str, header: str, op_rows: List[Dict[str, Any]], model_rows: List
     ax1.set_xticklabels([f"{r['sweep']}: {r['layer']} D{r['domains']} N{r['n']} k{r['keep']}"
                          for r in op_rows], rotation=90, fontsize=5)
     ax1.set_ylabel("times faster than the baseline (best fused)")
-    ax1.set_title("op level: best fused backend vs (a), (b); (d)/best <= 1 (dotted: 1/1.3)", fontsize=9)
+    ax1.set_title("op level: best fused backend vs (a), (b); (d)/best <= 1 (dotted: 1/1.3)",
+                  fontsize=9)
     valid = [r for r in model_rows if r.get("images_per_s")]
     if valid:
-        ax2.barh([f"{r['contender']} [{r['mode']}]" for r in valid], [r["images_per_s"] for r in valid])
+        ax2.barh([f"{r['contender']} [{r['mode']}]" for r in valid],
+                 [r["images_per_s"] for r in valid])
         ax2.invert_yaxis()
         ax2.tick_params(axis="y", labelsize=6)
     else:
@@ -832,7 +844,8 @@ def plot(path: str, header: str, op_rows: List[Dict[str, Any]], model_rows: List
 
 def write_outputs(out_dir: str, header: str, op_rows, model_rows, md: str) -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, n) for n in ("gpu_ops.csv", "gpu_model.csv", "gpu.md", "gpu.png")]
+    paths = [os.path.join(out_dir, n)
+             for n in ("gpu_ops.csv", "gpu_model.csv", "gpu.md", "gpu.png")]
     write_atomic(paths[0], csv_text(header, OP_COLUMNS, op_rows))
     write_atomic(paths[1], csv_text(header, MODEL_COLUMNS, model_rows))
     write_atomic(paths[2], md)
@@ -844,15 +857,18 @@ def write_outputs(out_dir: str, header: str, op_rows, model_rows, md: str) -> Li
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or
                     os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
-    ap.add_argument("--quick", action="store_true", help="19 op points (every axis value) instead of 81")
+    ap.add_argument("--quick", action="store_true",
+                    help="19 op points (every axis value) instead of 81")
     ap.add_argument("--dry-run", action="store_true",
                     help="end to end on the CPU with tiny shapes; no timing claims")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds: op points stop at 55%%, compiles are not started in the last 60 s")
+                    help="seconds: op points stop at 55%%, compiles are not started in the "
+                         "last 60 s")
     return ap.parse_args(argv)
 
 
@@ -861,12 +877,13 @@ def make_run(args: argparse.Namespace) -> Run:
     device = torch.device("cpu" if args.dry_run else "cuda")
     budget = args.budget or (600.0 if args.dry_run else 240.0 if args.quick else 450.0)
     notes: List[str] = []
-    run = Run(device, dtype, args.dry_run, args.quick, budget, usable_fused(device.type, dtype, notes),
-              notes)
+    run = Run(device, dtype, args.dry_run, args.quick, budget,
+              usable_fused(device.type, dtype, notes), notes)
     if run.dry:
-        torch.set_num_threads(1)  # a shared CPU: no spinning OpenMP threads; no timing claims anyway
-        run.notes.append("CUDA graphs: skipped (dry run on CPU); torch.compile uses backend='eager'; "
-                         "1 CPU thread")
+        # a shared CPU: no spinning OpenMP threads; no timing claims anyway
+        torch.set_num_threads(1)
+        run.notes.append("CUDA graphs: skipped (dry run on CPU); torch.compile uses "
+                         "backend='eager'; 1 CPU thread")
     else:
         torch.backends.cudnn.benchmark = True
     return run
@@ -891,10 +908,12 @@ def main(argv=None) -> int:
     ops_md, model_md = op_table(op_rows), model_table(model_rows)
     skipped = sum(r["check"].startswith("skipped") for r in op_rows)
     model_head = (f"pruned {MODEL_DOMAINS}-domain ResNet-26 (width {info.get('width')}, keep "
-                  f"{MODEL_KEEP} of the filters per domain, {MODEL_SHARED} of them shared), mixed batch "
-                  f"N={info.get('n')} at {info.get('size')}x{info.get('size')}; each domain runs "
-                  f"{100 * info.get('domain_flops', float('nan')):.0f}% of the baseline's FLOPs, the "
-                  f"union {100 * info.get('union_flops', float('nan')):.0f}%") if info else "model level failed"
+                  f"{MODEL_KEEP} of the filters per domain, {MODEL_SHARED} of them shared), "
+                  f"mixed batch N={info.get('n')} at {info.get('size')}x{info.get('size')}; each "
+                  f"domain runs {100 * info.get('domain_flops', float('nan')):.0f}% of the "
+                  f"baseline's FLOPs, the union "
+                  f"{100 * info.get('union_flops', float('nan')):.0f}%"
+                  if info else "model level failed")
     md = "\n".join([
         header, "", ceiling, *[f"- note: {n}" for n in run.notes], "",
         "## Op level: fastmdl::domain_conv2d on ResNet-26 / ResNet-50 layer shapes", "",

@@ -20,7 +20,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from contenders import BASELINES, RESNET_LAYERS, contenders, make_problem, write_atomic  # noqa: E402
+from contenders import (BASELINES, RESNET_LAYERS, contenders, make_problem,  # noqa: E402
+                        write_atomic)
 
 
 def ceilings(dtype):
@@ -84,23 +85,27 @@ def main(argv=None):
                              useful_tflops=useful / t["triton graphed"] / 1e9,
                              of_peak=useful / t["triton graphed"] / 1e9 / peak))
     head = ("| N | layer | (a) loop ms | (b) mask ms | (c) dense ms | (d) ideal ms | triton ms | "
-            "triton graphed ms | graphed vs (a) | graphed vs (b) | useful TFLOP/s (graphed) | of matmul peak |")
+            "triton graphed ms | graphed vs (a) | graphed vs (b) | useful TFLOP/s (graphed) | "
+            "of matmul peak |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
-        lines.append(f"| {r['n']} | {r['layer']} | {r['ms (a) loop']:.3f} | {r['ms (b) mask']:.3f} | "
+        lines.append(f"| {r['n']} | {r['layer']} | {r['ms (a) loop']:.3f} | "
+                     f"{r['ms (b) mask']:.3f} | "
                      f"{r['ms (c) dense']:.3f} | {r['ideal_ms']:.3f} | {r['ms triton']:.3f} | "
                      f"{r['ms triton graphed']:.3f} | "
                      f"{r['ms (a) loop'] / r['ms triton graphed']:.2f}x | "
                      f"{r['ms (b) mask'] / r['ms triton graphed']:.2f}x | "
                      f"{r['useful_tflops']:.1f} | {100 * r['of_peak']:.1f}% |")
     table = "\n".join(lines)
-    header = (f"GPU op check, {stamp}: {gpu}; torch {torch.__version__}; triton {triton.__version__}; "
-              f"{args.dtype}, channels_last, D=4, keep=0.5; matmul {peak:.0f} TFLOP/s, copy {bw:.0f} GB/s")
+    header = (f"GPU op check, {stamp}: {gpu}; torch {torch.__version__}; "
+              f"triton {triton.__version__}; {args.dtype}, channels_last, D=4, keep=0.5; "
+              f"matmul {peak:.0f} TFLOP/s, copy {bw:.0f} GB/s")
     print(table)
     os.makedirs(args.out, exist_ok=True)
     write_atomic(os.path.join(args.out, "gpu_check.md"), header + "\n\n" + table + "\n")
     write_atomic(os.path.join(args.out, "gpu_check.json"),
-                 json.dumps(dict(gpu=gpu, date=stamp, peak_tflops=peak, copy_gbs=bw, rows=rows), indent=2))
+                 json.dumps(dict(gpu=gpu, date=stamp, peak_tflops=peak, copy_gbs=bw, rows=rows),
+                            indent=2))
 
 
 if __name__ == "__main__":

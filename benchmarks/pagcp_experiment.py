@@ -64,7 +64,8 @@ def run(inputs: Mapping[str, nn.Module],
         calibrate: Optional[Callable[[nn.Module], None]] = None, log=print) -> Dict:
     """Run the experiment (module docstring) on each labelled input model (the
     labels of :data:`INPUTS`: the budget-1.0 MultiDomainModel, the pruned budget-0.5
-    one) and return ``{"settings", "rows", "reports"}``. ``val_tasks`` are PAGCP's ``tasks`` (one loss per domain, on
+    one) and return ``{"settings", "rows", "reports"}``. ``val_tasks`` are PAGCP's
+    ``tasks`` (one loss per domain, on
     held-out data); ``finetune(model)`` is the fine-tune every pruned network gets,
     returning ``{steps: per-domain test accuracies}`` at each of its checkpoints
     (see :func:`make_finetune`); ``accuracy(model)`` lists per-domain test
@@ -124,7 +125,8 @@ def _row(label: str, method: str, model: nn.Module, acc_raw: List[float],
 def _line(r: Dict) -> str:
     tuned = ", ".join(f"{100 * v:.1f}% after {k} steps"
                       for k, v in r["mean_acc_after_finetune"].items())
-    return (f"{r['input']:10s} {r['method']:18s} mean acc {100 * r['mean_acc_before_finetune']:.1f}%"
+    return (f"{r['input']:10s} {r['method']:18s} mean acc "
+            f"{100 * r['mean_acc_before_finetune']:.1f}%"
             f"{' (' + tuned + ')' if tuned else ''}, union FLOPs {r['union_flops']:.4g}, "
             f"params {r['union_params']:.4g}")
 
@@ -362,7 +364,8 @@ def main(argv=None) -> Dict:
     if not args.inputs or not set(args.inputs) <= set(INPUTS):
         ap.error(f"--inputs must be a comma-separated subset of {INPUTS}, got {args.inputs}")
     from fastmdl.data.benchmark import DOMAINS
-    if not args.domains or not set(args.domains) <= set(DOMAINS) or len(set(args.domains)) < len(args.domains):
+    if (not args.domains or not set(args.domains) <= set(DOMAINS)
+            or len(set(args.domains)) < len(args.domains)):
         ap.error(f"--domains must be distinct names from {DOMAINS}, got {args.domains}")
     if args.smoke:
         inputs, names, train, val, test = _smoke_inputs(args.seed)

@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    ap.add_argument("--out",
+                    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = ap.parse_args(argv)
 
     base, model, pruned = pruned_resnet26(args.domains, args.keep, args.shared, args.size,
@@ -101,7 +102,8 @@ def main(argv=None) -> int:
     ref = times["dense (one domain)"]
     stamp = datetime.date.today().isoformat()
     lines = [f"pruned ResNet-26 (width {args.width}), N={args.n} at {args.size}x{args.size}, "
-             f"D={args.domains}, keep={args.keep}, shared={args.shared}; torch {torch.__version__}, "
+             f"D={args.domains}, keep={args.keep}, shared={args.shared}; "
+             f"torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, {stamp}; matmul {peak:.0f} GFLOP/s", "",
              str(report), "",
              "| contender | ms | speed-up vs dense (one domain) | useful GFLOP/s | % of matmul |",

@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--max-delay-ms", type=float, default=2.0)
     ap.add_argument("--backend", default=None, help="force the op backend (default: auto)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    ap.add_argument("--out",
+                    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = ap.parse_args(argv)
 
     _, _, pruned = pruned_resnet26(4, 0.5, 0.7, args.size, args.width)
@@ -120,10 +121,12 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"CPU, {torch.get_num_threads()} threads"
     stamp = datetime.date.today().isoformat()
-    lines = [f"fastmdl.serve.Engine on a pruned ResNet-26 (width {args.width}, {args.size}x{args.size}, "
-             f"D=4, backend {pruned.backend}); {device}; torch {torch.__version__}; {stamp}; max_batch_size "
-             f"{args.max_batch_size}, max_delay_ms {args.max_delay_ms}; {args.seconds:g} s per row", "",
-             "| mode | requests/s | vs one at a time | p50 ms | p99 ms |", "|---|---:|---:|---:|---:|"]
+    lines = [f"fastmdl.serve.Engine on a pruned ResNet-26 (width {args.width}, "
+             f"{args.size}x{args.size}, D=4, backend {pruned.backend}); {device}; "
+             f"torch {torch.__version__}; {stamp}; max_batch_size {args.max_batch_size}, "
+             f"max_delay_ms {args.max_delay_ms}; {args.seconds:g} s per row", "",
+             "| mode | requests/s | vs one at a time | p50 ms | p99 ms |",
+             "|---|---:|---:|---:|---:|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['throughput']:.0f} | {r['throughput'] / base:.2f}x | "
                      f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")

@@ -30,6 +30,8 @@ from .metrics import decathlon_score  # noqa: E402
 from . import data  # noqa: E402
 
 __all__ = ["ops", "__version__", "Conv2d", "BatchNorm2d", "DomainHeads", "MaskGroup",
-           "MultiDomainModel", "convert", "BudgetLoss", "cost_report", "CostReport", "PrunedModel", "prune", "pagcp",
+           "MultiDomainModel", "convert", "BudgetLoss", "cost_report", "CostReport", "PrunedModel",
+           "prune", "pagcp",
            "save", "load",
-           "train", "finetune", "evaluate", "fill_budget", "recalibrate_bn", "decathlon_score", "data", "basis"]
+           "train", "finetune", "evaluate", "fill_budget", "recalibrate_bn", "decathlon_score",
+           "data", "basis"]

@@ -93,7 +93,8 @@ def _backward(ctx, grad):
         in_mask = _shapes.domain_masks(in_index, in_offsets, x.shape[1], x.dtype)[domain]
         in_mask = in_mask[:, :, None, None]
         if needs[0]:
-            d_x = torch.nn.grad.conv2d_input(x.shape, weight, dz, stride, padding, dilation) * in_mask
+            d_x = (torch.nn.grad.conv2d_input(x.shape, weight, dz, stride, padding, dilation)
+                   * in_mask)
         if needs[1]:
             d_weight = torch.nn.grad.conv2d_weight(x * in_mask, weight.shape, dz, stride, padding,
                                                    dilation)

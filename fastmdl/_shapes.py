@@ -12,7 +12,8 @@ def conv_output_hw(hw: Sequence[int], khw: Sequence[int], stride: Sequence[int],
     """Output height and width of a convolution:
     ``(H + 2p - d(k - 1) - 1) // s + 1`` per spatial dimension."""
     return tuple(  # type: ignore[return-value]
-        (hw[i] + 2 * padding[i] - dilation[i] * (khw[i] - 1) - 1) // stride[i] + 1 for i in range(2))
+        (hw[i] + 2 * padding[i] - dilation[i] * (khw[i] - 1) - 1) // stride[i] + 1
+        for i in range(2))
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:

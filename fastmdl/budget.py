@@ -53,7 +53,8 @@ class BudgetLoss(nn.Module):
     def __init__(self, model, budget: float, metric: str = "flops",
                  sharing: Optional[str] = None,
                  sharing_weight: Union[str, float] = "learnable", *,
-                 budget_weight: float = 1.0, dual_lr: float = 0.01, input_size: Optional[Tuple[int, int, int]] = None):
+                 budget_weight: float = 1.0, dual_lr: float = 0.01,
+                 input_size: Optional[Tuple[int, int, int]] = None):
         super().__init__()
         from .convert import MultiDomainModel
 
@@ -138,8 +139,8 @@ class BudgetLoss(nn.Module):
 
     def parts(self) -> Dict[str, object]:
         """The last call's terms: per-domain cost as a fraction of the baseline
-        ("cost"), the budget multipliers, union and intersection cost (fractions of the mean baseline), the
-        budget term, the sharing term, its weight and the total."""
+        ("cost"), the budget multipliers, union and intersection cost (fractions of
+        the mean baseline), the budget term, the sharing term, its weight and the total."""
         return dict(self._parts)
 
     def extra_repr(self) -> str:

@@ -25,7 +25,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      "on the built-in benchmark")
     dp.add_argument("--out", default="fastmdl-demo", help="report directory (default: %(default)s)")
     dp.add_argument("--budget", type=float, default=0.5, help="(default: %(default)s)")
-    dp.add_argument("--epochs", type=int, default=3, help="mask-training epochs (default: %(default)s)")
+    dp.add_argument("--epochs", type=int, default=3,
+                    help="mask-training epochs (default: %(default)s)")
     ep = sub.add_parser("experiment", help="budgets 1.0/0.75/0.5/0.25 x sharing losses against "
                                            "fine-tuned baselines, on the built-in benchmark")
     ep.add_argument("--out", default="fastmdl-experiment", help="(default: %(default)s)")

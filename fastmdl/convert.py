@@ -123,7 +123,8 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
         with torch.no_grad():
             for g in model.mask_groups():
                 l1 = sum(inner.get_submodule(n).weight.abs().flatten(1).sum(1) for n in g.members)
-                g.scores.copy_((l1 / l1.mean().clamp(min=1e-12)).clamp(min=1e-3).expand_as(g.scores))
+                g.scores.copy_((l1 / l1.mean().clamp(min=1e-12)).clamp(min=1e-3)
+                               .expand_as(g.scores))
     return model
 
 

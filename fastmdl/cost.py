@@ -2,12 +2,12 @@
 
 Counts (FLOPs are multiply-accumulates, as in the pruning papers):
 
-| layer            | params                                   | FLOPs                       |
-|------------------|------------------------------------------|-----------------------------|
-| conv (k = kh*kw) | k * c_in * c_out / groups + c_out (bias) | k * c_in * c_out / groups * H_out * W_out |
-| BatchNorm        | 2 * c (per domain)                       | 0 (folded into the conv)    |
-| linear           | f_in * f_out + f_out (bias)              | f_in * f_out                |
-| head of domain d | f_in * classes_d + classes_d             | f_in * classes_d            |
+| layer            | params                           | FLOPs                            |
+|------------------|----------------------------------|----------------------------------|
+| conv (k = kh*kw) | k*c_in*c_out/groups + c_out bias | k*c_in*c_out/groups*H_out*W_out  |
+| BatchNorm        | 2*c (per domain)                 | 0 (folded into the conv)         |
+| linear           | f_in*f_out + f_out (bias)        | f_in*f_out                       |
+| head of domain d | f_in*classes_d + classes_d       | f_in*classes_d                   |
 
 where for domain d, c_in and c_out count the channels d's masks keep; for the
 *union* (what the pruned network holds) a channel counts if any domain keeps it,

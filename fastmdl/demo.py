@@ -22,7 +22,8 @@ from ._plot import pyplot, save_png
 
 
 def run(out_dir: str = "fastmdl-demo", *, budget: float = 0.5, epochs: int = 3,
-        max_train: int = 1500, max_eval: int = 600, size: int = 32, width: float = 0.25, batch_size: int = 32,
+        max_train: int = 1500, max_eval: int = 600, size: int = 32, width: float = 0.25,
+        batch_size: int = 32,
         progress: bool = True, seed: int = 0, log=print,
         pretrain: Optional[Dict] = None) -> Dict:
     """Run the demo and write its report under ``out_dir``; returns the report dict.
@@ -39,7 +40,8 @@ def run(out_dir: str = "fastmdl-demo", *, budget: float = 0.5, epochs: int = 3,
     log(f"      {'reused ' + info['cache'] if info['reused'] else 'trained'}: "
         f"Fashion-MNIST val accuracy {100 * info['val_accuracy']:.1f}%")
     data = builtin_benchmark(size, seed=seed, max_train=max_train, max_eval=max_eval)
-    log("[2/5] masks at budget %.2f for %d domains:\n%s" % (budget, len(data.domains), data.table()))
+    log("[2/5] masks at budget %.2f for %d domains:\n%s"
+        % (budget, len(data.domains), data.table()))
     model = convert(backbone, len(data.domains), data.num_classes, input_size=(1, size, size))
     history = train(model, data.loaders("train", batch_size, seed=seed),
                     data.loaders("val", 256), budget=budget, epochs=epochs, train_weights=True,
@@ -147,8 +149,10 @@ def _plot(r: Dict, path: str) -> Optional[str]:
         return None
     names = [d["name"] for d in r["domains"]] + ["union"]
     acc = [100 * d["test_accuracy"] for d in r["domains"]] + [0]
-    flops = [100 * d["flops_vs_baseline"] for d in r["domains"]] + [100 * r["union"]["flops_vs_baseline"]]
-    params = [100 * d["params_vs_baseline"] for d in r["domains"]] + [100 * r["union"]["params_vs_baseline"]]
+    flops = ([100 * d["flops_vs_baseline"] for d in r["domains"]]
+             + [100 * r["union"]["flops_vs_baseline"]])
+    params = ([100 * d["params_vs_baseline"] for d in r["domains"]]
+              + [100 * r["union"]["params_vs_baseline"]])
     fig, ax = plt.subplots(figsize=(8, 4))
     x = range(len(names))
     ax.bar([i - 0.27 for i in x], acc, 0.27, label="test accuracy %")

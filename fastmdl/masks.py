@@ -40,7 +40,8 @@ def segment_masks(segments: Sequence[Segment], num_domains: int, *, hard: bool =
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
-def apply_mask(y: torch.Tensor, masks: torch.Tensor, domain: Union[int, torch.Tensor]) -> torch.Tensor:
+def apply_mask(y: torch.Tensor, masks: torch.Tensor,
+               domain: Union[int, torch.Tensor]) -> torch.Tensor:
     """Multiply channel c of sample n by ``masks[domain[n], c]`` (broadcast over pixels)."""
     m = masks[domain].to(y.dtype)
     shape = (1, -1) if isinstance(domain, int) else (y.shape[0], -1)

@@ -63,7 +63,8 @@ def prune(model: MultiDomainModel, *, fuse: bool = True) -> PrunedModel:
             start += w
         idx, m = torch.cat(idx), torch.cat(ms, dim=1)
         if axis.repeat > 1:
-            idx = (idx[:, None] * axis.repeat + torch.arange(axis.repeat, device=idx.device)).flatten()
+            idx = (idx[:, None] * axis.repeat
+                   + torch.arange(axis.repeat, device=idx.device)).flatten()
             m = m.repeat_interleave(axis.repeat, dim=1)
         return idx, m
 

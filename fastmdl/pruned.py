@@ -97,7 +97,8 @@ class _UnfoldedBatchNorm:
         self.count[d] += 1
         m = 1.0 / float(self.count[d]) if self.momentum is None else self.momentum
         keep = self.keep[d]  # a channel the domain does not use has no statistics
-        self.run_mean[d] = torch.where(keep, (1 - m) * self.run_mean[d] + m * mean, self.run_mean[d])
+        self.run_mean[d] = torch.where(keep, (1 - m) * self.run_mean[d] + m * mean,
+                                       self.run_mean[d])
         self.run_var[d] = torch.where(keep, (1 - m) * self.run_var[d] + m * var, self.run_var[d])
 
     @torch.no_grad()
@@ -203,8 +204,8 @@ class PrunedConv2d(_FoldedBatchNorm):
 
     def masks(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(in_masks, out_masks): (D, C_in) and (D, C_out) 0/1 float tables."""
-        return (_shapes.domain_masks(self.in_index, self.in_offsets, self.weight.shape[1] * self.groups,
-                                     torch.float32),
+        return (_shapes.domain_masks(self.in_index, self.in_offsets,
+                                     self.weight.shape[1] * self.groups, torch.float32),
                 _shapes.domain_masks(self.out_index, self.out_offsets, self.weight.shape[0],
                                      torch.float32))
 
@@ -241,8 +242,9 @@ class PrunedConv2d(_FoldedBatchNorm):
 
     def extra_repr(self) -> str:
         c_out, c_in, kh, kw = self.weight.shape
-        return (f"{c_in * self.groups}, {c_out}, kernel_size=({kh}, {kw}), stride={tuple(self.stride)}, "
-                f"padding={tuple(self.padding)}, dilation={tuple(self.dilation)}, groups={self.groups}, "
+        return (f"{c_in * self.groups}, {c_out}, kernel_size=({kh}, {kw}), "
+                f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, "
+                f"dilation={tuple(self.dilation)}, groups={self.groups}, "
                 f"relu={self.relu}, domains={self.num_domains}")
 
 
@@ -343,10 +345,12 @@ class PrunedModel(nn.Module):
 
     def forward(self, x: torch.Tensor, domain: _domain.Domain) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError("x must be a 4-D (N, C, H, W) tensor, got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            raise ValueError(
+                "x must be a 4-D (N, C, H, W) tensor, got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.shape[1] != self.input_size[0]:
-            raise ValueError(f"x must have {self.input_size[0]} channels, got shape {tuple(x.shape)}")
+            raise ValueError(f"x must have {self.input_size[0]} channels, "
+                             f"got shape {tuple(x.shape)}")
         dtype = next(self.parameters()).dtype
         if x.dtype != dtype:
             raise TypeError(f"x must have the model's dtype {dtype}, got {x.dtype}")

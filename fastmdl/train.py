@@ -44,8 +44,8 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
     cost of one of that group's filters (see :func:`filter_costs`), so the budget
     pulls every filter down at the same pace and the task gradient decides which
     go; unscaled, the costliest filters (the first stage's residual stream, at
-    full resolution) go first whatever they are worth, and the network with them. ``budget_weight`` and
-    ``dual_lr`` go to :class:`BudgetLoss`. An epoch is as
+    full resolution) go first whatever they are worth, and the network with them.
+    ``budget_weight`` and ``dual_lr`` go to :class:`BudgetLoss`. An epoch is as
     many steps as the longest loader has batches; shorter loaders start over.
     After each epoch it evaluates on ``val_loaders`` (if given), logs each domain's
     accuracy and cost (a fraction of the baseline), and, with ``checkpoint``,

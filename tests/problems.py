@@ -50,7 +50,8 @@ def make(case: Case, dtype=torch.float32, device="cpu", seed=0):
         big = torch.randn(case.n, case.c_in, h, 2 * w, generator=gen)
         big[..., ::2] = x
         x = big[..., ::2]
-    weight = torch.randn(case.c_out, case.c_in, case.k, case.k, generator=gen) / (case.c_in * case.k) ** 0.5
+    weight = (torch.randn(case.c_out, case.c_in, case.k, case.k, generator=gen)
+              / (case.c_in * case.k) ** 0.5)
     if case.domains is not None:
         domain = torch.tensor(case.domains, dtype=torch.int64)
     else:

@@ -23,7 +23,8 @@ def conv_flops(m, d):
         x = args[0]
         live_in = int((x.abs().sum(dim=(0, 2, 3)) > 0).sum())
         live_out = int((conv.scores[d] > 0).sum()) if conv.prunable else conv.out_channels
-        total += conv.kernel_size[0] * conv.kernel_size[1] * live_in * live_out * y.shape[2] * y.shape[3]
+        total += (conv.kernel_size[0] * conv.kernel_size[1] * live_in * live_out
+                  * y.shape[2] * y.shape[3])
 
     hooks = [c.register_forward_hook(hook) for c in m.modules() if isinstance(c, fastmdl.Conv2d)]
     with torch.no_grad():

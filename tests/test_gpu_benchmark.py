@@ -67,7 +67,8 @@ def test_op_rows_checked_against_the_oracle(dry_run):
         assert r["check"] == "ok", r
         err, bound = float(r["max_rel_err"]), float(r["rel_err_bound"])
         assert math.isfinite(err) and 0 <= err <= bound, r
-        for col in ("ms_a_eager", "ms_b_eager", "ms_c_eager", "ms_d_ideal", "ms_cpp", "ms_best_fused"):
+        for col in ("ms_a_eager", "ms_b_eager", "ms_c_eager", "ms_d_ideal", "ms_cpp",
+                    "ms_best_fused"):
             assert float(r[col]) > 0, (col, r)
         assert r["ms_a_graphed"] == ""  # no CUDA graphs on the CPU
         assert r["best_fused"] == "cpp"
@@ -90,7 +91,8 @@ def test_model_rows(dry_run):
     assert {r["mode"] for r in mixed} == {"eager", "graphed", "compile"} and loop
     for r in rows:
         if r["check"] == "ok":
-            assert math.isfinite(float(r["rel_err"])) and float(r["rel_err"]) <= float(r["rel_err_bound"])
+            assert (math.isfinite(float(r["rel_err"]))
+                    and float(r["rel_err"]) <= float(r["rel_err_bound"]))
 
 
 def test_without_matplotlib_the_tables_are_written_and_no_png(tmp_path, monkeypatch):

@@ -74,7 +74,8 @@ import torch, fastmdl
 from fastmdl.ops import domain_conv2d, index_lists
 ii, io = index_lists(torch.ones(1, 3)); oi, oo = index_lists(torch.ones(1, 4))
 try:
-    domain_conv2d(torch.randn(1, 3, 4, 4), torch.randn(4, 3, 1, 1), 0, ii, io, oi, oo, backend='triton')
+    domain_conv2d(torch.randn(1, 3, 4, 4), torch.randn(4, 3, 1, 1), 0, ii, io, oi, oo,
+                  backend='triton')
 except RuntimeError as e:
     print(e)
 """

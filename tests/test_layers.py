@@ -20,7 +20,8 @@ def test_conv_is_a_drop_in_and_masks_filters():
     y = conv(x, domain)
     keep = (conv.scores > 0).float()[domain][:, :, None, None]
     torch.testing.assert_close(y, ref(x) * keep)
-    torch.testing.assert_close(conv(x, 1), ref(x) * (conv.scores[1] > 0).float()[None, :, None, None])
+    torch.testing.assert_close(conv(x, 1),
+                               ref(x) * (conv.scores[1] > 0).float()[None, :, None, None])
 
 
 def test_conv_alone_with_one_domain_needs_no_domain():

@@ -11,7 +11,8 @@ def test_decathlon_score_formula():
     assert fastmdl.decathlon_score([0.0], [0.3]) == pytest.approx(1000)
     assert fastmdl.decathlon_score([0.6, 0.9], [0.3, 0.3]) == 0
     e, b = 0.15, 0.25
-    assert fastmdl.decathlon_score([e], [b]) == pytest.approx(1000 * (2 * b - e) ** 2 / (2 * b) ** 2)
+    assert fastmdl.decathlon_score([e], [b]) == pytest.approx(
+        1000 * (2 * b - e) ** 2 / (2 * b) ** 2)
 
 
 def test_decathlon_score_rejects_bad_input():

@@ -42,7 +42,8 @@ def test_torch_compile_fullgraph_forward_and_backward():
         return (y * 2).sum(dim=(2, 3))
 
     compiled = torch.compile(block, fullgraph=True)
-    tensors = [a[k].detach().clone().requires_grad_() for k in ("x", "weight", "scale", "shift", "residual")]
+    tensors = [a[k].detach().clone().requires_grad_()
+               for k in ("x", "weight", "scale", "shift", "residual")]
     eager_tensors = [t.detach().clone().requires_grad_() for t in tensors]
     out = compiled(*tensors)
     want = block(*eager_tensors)

@@ -103,7 +103,8 @@ def test_unfolded_batchnorm_is_batch_norm_with_gamma_and_beta_from_scale_and_shi
         for d in (0, 1):
             batch = z.detach()[domain == d].mean(dim=(0, 2, 3))
             keep = masks[d] > 0
-            torch.testing.assert_close(run_mean[d][keep], 0.75 * mean0[d][keep] + 0.25 * batch[keep])
+            torch.testing.assert_close(run_mean[d][keep],
+                                       0.75 * mean0[d][keep] + 0.25 * batch[keep])
             assert torch.equal(run_mean[d][~keep], mean0[d][~keep])
 
         # Nothing is detached on the way to scale, shift and the input.

@@ -50,7 +50,8 @@ def domain_conv2d(x, weight, domain, in_index, in_offsets, out_index, out_offset
                   residual: Optional[torch.Tensor], relu, stride, padding, dilation):
     """Run the CUDA C++ kernel (same arguments as the reference)."""
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"backend 'cuda' takes x of dtype float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError("backend 'cuda' takes x of dtype float32, float16 or bfloat16, "
+                        f"got {x.dtype}")
     return torch.ops.fastmdl.domain_conv2d_cuda(
         x, weight, domain, in_index, in_offsets, out_index, out_offsets,
         scale, shift, residual, relu, list(stride), list(padding), list(dilation))

@@ -35,8 +35,8 @@ def domain_conv2d(
     dilation: Sequence[int],
 ) -> torch.Tensor:
     r"""For sample n of domain d and channel c:
-    :math:`y_{n,c} = [c \in out_d]\,(\mathrm{conv}(x_{n,in_d}, W_{c,in_d})\,s_{d,c} + t_{d,c}) + r_{n,c}`,
-    then ReLU if ``relu``."""
+    :math:`y_{n,c} = [c \in out_d]\,(\mathrm{conv}(x_{n,in_d}, W_{c,in_d})\,s_{d,c} + t_{d,c})
+    + r_{n,c}`, then ReLU if ``relu``."""
     n, c_out = x.shape[0], weight.shape[0]
     ho, wo = _shapes.conv_output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     y = x.new_zeros((n, c_out, ho, wo))

@@ -129,7 +129,8 @@ def domain_conv2d(x, weight, domain, in_index, in_offsets, out_index, out_offset
     """Launch the fused Triton kernel (same arguments as the reference), sharing
     metadata through the current :func:`shared_batch_plan`, if any."""
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"backend 'triton' takes x of dtype float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError("backend 'triton' takes x of dtype float32, float16 or bfloat16, "
+                        f"got {x.dtype}")
     from ..kernels.domain_conv2d import domain_conv2d as launch
     return launch(x, weight, domain, in_index, in_offsets, out_index, out_offsets,
                   scale, shift, residual, relu, tuple(stride), tuple(padding), tuple(dilation),

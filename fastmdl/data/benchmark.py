@@ -71,7 +71,8 @@ class MultiDomainData:
 
     def table(self) -> str:
         """A markdown table of the domains: classes, split sizes and source."""
-        rows = ["| domain | classes | train | val | test | source |", "|---|---:|---:|---:|---:|---|"]
+        rows = ["| domain | classes | train | val | test | source |",
+                "|---|---:|---:|---:|---:|---|"]
         for d in self.domains:
             rows.append(f"| {d.name} | {d.num_classes} | {len(d.train)} | {len(d.val)} | "
                         f"{len(d.test)} | {d.source} |")
@@ -193,7 +194,8 @@ def _textures(size, seed, max_train, max_eval, patch: int = 48) -> Domain:
             top, bottom = int(lo * h), int(hi * h) - patch
             r = torch.randint(top, bottom + 1, (per_class,), generator=g)
             c = torch.randint(0, w - patch + 1, (per_class,), generator=g)
-            xs.append(torch.stack([img[i:i + patch, j:j + patch] for i, j in zip(r.tolist(), c.tolist())]))
+            xs.append(torch.stack([img[i:i + patch, j:j + patch]
+                                   for i, j in zip(r.tolist(), c.tolist())]))
             ys.append(torch.full((per_class,), label, dtype=torch.int64))
         x, y = torch.cat(xs), torch.cat(ys)
         order = torch.randperm(len(y), generator=g)

@@ -148,4 +148,5 @@ def image_folder_benchmark(root: str, names: Sequence[str], *, size: int = 224,
                            grey: bool = False) -> MultiDomainData:
     """Several ImageFolder domains under ``root`` (e.g. ImageNet-to-Sketch's
     ``["imagenet", "sketch", "cubs", "flowers", "stanford_cars", "wikiart"]``)."""
-    return MultiDomainData([image_folder_domain(root, n, size=size, grey=grey) for n in names], size)
+    return MultiDomainData([image_folder_domain(root, n, size=size, grey=grey) for n in names],
+                           size)

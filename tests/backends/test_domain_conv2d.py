@@ -54,7 +54,8 @@ def test_reference_matches_masked_dense_formula(device):
     """The oracle itself, against an independent formulation: zero the channels a
     sample's domain does not read, run the dense convolution, keep the domain's
     filters, then affine, residual and ReLU."""
-    case = Case("oracle", n=7, d=4, c_in=12, c_out=10, stride=(2, 2), dilation=(1, 2), padding=(1, 2))
+    case = Case("oracle", n=7, d=4, c_in=12, c_out=10, stride=(2, 2), dilation=(1, 2),
+                padding=(1, 2))
     a = make(case, torch.float64, device, seed=3)
     d = a["domain"]
     def masks(index, offsets, width):
@@ -65,8 +66,8 @@ def test_reference_matches_masked_dense_formula(device):
     in_m = masks(a["in_index"], a["in_offsets"], case.c_in)
     out_m = masks(a["out_index"], a["out_offsets"], case.c_out)
     z = F.conv2d(a["x"] * in_m, a["weight"], None, a["stride"], a["padding"], a["dilation"])
-    want = torch.relu((z * a["scale"][d][:, :, None, None] + a["shift"][d][:, :, None, None]) * out_m
-                      + a["residual"])
+    want = torch.relu((z * a["scale"][d][:, :, None, None] + a["shift"][d][:, :, None, None])
+                      * out_m + a["residual"])
     got = domain_conv2d(**a, backend="reference")
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 

@@ -52,7 +52,8 @@ def test_cuda_float32_without_tf32_is_float32_accurate():
     old = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # the kernel then uses float FMAs, cuDNN ieee
     try:
-        for case in (Case("fp32_3x3"), Case("fp32_1x1_cl", k=1, padding=(0, 0), layout="channels_last")):
+        for case in (Case("fp32_3x3"),
+                     Case("fp32_1x1_cl", k=1, padding=(0, 0), layout="channels_last")):
             args = make(case, torch.float32, "cuda", seed=_seed(case.name))
             check_close(domain_conv2d(**args, backend="cuda"), args, tf32=False)
     finally:
@@ -104,7 +105,8 @@ def test_opcheck_cuda_kernel_op():
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_cuda_graph_capture_and_replay(name):
     require_backend(name, "cuda")
-    a = make(Case("graph", n=16, c_in=48, c_out=64, hw=(14, 14), d=4), torch.float16, "cuda", seed=2)
+    a = make(Case("graph", n=16, c_in=48, c_out=64, hw=(14, 14), d=4), torch.float16, "cuda",
+             seed=2)
     eager = domain_conv2d(**a, backend=name)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
