@@ -65,12 +65,12 @@ def run(inputs: Mapping[str, nn.Module],
     """Run the experiment (module docstring) on each labelled input model (the
     labels of :data:`INPUTS`: the budget-1.0 MultiDomainModel, the pruned budget-0.5
     one) and return ``{"settings", "rows", "reports"}``. ``val_tasks`` are PAGCP's
-    ``tasks`` (one loss per domain, on
-    held-out data); ``finetune(model)`` is the fine-tune every pruned network gets,
-    returning ``{steps: per-domain test accuracies}`` at each of its checkpoints
-    (see :func:`make_finetune`); ``accuracy(model)`` lists per-domain test
-    accuracies. Rows: per input, the input itself, PAGCP and uniform L1 at
-    PAGCP's FLOPs, each with accuracy before and after each fine-tune length.
+    ``tasks`` (one loss per domain, on held-out data); ``finetune(model)`` is the
+    fine-tune every pruned network gets, returning ``{steps: per-domain test
+    accuracies}`` at each of its checkpoints (see :func:`make_finetune`);
+    ``accuracy(model)`` lists per-domain test accuracies. Rows: per input, the
+    input itself, PAGCP and uniform L1 at PAGCP's FLOPs, each with accuracy before
+    and after each fine-tune length.
     ``calibrate`` goes to PAGCP, and is applied to uniform L1's network too, so both
     are measured with statistics of their own (on a PrunedModel input through the
     statistics its folded BatchNorms kept)."""

@@ -103,8 +103,8 @@ def main(argv=None) -> int:
     stamp = datetime.date.today().isoformat()
     lines = [f"pruned ResNet-26 (width {args.width}), N={args.n} at {args.size}x{args.size}, "
              f"D={args.domains}, keep={args.keep}, shared={args.shared}; "
-             f"torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, {stamp}; matmul {peak:.0f} GFLOP/s", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, {stamp}; "
+             f"matmul {peak:.0f} GFLOP/s", "",
              str(report), "",
              "| contender | ms | speed-up vs dense (one domain) | useful GFLOP/s | % of matmul |",
              "|---|---:|---:|---:|---:|"]
