@@ -75,7 +75,7 @@ def _extension_and_cmdclass():
 ext_modules, cmdclass = _extension_and_cmdclass()
 
 setup(
-    packages=["fastmdl", "fastmdl.backends", "fastmdl.data", "fastmdl.kernels"],
+    packages=["fastmdl", "fastmdl.backends", "fastmdl.compact", "fastmdl.data", "fastmdl.kernels"],
     package_dir={"fastmdl.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

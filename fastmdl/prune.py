@@ -106,8 +106,9 @@ def prune(model: MultiDomainModel, *, fuse: bool = True) -> PrunedModel:
     net.delete_all_unused_submodules()
     net.recompile()
     pruned = PrunedModel(net, model.num_domains, model.num_classes, model.input_size,
-                         baseline_costs(model))
-    return pruned.eval()
+                         baseline_costs(model)).eval()
+    pruned.compact_plan()  # each domain's weights packed once, here
+    return pruned
 
 
 def _kept_channels(g: graph.ChannelGraph, num_domains: int, device: torch.device):

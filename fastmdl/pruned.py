@@ -311,16 +311,49 @@ class PrunedLinear(nn.Linear):
 
 
 DOMAIN_LAYERS = (PrunedConv2d, PrunedBatchNorm2d, PrunedHeads)
+LAYOUTS = ("auto", "compact", "union")
+
+
+class _PlanCache:
+    """A PrunedModel's compact network and the tensors it was packed from. A copy
+    of the model (``copy.deepcopy``, pickling) starts empty and packs its own."""
+
+    def __init__(self):
+        self.plan = None
+        self.error: Optional[str] = None
+        self.sources: Optional[tuple] = None
+        self.unfolded = False  # inside batchnorm_training() or calibrating()
+
+    def __deepcopy__(self, memo):
+        return _PlanCache()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
 
 
 class PrunedModel(nn.Module):
     """The pruned multi-domain network: ``forward(x, domain)`` with ``domain`` an
     int or an int64 tensor of shape (N,), returning (N, max(num_classes)) logits
-    (-inf past each domain's classes). It runs a torch.fx graph whose
-    domain-aware layers take the per-sample domain tensor explicitly.
+    (-inf past each domain's classes).
 
-    ``baseline`` holds the single-domain network's cost per domain, for
-    :func:`fastmdl.cost_report`.
+    Two layouts compute the same function (to float rounding):
+
+    - **compact** (inference: eval mode, and no gradient asked for): the batch is
+      grouped by domain once, each domain's samples carry only its own channels
+      from layer to layer, and every convolution runs on weights packed per
+      domain with its BatchNorm folded in (``fastmdl/compact``);
+    - **union**: the torch.fx graph ``net``, whose layers take every channel of
+      the union and the per-sample domain tensor through ``fastmdl::domain_conv2d``.
+      Training, :meth:`batchnorm_training`, :meth:`calibrating` and gradients
+      run here.
+
+    ``layout`` = "auto" (the default) picks compact wherever it applies, "union"
+    always runs the union graph, "compact" insists on the compact network (an
+    error where it cannot run). ``baseline`` holds the single-domain network's
+    cost per domain, for :func:`fastmdl.cost_report`.
     """
 
     def __init__(self, net: fx.GraphModule, num_domains: int, num_classes: Sequence[int],
@@ -331,6 +364,65 @@ class PrunedModel(nn.Module):
         self.num_classes = list(num_classes)
         self.input_size = tuple(input_size)
         self.baseline = {k: [float(v) for v in vs] for k, vs in baseline.items()}
+        self._layout = "auto"
+        self._plan_cache = _PlanCache()
+
+    @property
+    def layout(self) -> str:
+        """Which layout ``forward`` runs: "auto", "compact" or "union" (see the class)."""
+        return self._layout
+
+    @layout.setter
+    def layout(self, value: str) -> None:
+        if not isinstance(value, str) or value not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {value!r}")
+        self._layout = value
+
+    def compact_plan(self):
+        """The compact network for the current weights (a
+        :class:`fastmdl.compact.CompactPlan`), packed on first use and again after
+        any parameter or buffer of ``net`` changed (an optimizer step, a
+        ``load_state_dict``, ``.to()``); None if the network cannot run compact,
+        with the reason in :attr:`compact_error`."""
+        from .compact import Unsupported, build
+
+        cache = self._plan_cache
+        graph_code = self.net.code
+        tensors = tuple(self.net.parameters()) + tuple(self.net.buffers())
+        versions = tuple(t._version for t in tensors)
+        src = cache.sources
+        if src is not None and src[0] is graph_code and len(src[1]) == len(tensors) and \
+                all(a is b for a, b in zip(src[1], tensors)) and src[2] == versions:
+            return cache.plan
+        try:
+            with torch.no_grad():
+                cache.plan, cache.error = build(self), None
+        except Unsupported as e:
+            cache.plan, cache.error = None, str(e)
+        # Holding the tensors keeps their identities from being reused by new ones.
+        cache.sources = (graph_code, tensors, versions)
+        return cache.plan
+
+    @property
+    def compact_error(self) -> Optional[str]:
+        """Why the network cannot run in the compact layout (None when it can, or
+        before :meth:`compact_plan` first ran)."""
+        return self._plan_cache.error
+
+    def _compact_reason(self, x: torch.Tensor) -> Optional[str]:
+        """None when this forward can run compact, else why not."""
+        if self.training:
+            return "the model is in training mode"
+        if self._plan_cache.unfolded:
+            return "inside batchnorm_training() or calibrating()"
+        if torch.is_grad_enabled() and (x.requires_grad or
+                                        any(p.requires_grad for p in self.parameters())):
+            return "gradients are enabled (the compact network is for inference)"
+        if torch.compiler.is_compiling():
+            return "torch.compile traces the union graph"
+        if x.device.type != "cpu":
+            return f"the compact network runs on the CPU so far, not {x.device.type}"
+        return None
 
     @property
     def backend(self) -> str:
@@ -355,6 +447,14 @@ class PrunedModel(nn.Module):
         if x.dtype != dtype:
             raise TypeError(f"x must have the model's dtype {dtype}, got {x.dtype}")
         domain = _domain.check_domain(domain, x.shape[0], self.num_domains, x.device)
+        if self._layout != "union":
+            why = self._compact_reason(x)
+            plan = self.compact_plan() if why is None else None
+            if plan is not None:
+                return plan(x, domain)
+            if self._layout == "compact":
+                raise RuntimeError(f"layout='compact' cannot run here: "
+                                   f"{why or self.compact_error}")
         domain = _domain.as_tensor(domain, x.shape[0], x.device)
         if torch.compiler.is_compiling():
             return self.net(x, domain)
@@ -426,10 +526,12 @@ class PrunedModel(nn.Module):
             masks = m.masks()[1] if isinstance(m, PrunedConv2d) else m.masks
             m._unfold(masks, momentum, always_batch)
         ok = False
+        self._plan_cache.unfolded = True
         try:
             yield
             ok = True
         finally:
+            self._plan_cache.unfolded = False
             for m in layers:
                 m._refold(commit=ok)
 

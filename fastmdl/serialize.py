@@ -131,7 +131,9 @@ def load(path: PathArg, map_location: Union[None, str, torch.device] = None) -> 
         raise ValueError(f"{path}: {e}") from e
     except Exception as e:  # a well-formed JSON spec of the wrong shape
         raise ValueError(f"{path}: malformed model spec: {type(e).__name__}: {e}") from e
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    model.compact_plan()  # pack each domain's weights now, not at the first request
+    return model
 
 
 def _reason(e: Exception) -> str:

@@ -89,3 +89,54 @@ class CatNet(nn.Module):
         y = torch.cat([F.relu(self.bn_a(self.a(x))), F.relu(self.bn_b(self.b(x)))], dim=1)
         y = F.relu(self.mix(self.bn_cat(y)))
         return self.head(y.mean(dim=(2, 3)))
+
+
+class SEBlockNet(nn.Module):
+    """A stem and one residual block with squeeze-and-excitation (global pooling,
+    1x1 conv, ReLU, 1x1 conv, sigmoid, channel-wise multiply) before the add."""
+
+    def __init__(self, width=10, num_classes=4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.squeeze = nn.Conv2d(width, 4, 1)
+        self.excite = nn.Conv2d(4, width, 1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        s = F.adaptive_avg_pool2d(y, 1)
+        s = torch.sigmoid(self.excite(F.relu(self.squeeze(s))))
+        y = F.relu(y * s + x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class OddNet(nn.Module):
+    """What the compact layout must take in its stride: a grouped conv, reflect
+    padding, dilation and stride 2, an op outside the channel analysis (a roll of
+    the channels), a per-sample op that does not keep zeros (adding 0.5), and a
+    flatten of a 2x2 map through ``view``."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect", bias=False)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.b = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.bn_b = nn.BatchNorm2d(12)
+        self.c = nn.Conv2d(12, 6, 1, stride=2)
+        self.head = nn.Linear(6 * 2 * 2, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn_a(self.a(x)))
+        x = self.grouped(x)
+        x = torch.roll(x, 1, dims=1)
+        x = F.relu(self.bn_b(self.b(x))) + 0.5
+        x = self.c(x)
+        return self.head(x.view(x.size(0), -1))

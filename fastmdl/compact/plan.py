@@ -1,0 +1,530 @@
+"""Building the compact network of a :class:`fastmdl.PrunedModel`, and running it.
+
+``build(model)`` walks the pruned network's torch.fx graph once, follows which
+channels each domain holds through every node (``support.py``), packs every
+convolution's and linear layer's weights per domain with the BatchNorm folded in,
+and turns each node into a step (``steps.py``). ``CompactPlan.__call__`` then
+groups the batch by domain, runs the steps, and puts the result back in the
+caller's order: no channel gather, no zero-filled output and no argument check
+inside the network.
+
+Nodes the analysis cannot follow run as *union islands* (``steps.Island``):
+counted in :attr:`CompactPlan.islands`, so a user can see what stays slow.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses import FakeTensorMode
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from .. import graph
+from ..pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear
+from . import steps as S
+from .segments import Segments
+from .support import Support, reindex
+
+# A linear layer is packed per domain unless that holds more than this many times
+# its one shared weight; beyond it the domain's features are scattered instead.
+PACK_LIMIT = 2.0
+_EXAMPLE_ROWS = 5  # the batch size of the shape pass: a batch axis is one of this size
+
+_DENSE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+_DENSE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.exp, F.softplus}
+_DENSE_METHODS = {"sigmoid", "exp"}
+_BINARY_FUNCTIONS = {operator.add: "add", operator.iadd: "add", torch.add: "add",
+                     operator.sub: "sub", operator.isub: "sub", torch.sub: "sub",
+                     operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
+                     operator.truediv: "div", operator.itruediv: "div", torch.div: "div"}
+_BINARY_METHODS = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul": "mul",
+                   "mul_": "mul", "div": "div", "div_": "div"}
+_INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
+            operator.imul: operator.mul, operator.itruediv: operator.truediv,
+            "add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
+_SHAPE_METHODS = {"size", "dim"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
+_FLATTENS = {torch.flatten, "flatten", "view", "reshape"}
+_REDUCES = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
+
+
+class Unsupported(ValueError):
+    """The network cannot run in the compact layout (the reason says why); it runs
+    in the union layout instead."""
+
+
+class CompactPlan:
+    """The compact network: ``plan(x, domain)`` equals the pruned network's union
+    forward to float rounding. ``islands`` lists (node, reason) for the nodes that
+    run in the union layout; ``packed_bytes`` / ``union_bytes`` are the weight
+    memory of the per-domain packing and of the union network's own layers."""
+
+    def __init__(self, steps: List[S.Step], num_domains: int, memory_format,
+                 device: torch.device, dtype: torch.dtype, packed_bytes: int, union_bytes: int):
+        self.steps, self.num_domains, self.memory_format = steps, num_domains, memory_format
+        self.device, self.dtype = device, dtype
+        self.packed_bytes, self.union_bytes = packed_bytes, union_bytes
+        self.islands = [(s.name, s.reason) for s in steps if isinstance(s, S.Island)]
+        self._drop = _last_uses(steps)
+
+    def __call__(self, x: torch.Tensor, domain) -> torch.Tensor:
+        """The network's output for ``x`` (N, C, H, W) and ``domain`` (an int, or an
+        int64 tensor of shape (N,)), both already checked by the caller."""
+        seg = Segments.of(domain, x.shape[0], self.num_domains, x.device)
+        state = S.RunState(x, domain, seg, self.num_domains)
+        env: Dict[str, Any] = {}
+        out = None
+        for step, drop in zip(self.steps, self._drop):
+            out = env[step.name] = step.run(env, state)
+            for name in drop:  # free activations after their last reader
+                del env[name]
+                state.union.pop(name, None)
+        return out
+
+    def summary(self) -> str:
+        kinds: Dict[str, int] = {}
+        for s in self.steps:
+            kinds[s.label] = kinds.get(s.label, 0) + 1
+        parts = ", ".join(f"{n} {k}" for k, n in kinds.items())
+        return (f"compact plan: {len(self.steps)} steps ({parts}); {len(self.islands)} union "
+                f"islands; packed weights {self.packed_bytes / 2**20:.2f} MiB "
+                f"({self.packed_bytes / max(1, self.union_bytes):.2f}x the union's "
+                f"{self.union_bytes / 2**20:.2f} MiB)")
+
+
+def _last_uses(steps: List[S.Step]) -> List[List[str]]:
+    users: Dict[str, int] = {}
+    reads: List[List[str]] = []
+    for i, s in enumerate(steps):
+        names = _reads(s)
+        reads.append(names)
+        for n in names:
+            users[n] = i
+    drop: List[List[str]] = [[] for _ in steps]
+    for name, i in users.items():
+        drop[i].append(name)
+    for i, s in enumerate(steps):  # a value no step reads is dropped at once
+        if s.name not in users and i != len(steps) - 1:
+            drop[i].append(s.name)
+    return drop
+
+
+def _reads(step: S.Step) -> List[str]:
+    names = [getattr(step, a) for a in ("x", "residual") if getattr(step, a, None) is not None]
+    args = getattr(step, "args", None)
+    if isinstance(args, S.Args):
+        fx.node.map_arg((args.args, args.kwargs), lambda n: names.append(n.name))
+    return names
+
+
+# ------------------------------------------------------------------------------- building
+
+
+def build(model, memory_format: Optional[torch.memory_format] = None) -> CompactPlan:
+    """The compact network of ``model`` (a :class:`fastmdl.PrunedModel`), on the device
+    and dtype of its parameters. ``memory_format`` of the activations: by default
+    channels_last (oneDNN on the CPU and the GPU kernels read channels
+    contiguously). Raises :class:`Unsupported` with the reason if the network
+    cannot run compact."""
+    net: fx.GraphModule = model.net
+    p = next(model.parameters())
+    fmt = torch.channels_last if memory_format is None else memory_format
+    builder = _Builder(net, model.num_domains, p.device, p.dtype, fmt)
+    builder.shapes(model.input_size)
+    for node in net.graph.nodes:
+        builder.add(node)
+    return CompactPlan(builder.steps, model.num_domains, fmt, p.device, p.dtype,
+                       builder.packed_bytes, builder.union_bytes)
+
+
+def _method(name: str) -> Callable:
+    def call(obj, *args, **kwargs):
+        return getattr(obj, name)(*args, **kwargs)
+    call.__name__ = name
+    return call
+
+
+class _Builder:
+    def __init__(self, net: fx.GraphModule, num_domains: int, device, dtype, fmt):
+        self.net, self.D, self.device, self.dtype, self.fmt = net, num_domains, device, dtype, fmt
+        self.modules = dict(net.named_modules())
+        self.kinds: Dict[str, str] = {}
+        self.supports: Dict[str, Support] = {}
+        self.steps: List[S.Step] = []
+        self.nodes: Dict[str, fx.Node] = {}
+        self.packed_bytes = self.union_bytes = 0
+        self.inputs: List[fx.Node] = []
+
+    # -- shapes ----------------------------------------------------------------------
+
+    def shapes(self, input_size) -> None:
+        placeholders = [n for n in self.net.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 2:
+            raise Unsupported(f"the pruned graph must take (x, domain), got "
+                              f"{len(placeholders)} inputs")
+        x = torch.empty((_EXAMPLE_ROWS,) + tuple(input_size), dtype=self.dtype)
+        domain = torch.arange(_EXAMPLE_ROWS) % self.D
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        try:
+            with torch.no_grad():
+                ShapeProp(self.net, fake_mode=mode).propagate(x.to(self.device),
+                                                              domain.to(self.device))
+        except Exception as e:  # a graph the fake pass cannot run: say so, stay in union
+            raise Unsupported(f"the shape pass failed ({type(e).__name__}: {e})") from e
+
+    def shape(self, node) -> Optional[torch.Size]:
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        return getattr(meta, "shape", None)
+
+    def is_batch_tensor(self, node: fx.Node) -> bool:
+        s = self.shape(node)
+        return s is not None and len(s) >= 1 and s[0] == _EXAMPLE_ROWS
+
+    # -- node by node --------------------------------------------------------------------
+
+    def arg_nodes(self, node: fx.Node) -> List[fx.Node]:
+        found: List[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), found.append)
+        return found
+
+    def add(self, node: fx.Node) -> None:
+        self.nodes[node.name] = node
+        step = self.make(node)
+        if step is None:
+            return
+        self.kinds[node.name] = step.kind
+        if step.support is not None:
+            self.supports[node.name] = step.support
+        self.steps.append(step)
+
+    def make(self, node: fx.Node) -> Optional[S.Step]:
+        op = node.op
+        if op == "placeholder":
+            self.inputs.append(node)
+            if len(self.inputs) == 2:
+                self.kinds[node.name] = S.DOMAIN
+                return None
+            s = self.shape(node)
+            return S.Input(node.name, Support.dense(self.D, s[1]), self.fmt)
+        if op == "output":
+            for a in self.arg_nodes(node):
+                if self.kinds[a.name] == S.PER_PART:
+                    raise Unsupported(f"the output reads {a.name!r}, a size of one segment")
+            return S.Output(node.name, self.args(node), self.supports)
+        if op == "get_attr":
+            target = node.target
+            return S.Plain(node.name, lambda: _fetch(self.net, target), S.Args((), {}, {}))
+        kinds = [self.kinds[a.name] for a in self.arg_nodes(node)]
+        if op == "call_module":
+            m = self.modules[node.target]
+            if isinstance(m, (PrunedConv2d, PrunedBatchNorm2d, PrunedHeads)):
+                return self.layer(node, m)
+            if isinstance(m, PrunedLinear):
+                return self.linear(node, m)
+            fn: Callable = m
+        elif op == "call_function":
+            fn = node.target
+        else:
+            fn = _method(node.target)
+        if S.DOMAIN not in kinds and S.BATCH not in kinds:
+            if S.PER_PART in kinds:
+                return S.PerPart(node.name, fn, self.args(node))
+            return S.Plain(node.name, fn, self.args(node))
+        if S.DOMAIN in kinds:
+            return self.island(node, fn, "reads the per-sample domain")
+        return self.op(node, fn, op)
+
+    def args(self, node: fx.Node, moves=None) -> S.Args:
+        return S.Args(node.args, node.kwargs, self.kinds, moves)
+
+    def support_of(self, node: fx.Node) -> Support:
+        return self.supports[node.name]
+
+    def island(self, node: fx.Node, fn: Callable, reason: str) -> S.Step:
+        for a in self.arg_nodes(node):
+            if self.kinds[a.name] == S.PER_PART:
+                raise Unsupported(f"node {node.name!r} ({reason}) reads {a.name!r}, a size of "
+                                  f"one segment, which the union layout does not have")
+        meta = node.meta.get("tensor_meta")
+        if isinstance(meta, (tuple, list, dict)) and not isinstance(meta, TensorMetadata):
+            raise Unsupported(f"node {node.name!r} ({reason}) returns several tensors")
+        support = None
+        if self.is_batch_tensor(node):
+            s = self.shape(node)
+            support = Support.dense(self.D, s[1]) if len(s) >= 2 else Support.rows()
+        return S.Island(node.name, support, fn, self.args(node), self.supports, self.fmt, reason)
+
+    # -- ops outside fastmdl's layers -----------------------------------------------------------
+
+    def op(self, node: fx.Node, fn: Callable, op: str) -> S.Step:
+        name = node.target if op == "call_method" else None
+        target = node.target if op != "call_method" else None
+        module = self.modules.get(node.target) if op == "call_module" else None
+        first = node.args[0] if node.args else None
+        x = first if isinstance(first, fx.Node) and self.kinds.get(first.name) == S.BATCH else None
+        out_shape = self.shape(node)
+
+        if name in _SHAPE_METHODS or (target is builtins.getattr and len(node.args) == 2
+                                      and node.args[1] in _SHAPE_ATTRS):
+            if x is None:
+                return self.island(node, fn, "a size read of something other than a batch")
+            return S.Shape(node.name, x.name, self.support_of(x), fn, self.args(node))
+        if not self.is_batch_tensor(node) and out_shape is not None:
+            return self.island(node, fn, "mixes the samples of the batch")
+        if x is not None and out_shape is not None:
+            if (module is not None and isinstance(module, graph._KEEP_MODULES)) or \
+                    target in graph._KEEP_FUNCTIONS or name in graph._KEEP_METHODS:
+                return self.keep(node, fn, x)
+            if (isinstance(module, nn.Flatten) or target in _FLATTENS or name in _FLATTENS):
+                flat = self.flatten(node, x)
+                if flat is not None:
+                    return flat
+            if (target in _REDUCES or name in _REDUCES) and self.shape(x) is not None and \
+                    graph._reduces_spatial_only(node, len(self.shape(x))) and \
+                    out_shape[1:2] == self.shape(x)[1:2]:
+                return self.keep(node, fn, x)
+        if target in _BINARY_FUNCTIONS or name in _BINARY_METHODS:
+            return self.binary(node, fn, _BINARY_FUNCTIONS.get(target) or _BINARY_METHODS[name])
+        if target is torch.cat or name == "cat":
+            step = self.cat(node, fn)
+            if step is not None:
+                return step
+        if (module is not None and isinstance(module, _DENSE_MODULES)) or \
+                target in _DENSE_FUNCTIONS or name in _DENSE_METHODS:
+            return self.dense_map(node, fn)
+        what = type(module).__name__ if module is not None else (
+            name or getattr(target, "__name__", str(target)))
+        return self.island(node, fn, f"{what} is outside the channel analysis")
+
+    def keep(self, node, fn, x) -> S.Step:
+        sup = self.support_of(x)
+        if sup.fill != 0:
+            return self.dense_map(node, fn)
+        return S.Map(node.name, sup, fn, self.args(node))
+
+    def flatten(self, node, x) -> Optional[S.Step]:
+        s_in, s_out = self.shape(x), self.shape(node)
+        if len(s_in) < 2 or len(s_out) != 2:
+            return None
+        pixels = 1
+        for v in s_in[2:]:
+            pixels *= v
+        if s_out[1] != s_in[1] * pixels:
+            return None
+        sup = self.support_of(x)
+        if not sup.has_channels or sup.fill != 0:
+            return None
+        masks = sup.masks.repeat_interleave(pixels, dim=1)
+        return S.Flatten(node.name, Support(s_out[1], masks), x.name)
+
+    def dense_map(self, node, fn) -> S.Step:
+        """A per-sample op given every channel of its batch inputs."""
+        moves = {}
+        for a in self.arg_nodes(node):
+            if self.kinds[a.name] == S.BATCH:
+                src = self.support_of(a)
+                if src.has_channels and not src.is_dense:
+                    moves[a.name] = reindex(src, Support.dense(self.D, src.width, src.fill))
+        s = self.shape(node)
+        if s is None or not self.is_batch_tensor(node):
+            return self.island(node, fn, "a per-sample op with a non-batch result")
+        out = Support.dense(self.D, s[1]) if len(s) >= 2 else Support.rows()
+        return S.Map(node.name, out, fn, self.args(node, moves))
+
+    def binary(self, node, fn, kind: str) -> S.Step:
+        args = list(node.args[:2])
+        if len(args) < 2 and "other" in node.kwargs:
+            args.append(node.kwargs["other"])
+        batch = [a for a in args if isinstance(a, fx.Node) and self.kinds[a.name] == S.BATCH]
+        others = [a for a in args if not (isinstance(a, fx.Node) and self.kinds[a.name] == S.BATCH)]
+        out_shape = self.shape(node)
+        if len(args) != 2 or out_shape is None or len(out_shape) < 2 or \
+                any(self.kinds.get(getattr(a, "name", None)) == S.PER_PART for a in others):
+            return self.island(node, fn, f"{kind} of operands the analysis does not follow")
+        sups = [self.support_of(a) for a in batch]
+        numbers = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in others)
+        if any(not s.has_channels or s.fill != 0 for s in sups) or not numbers:
+            return self.dense_map(node, fn)
+        width = out_shape[1]
+        wide = [s for s in sups if s.width == width and width != 1]
+        if len(batch) == 1:  # x op number
+            if kind in ("mul", "div") or (kind in ("add", "sub") and others[0] == 0):
+                return S.Map(node.name, sups[0], fn, self.args(node))
+            return self.dense_map(node, fn)
+        if kind == "div" or len(wide) == 0:
+            return self.dense_map(node, fn)
+        if len(wide) == 2:
+            a, b = wide[0].masks, wide[1].masks
+            target = Support(width, a & b if kind == "mul" else a | b)
+        else:  # a (n, C, ...) tensor times a (n, 1, ...) one: it keeps the wide one's zeros
+            if kind != "mul":
+                return self.dense_map(node, fn)
+            target = wide[0]
+        moves, copied = {}, False
+        for a, s in zip(batch, sups):
+            t = target if s.width == width else Support.dense(self.D, s.width)
+            m = reindex(s, t)
+            if any(r is not None for r in m):
+                moves[a.name] = m
+                copied = copied or a is args[0]
+        inplace = node.target in _INPLACE
+        if copied and inplace:
+            # The in-place op would write a reindexed copy, not the value later readers see.
+            if any(u is not node for u in args[0].users):
+                return self.island(node, fn, f"an in-place {kind} on a tensor read elsewhere")
+            fn = _INPLACE[fn] if callable(node.target) else _method(_INPLACE[node.target])
+        return S.Map(node.name, target, fn, self.args(node, moves))
+
+    def cat(self, node, fn) -> Optional[S.Step]:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out_shape = self.shape(node)
+        if not isinstance(tensors, (list, tuple)) or out_shape is None or len(out_shape) < 2:
+            return None
+        if not all(isinstance(t, fx.Node) and self.kinds[t.name] == S.BATCH for t in tensors):
+            return None
+        sups = [self.support_of(t) for t in tensors]
+        if not isinstance(dim, int) or dim % len(out_shape) != 1 or \
+                any(not s.has_channels or s.fill != 0 for s in sups):
+            return None
+        return S.Map(node.name, Support(out_shape[1], torch.cat([s.masks for s in sups], dim=1)),
+                     fn, self.args(node))
+
+    # -- fastmdl's layers: packed weights ------------------------------------------------
+
+    def layer(self, node: fx.Node, m: nn.Module) -> S.Step:
+        if len(node.args) < 2 or node.args[1] is not self.inputs[1] or node.kwargs:
+            return self.island(node, m, "a fastmdl layer called without the batch's domain")
+        x = node.args[0]
+        if not isinstance(x, fx.Node) or self.kinds[x.name] != S.BATCH or \
+                not self.support_of(x).has_channels or self.support_of(x).fill != 0:
+            return self.island(node, m, "a fastmdl layer on an input the analysis lost")
+        if isinstance(m, PrunedConv2d):
+            residual = node.args[2] if len(node.args) > 2 else None
+            if residual is not None and (not isinstance(residual, fx.Node)
+                                         or self.kinds[residual.name] != S.BATCH
+                                         or self.support_of(residual).fill != 0
+                                         or self.support_of(residual).width != m.weight.shape[0]):
+                return self.island(node, m, "a residual the analysis lost")
+            if m._unfolded is not None:
+                raise Unsupported("a BatchNorm is unfolded (inside batchnorm_training)")
+            return self.conv(node, m, x, residual)
+        if isinstance(m, PrunedBatchNorm2d):
+            return self.affine(node, m, x)
+        return self.head(node, m, x)
+
+    def _acc(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``t`` in at least float32 for folding (then rounded once to the model's dtype)."""
+        if t is None:
+            return None
+        return t.detach().to(torch.promote_types(t.dtype, torch.float32))
+
+    def _count(self, packed: List[Optional[torch.Tensor]], union: List[Optional[torch.Tensor]]):
+        self.packed_bytes += sum(t.numel() * t.element_size() for t in packed if t is not None)
+        self.union_bytes += sum(t.numel() * t.element_size() for t in union if t is not None)
+
+    def conv(self, node, m: PrunedConv2d, x: fx.Node, residual: Optional[fx.Node]) -> S.Step:
+        in_masks, out_masks = (t.detach().to("cpu") > 0 for t in m.masks())
+        w = self._acc(m.weight)
+        scale, shift = self._acc(m.scale), self._acc(m.shift)
+        x_sup = self.support_of(x)
+        c_out = w.shape[0]
+        if m.groups == 1:
+            target_in = Support(x_sup.width, x_sup.masks & in_masks)
+            out = out_masks.clone()
+            if residual is not None:
+                out |= self.support_of(residual).masks
+            out_sup = Support(c_out, out)
+        else:  # fastmdl keeps every channel of a grouped conv: it reads and writes them all
+            target_in = Support.dense(self.D, x_sup.width)
+            out_sup = Support.dense(self.D, c_out)
+        weights, biases = [], []
+        for d in range(self.D):
+            rows, cols = out_sup.index(d).to(w.device), target_in.index(d).to(w.device)
+            gain = out_masks[d].to(device=w.device, dtype=w.dtype)
+            if scale is not None:
+                gain = gain * scale[d]
+            wd = w * gain[:, None, None, None]
+            if m.groups == 1:
+                wd = wd.index_select(0, rows).index_select(1, cols)
+            bd = None if shift is None else (shift[d] * out_masks[d].to(shift)).index_select(0, rows)
+            empty = wd.shape[0] == 0 or wd.shape[1] == 0
+            weights.append(None if empty else
+                           wd.to(self.dtype).contiguous(memory_format=self.fmt))
+            biases.append(None if bd is None else bd.to(self.dtype).contiguous())
+        self._count(weights + biases, [m.weight, m.scale, m.shift])
+        x_moves = reindex(x_sup, target_in)
+        r_moves = reindex(self.support_of(residual), out_sup) if residual is not None \
+            else [None] * self.D
+        step = S.Conv(node.name, out_sup, x.name, residual.name if residual is not None else None,
+                      weights, biases, x_moves, r_moves, m.stride, m.padding, m.dilation,
+                      m.groups, m.padding_mode, m.relu, m.weight.shape[2:], self.fmt)
+        step.to(self.device)
+        return step
+
+    def affine(self, node, m: PrunedBatchNorm2d, x: fx.Node) -> S.Step:
+        out_sup = Support(m.scale.shape[1], m.masks.detach().to("cpu") > 0)
+        scales, shifts = [], []
+        for d in range(self.D):
+            idx = out_sup.index(d).to(m.scale.device)
+            scales.append(m.scale.detach()[d].index_select(0, idx).contiguous())
+            shifts.append(m.shift.detach()[d].index_select(0, idx).contiguous())
+        self._count(scales + shifts, [m.scale, m.shift])
+        step = S.Affine(node.name, out_sup, x.name, scales, shifts,
+                        reindex(self.support_of(x), out_sup))
+        step.to(self.device)
+        return step
+
+    def head(self, node, m: PrunedHeads, x: fx.Node) -> S.Step:
+        x_sup = self.support_of(x)
+        widest = max(m.num_classes)
+        masks = torch.zeros((self.D, widest), dtype=torch.bool)
+        weights, biases, start = [], [], 0
+        for d, k in enumerate(m.num_classes):
+            masks[d, :k] = True
+            cols = x_sup.index(d).to(m.weight.device)
+            weights.append(m.weight.detach()[start:start + k].index_select(1, cols).contiguous())
+            biases.append(None if m.bias is None else m.bias.detach()[start:start + k].contiguous())
+            start += k
+        self._count(weights + biases, [m.weight, m.bias])
+        out_sup = Support(widest, masks, float("-inf"))
+        step = S.Linear(node.name, out_sup, x.name, weights, biases, [None] * self.D)
+        step.to(self.device)
+        return step
+
+    def linear(self, node, m: PrunedLinear) -> S.Step:
+        x = node.args[0] if node.args else None
+        if len(node.args) != 1 or node.kwargs or not isinstance(x, fx.Node) or \
+                self.kinds[x.name] != S.BATCH or not self.support_of(x).has_channels or \
+                self.support_of(x).fill != 0:
+            return self.island(node, m, "a linear layer on an input the analysis lost")
+        x_sup = self.support_of(x)
+        out_sup = Support.dense(self.D, m.out_features)
+        held = sum(x_sup.size(d) for d in range(self.D))
+        if held > PACK_LIMIT * x_sup.width:
+            self._count([], [m.weight, m.bias])
+            step = S.Linear(node.name, out_sup, x.name, [None] * self.D, [None] * self.D,
+                            [None] * self.D, m.weight.detach(),
+                            None if m.bias is None else m.bias.detach(), x_sup)
+        else:
+            weights = [m.weight.detach().index_select(1, x_sup.index(d).to(m.weight.device))
+                       .contiguous() for d in range(self.D)]
+            biases = [None if m.bias is None else m.bias.detach()] * self.D
+            self._count(weights + ([m.bias.detach()] if m.bias is not None else []),
+                        [m.weight, m.bias])
+            step = S.Linear(node.name, out_sup, x.name, weights, biases, [None] * self.D)
+        step.to(self.device)
+        return step
+
+
+def _fetch(net: nn.Module, target: str):
+    obj: Any = net
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

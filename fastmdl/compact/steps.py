@@ -1,0 +1,440 @@
+"""The steps of a compact network, one per node of the pruned network's graph.
+
+A value of the compact network is one of:
+
+- *batch*: a per-sample tensor, held as one tensor per domain (None for a
+  domain with no sample in the batch), each with only that domain's channels
+  (see ``support.py``);
+- *per-part*: a non-tensor value computed from a batch value, one per domain
+  (``x.size(0)`` is each segment's own batch size);
+- *plain*: the same for every sample (a constant, a Python number).
+
+Each step's ``run(env, state)`` reads its inputs from ``env`` (node name -> value)
+and returns its own value. Steps are built once by ``plan.build`` with every
+weight packed per domain; at run time they only call the framework's kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .. import _shapes
+from .segments import Segments
+from .support import Reindex, Support
+
+BATCH, PER_PART, PLAIN, DOMAIN = "batch", "per-part", "plain", "domain"
+
+
+class RunState:
+    """What one forward pass shares between its steps."""
+
+    def __init__(self, x: torch.Tensor, domain, seg: Segments, num_domains: int):
+        self.x, self.domain, self.seg, self.num_domains = x, domain, seg, num_domains
+        self.union: Dict[str, torch.Tensor] = {}  # batch values already put back in union form
+
+    def domain_tensor(self) -> torch.Tensor:
+        if isinstance(self.domain, int):
+            return torch.full((self.x.shape[0],), self.domain, dtype=torch.int64,
+                              device=self.x.device)
+        return self.domain
+
+
+class Step:
+    """One node of the compact network. ``kind`` is BATCH, PER_PART or PLAIN;
+    ``support`` (batch values) says which channels each domain holds."""
+
+    kind = BATCH
+    label = "step"
+
+    def __init__(self, name: str, support: Optional[Support] = None):
+        self.name, self.support = name, support
+
+    def run(self, env: Dict[str, Any], state: RunState) -> Any:
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> None:
+        """Move the step's own tensors (packed weights, index lists) to ``device``."""
+
+
+# -- moving between the two layouts -----------------------------------------------------
+
+
+def densify(part: torch.Tensor, support: Support, d: int) -> torch.Tensor:
+    """Domain d's compact ``part`` with every channel of the union (the others at
+    the support's fill value)."""
+    if not support.has_channels or support.size(d) == support.width:
+        return part
+    out = part.new_full((part.shape[0], support.width) + tuple(part.shape[2:]), support.fill)
+    index = support.index(d).to(part.device)
+    if index.numel():
+        out.index_copy_(1, index, part)
+    return out
+
+
+def to_union(name: str, parts: List[Optional[torch.Tensor]], support: Support,
+             state: RunState) -> torch.Tensor:
+    """A batch value in the union layout, rows in the caller's order (cached per pass)."""
+    if name not in state.union:
+        seg = state.seg
+        dense = [None if p is None else densify(p, support, d) for d, p in enumerate(parts)]
+        state.union[name] = seg.join(dense, state.x)
+    return state.union[name]
+
+
+def from_union(t: torch.Tensor, seg: Segments, memory_format) -> List[Optional[torch.Tensor]]:
+    """A union-layout batch tensor (every channel held) split into segments."""
+    if t.dim() == 4:
+        t = t.contiguous(memory_format=memory_format)
+    return seg.split(t)
+
+
+# -- argument plumbing ----------------------------------------------------------------
+
+
+class Args:
+    """A node's (args, kwargs) with the nodes it reads, resolved per domain at run time."""
+
+    def __init__(self, args: Sequence, kwargs: Dict[str, Any], kinds: Dict[str, str],
+                 reindex: Optional[Dict[str, List[Optional[Reindex]]]] = None):
+        self.args, self.kwargs, self.kinds = tuple(args), dict(kwargs), kinds
+        self.reindex = reindex or {}
+
+    def for_domain(self, env, d: int):
+        def pick(node: fx.Node):
+            value = env[node.name]
+            kind = self.kinds[node.name]
+            if kind in (BATCH, PER_PART):
+                value = value[d]
+                moves = self.reindex.get(node.name)
+                if moves is not None and moves[d] is not None:
+                    value = moves[d](value)
+            return value
+        return fx.node.map_arg(self.args, pick), fx.node.map_arg(self.kwargs, pick)
+
+    def for_union(self, env, state: RunState, supports: Dict[str, Support]):
+        def pick(node: fx.Node):
+            kind = self.kinds[node.name]
+            if kind == BATCH:
+                return to_union(node.name, env[node.name], supports[node.name], state)
+            if kind == DOMAIN:
+                return state.domain_tensor()
+            return env[node.name]  # plain (per-part values never reach here: see plan)
+        return fx.node.map_arg(self.args, pick), fx.node.map_arg(self.kwargs, pick)
+
+    def to(self, device: torch.device) -> None:
+        self.reindex = {k: [None if r is None else r.to(device) for r in v]
+                        for k, v in self.reindex.items()}
+
+
+def _live_map(state: RunState, fn: Callable[[int], Any]) -> List[Any]:
+    out: List[Any] = [None] * state.num_domains
+    for d in state.seg.live:
+        out[d] = fn(d)
+    return out
+
+
+# -- the steps ----------------------------------------------------------------------------
+
+
+class Input(Step):
+    """The image batch, sorted by domain and split into segments."""
+
+    label = "input"
+
+    def __init__(self, name: str, support: Support, memory_format):
+        super().__init__(name, support)
+        self.memory_format = memory_format
+
+    def run(self, env, state):
+        x = state.x
+        if state.seg.order is not None:
+            x = x.index_select(0, state.seg.order)
+        return _narrow(x.contiguous(memory_format=self.memory_format), state.seg)
+
+
+def _narrow(sorted_x: torch.Tensor, seg: Segments) -> List[Optional[torch.Tensor]]:
+    return [sorted_x.narrow(0, seg.starts[d], c) if c else None for d, c in enumerate(seg.counts)]
+
+
+class Conv(Step):
+    r"""A convolution of the pruned network with its domain's BatchNorm folded in:
+    per domain d, :math:`y_d = \mathrm{act}(W_d \star x_d + b_d + r_d)` with
+    :math:`W_d = (s_d \odot [c \in out_d])\,W[S^{out}_d][:, S^{in}_d]` packed once.
+    ``weights[d]`` is None when domain d reads or writes no channel (then
+    :math:`y_d = b_d + r_d`)."""
+
+    label = "conv"
+
+    def __init__(self, name, support, x: str, residual: Optional[str],
+                 weights: List[Optional[torch.Tensor]], biases: List[Optional[torch.Tensor]],
+                 x_moves: List[Optional[Reindex]], residual_moves: List[Optional[Reindex]],
+                 stride, padding, dilation, groups: int, padding_mode: str, relu: bool,
+                 kernel_size, memory_format):
+        super().__init__(name, support)
+        self.x, self.residual = x, residual
+        self.weights, self.biases = weights, biases
+        self.x_moves, self.residual_moves = x_moves, residual_moves
+        self.stride, self.dilation = tuple(stride), tuple(dilation)
+        self.groups, self.relu, self.kernel_size = groups, relu, tuple(kernel_size)
+        self.memory_format = memory_format
+        if padding_mode == "zeros":
+            self.pad, self.padding = None, tuple(padding)
+        else:
+            ph, pw = padding
+            self.pad, self.padding = ((pw, pw, ph, ph), padding_mode), (0, 0)
+
+    def run(self, env, state):
+        xs = env[self.x]
+        rs = env[self.residual] if self.residual is not None else None
+
+        def one(d: int) -> torch.Tensor:
+            x = xs[d]
+            if self.x_moves[d] is not None:
+                x = self.x_moves[d](x)
+            if self.pad is not None:
+                x = F.pad(x, self.pad[0], mode=self.pad[1])
+            w, b = self.weights[d], self.biases[d]
+            if w is not None:
+                y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+            else:
+                y = self._constant(x, b, self.support.size(d))
+            if rs is not None:
+                r = rs[d]
+                if self.residual_moves[d] is not None:
+                    r = self.residual_moves[d](r)
+                y = y.add_(r)
+            return y.relu_() if self.relu else y
+        return _live_map(state, one)
+
+    def _constant(self, x: torch.Tensor, b: Optional[torch.Tensor], c_out: int) -> torch.Tensor:
+        ho, wo = _shapes.conv_output_hw(x.shape[2:], self.kernel_size, self.stride,
+                                        self.padding, self.dilation)
+        if b is None:
+            return x.new_zeros((x.shape[0], c_out, ho, wo)).contiguous(
+                memory_format=self.memory_format)
+        return b.view(1, -1, 1, 1).expand(x.shape[0], c_out, ho, wo).contiguous(
+            memory_format=self.memory_format)
+
+    def to(self, device):
+        self.weights = [None if w is None else w.to(device) for w in self.weights]
+        self.biases = [None if b is None else b.to(device) for b in self.biases]
+        self.x_moves = [None if r is None else r.to(device) for r in self.x_moves]
+        self.residual_moves = [None if r is None else r.to(device) for r in self.residual_moves]
+
+
+class Affine(Step):
+    """A BatchNorm that could not be folded: per domain :math:`y_d = x_d s_d + t_d`
+    over the domain's channels."""
+
+    label = "batchnorm"
+
+    def __init__(self, name, support, x: str, scales, shifts, x_moves):
+        super().__init__(name, support)
+        self.x, self.scales, self.shifts, self.x_moves = x, scales, shifts, x_moves
+
+    def run(self, env, state):
+        xs = env[self.x]
+
+        def one(d: int) -> torch.Tensor:
+            x = xs[d]
+            if self.x_moves[d] is not None:
+                x = self.x_moves[d](x)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return torch.addcmul(self.shifts[d].view(shape), x, self.scales[d].view(shape))
+        return _live_map(state, one)
+
+    def to(self, device):
+        self.scales = [s.to(device) for s in self.scales]
+        self.shifts = [t.to(device) for t in self.shifts]
+        self.x_moves = [None if r is None else r.to(device) for r in self.x_moves]
+
+
+class Linear(Step):
+    r"""A linear layer over the domain's features (a classifier head, or a plain
+    ``nn.Linear`` that reads pruned features): :math:`y_d = x_d W_d^T + b_d`.
+
+    Packed (``weights[d]`` given): W_d holds only the columns the domain reads.
+    Gathered (``weights[d]`` None): the domain's features are scattered into the
+    union's width and multiplied with the one shared weight, which costs no
+    memory per domain (chosen where packing would cost too much)."""
+
+    label = "linear"
+
+    def __init__(self, name, support, x: str, weights, biases, x_moves,
+                 shared: Optional[torch.Tensor] = None, shared_bias: Optional[torch.Tensor] = None,
+                 in_support: Optional[Support] = None):
+        super().__init__(name, support)
+        self.x, self.weights, self.biases, self.x_moves = x, weights, biases, x_moves
+        self.shared, self.shared_bias, self.in_support = shared, shared_bias, in_support
+
+    def run(self, env, state):
+        xs = env[self.x]
+
+        def one(d: int) -> torch.Tensor:
+            x = xs[d]
+            if self.x_moves[d] is not None:
+                x = self.x_moves[d](x)
+            if self.weights[d] is None:
+                return F.linear(densify(x, self.in_support, d), self.shared, self.shared_bias)
+            return F.linear(x, self.weights[d], self.biases[d])
+        return _live_map(state, one)
+
+    def to(self, device):
+        self.weights = [None if w is None else w.to(device) for w in self.weights]
+        self.biases = [None if b is None else b.to(device) for b in self.biases]
+        self.x_moves = [None if r is None else r.to(device) for r in self.x_moves]
+        if self.shared is not None:
+            self.shared = self.shared.to(device)
+            self.shared_bias = None if self.shared_bias is None else self.shared_bias.to(device)
+
+
+class Map(Step):
+    """A per-sample op applied to each segment: an activation or pooling that keeps
+    zeros at zero (the support is unchanged), an elementwise op of two branches,
+    a concatenation of channels, a flatten, or a per-sample op whose inputs are
+    first given every channel (``densify`` in ``plan``)."""
+
+    label = "map"
+
+    def __init__(self, name, support, fn: Callable, args: Args):
+        super().__init__(name, support)
+        self.fn, self.args = fn, args
+
+    def run(self, env, state):
+        def one(d: int):
+            a, k = self.args.for_domain(env, d)
+            return self.fn(*a, **k)
+        return _live_map(state, one)
+
+    def to(self, device):
+        self.args.to(device)
+
+
+class Flatten(Step):
+    """(n, C, H, W) -> (n, C*H*W) per segment, whatever call the graph used for it
+    (``torch.flatten(x, 1)``, ``x.view(x.size(0), -1)``, ``nn.Flatten()``)."""
+
+    label = "flatten"
+
+    def __init__(self, name, support, x: str):
+        super().__init__(name, support)
+        self.x = x
+
+    def run(self, env, state):
+        xs = env[self.x]
+        return _live_map(state, lambda d: xs[d].flatten(1))
+
+
+class Shape(Step):
+    """A size read of a batch value, per segment, as the union layout would give
+    it: the segment's own batch size, and the union's channel count."""
+
+    kind = PER_PART
+    label = "shape"
+
+    def __init__(self, name, x: str, x_support: Support, fn: Callable, args: Args):
+        super().__init__(name)
+        self.x, self.x_support, self.fn, self.args = x, x_support, fn, args
+
+    def run(self, env, state):
+        xs = env[self.x]
+        width = self.x_support.width
+
+        def one(d: int):
+            p = xs[d]
+            shape = tuple(p.shape)
+            if self.x_support.has_channels:
+                shape = (shape[0], width) + shape[2:]
+            proxy = _ShapeProxy(torch.Size(shape), p)
+            a, k = self.args.for_domain(env, d)
+            a = tuple(proxy if isinstance(v, torch.Tensor) and v is p else v for v in a)
+            return self.fn(*a, **k)
+        return _live_map(state, one)
+
+
+class _ShapeProxy:
+    """Answers shape questions with the union's shape (for ``Shape``)."""
+
+    def __init__(self, shape: torch.Size, part: torch.Tensor):
+        self.shape, self._part = shape, part
+        self.ndim, self.dtype, self.device = len(shape), part.dtype, part.device
+
+    def size(self, dim: Optional[int] = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return self.ndim
+
+
+class PerPart(Step):
+    """Arithmetic on per-part values (``x.size(0) * 2``), once per segment."""
+
+    kind = PER_PART
+    label = "per-part"
+
+    def __init__(self, name, fn: Callable, args: Args):
+        super().__init__(name)
+        self.fn, self.args = fn, args
+
+    def run(self, env, state):
+        def one(d: int):
+            a, k = self.args.for_domain(env, d)
+            return self.fn(*a, **k)
+        return _live_map(state, one)
+
+
+class Plain(Step):
+    """A value independent of the samples (a constant, a parameter read)."""
+
+    kind = PLAIN
+    label = "plain"
+
+    def __init__(self, name, fn: Callable, args: Args):
+        super().__init__(name)
+        self.fn, self.args = fn, args
+
+    def run(self, env, state):
+        a, k = self.args.for_domain(env, -1)
+        return self.fn(*a, **k)
+
+
+class Island(Step):
+    """An op the compact layout cannot follow (outside the channel analysis, or one
+    that mixes samples): its inputs go back to the union layout and the caller's
+    order, it runs once on the whole batch, and a batch result is grouped again."""
+
+    label = "union island"
+
+    def __init__(self, name, support: Optional[Support], fn: Callable, args: Args,
+                 supports: Dict[str, Support], memory_format, reason: str):
+        super().__init__(name, support)
+        self.kind = BATCH if support is not None else PLAIN
+        self.fn, self.args, self.supports = fn, args, supports
+        self.memory_format, self.reason = memory_format, reason
+
+    def run(self, env, state):
+        a, k = self.args.for_union(env, state, self.supports)
+        out = self.fn(*a, **k)
+        if self.kind == PLAIN:
+            return out
+        state.union[self.name] = out
+        return from_union(out, state.seg, self.memory_format)
+
+
+class Output(Step):
+    """The network's output, every batch tensor in it back in the union layout."""
+
+    kind = PLAIN
+    label = "output"
+
+    def __init__(self, name, args: Args, supports: Dict[str, Support]):
+        super().__init__(name)
+        self.args, self.supports = args, supports
+
+    def run(self, env, state):
+        a, _ = self.args.for_union(env, state, self.supports)
+        return a[0]
