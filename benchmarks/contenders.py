@@ -303,3 +303,76 @@ def write_atomic(path: str, text: str) -> None:
     """Write atomically: a reader sees the old file or the new one, never half."""
     with atomic_write(path, "w") as f:
         f.write(text)
+
+
+def interleaved_medians(fns: Dict[str, Callable], *, warmup: int = 2,
+                        repeats: int = 7) -> Dict[str, float]:
+    """Median wall time of each fn(), timed in rounds (one call of each per round) so
+    that a slow spell of the machine hits every contender alike."""
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def per_domain_networks(model) -> List[torch.nn.Module]:
+    """Contender (e): what a user of a per-domain pruning tool deploys. For each
+    domain, a plain copy of the converted network with ``torch.nn`` layers only,
+    physically cut to the filters and channels that domain's masks keep, with that
+    domain's BatchNorm (statistics and affine) and head; run on its own samples,
+    its logits equal the masked model's for that domain."""
+    import copy
+
+    from torch import nn
+
+    import fastmdl
+    from fastmdl.cost import multidomain_layers
+
+    layers = {layer.name: layer for layer in multidomain_layers(model, hard=True)}
+    nets = []
+    for d in range(model.num_domains):
+        net = copy.deepcopy(model.module).eval()
+        for name, m in list(net.named_modules()):
+            if name not in layers:
+                continue
+            info = layers[name]
+            keep_in = (info.in_masks[d] > 0).nonzero().squeeze(1)
+            if isinstance(m, fastmdl.Conv2d):
+                keep_out = (info.out_masks[d] > 0).nonzero().squeeze(1)
+                if m.groups != 1:  # fastmdl keeps a grouped conv whole; so does the user
+                    keep_in = torch.arange(m.in_channels // m.groups)
+                new = nn.Conv2d(keep_in.numel() * m.groups, keep_out.numel(), m.kernel_size,
+                                m.stride, m.padding, m.dilation, m.groups, m.bias is not None,
+                                m.padding_mode)
+                with torch.no_grad():
+                    new.weight.copy_(m.weight[keep_out][:, keep_in])
+                    if m.bias is not None:
+                        new.bias.copy_(m.bias[keep_out])
+            elif isinstance(m, fastmdl.BatchNorm2d):
+                new = nn.BatchNorm2d(keep_in.numel(), eps=m.eps)
+                with torch.no_grad():
+                    new.running_mean.copy_(m.running_mean[d, keep_in])
+                    new.running_var.copy_(m.running_var[d, keep_in])
+                    if m.weight is not None:
+                        new.weight.copy_(m.weight[d, keep_in])
+                        new.bias.copy_(m.bias[d, keep_in])
+            elif isinstance(m, fastmdl.DomainHeads):
+                w = m.weights[d]
+                new = nn.Linear(keep_in.numel(), w.shape[0], m.biases is not None)
+                with torch.no_grad():
+                    new.weight.copy_(w[:, keep_in])
+                    if m.biases is not None:
+                        new.bias.copy_(m.biases[d])
+            else:
+                continue
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, child, new.eval())
+        nets.append(net)
+    return nets

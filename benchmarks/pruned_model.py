@@ -1,36 +1,43 @@
 """End-to-end CPU benchmark: a pruned multi-domain ResNet-26 serving a mixed batch.
 
     python benchmarks/pruned_model.py [--n 32] [--domains 4] [--keep 0.5] [--shared 0.7]
-                                      [--size 64] [--width 1.0] [--out benchmarks/out]
+                                      [--size 64] [--width 1.0] [--repeats 7]
+                                      [--sweep] [--out benchmarks/out]
 
 Each domain keeps ``keep`` of every mask group's filters; ``shared`` of those are
 common to all domains (a stand-in for what the sharing losses produce), the rest
-are the domain's own. Contenders, on the same mixed batch in one process:
+are the domain's own. Contenders, on the same mixed batch in one process, timed
+in interleaved rounds:
 
-  dense (one domain)   the original single-domain ResNet-26: the cost fastmdl must beat
-  masked (convert)     the converted model in eval mode: dense convs, then masks
-  pruned auto          fastmdl.prune(model) as it ships: backend=None per layer
-  pruned cpp           every convolution on the C++ op
-  pruned reference     every convolution on the pure-PyTorch reference op
+  dense (one domain)      the original single-domain ResNet-26: the cost to beat
+  masked (convert)        the converted model in eval mode: dense convs, then masks
+  per-domain nets (e)     one physically sliced ResNet-26 per domain, each with its
+                          own BatchNorm and head, run on its own samples (what a
+                          per-domain pruning tool deploys); as a user runs it
+                          (NCHW) and in channels_last
+  pruned compact ragged   fastmdl.prune(model) as it ships on the CPU
+  pruned compact padded   the static-shape storage (torch.compile / GPU) on the CPU
+  pruned union            the union layout: every layer through domain_conv2d
 
-Every pruned output is checked against the masked model before timing. Useful
-GFLOP/s counts, for each sample, only its domain's multiply-adds (x2).
+Every output is checked against the masked model before timing. Useful GFLOP/s
+counts, for each sample, only its domain's multiply-adds (x2). ``--sweep`` adds
+N in {1, 8, 32} x D in {2, 4, 10}.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from contenders import matmul_gflops, median_seconds, write_atomic  # noqa: E402
+from contenders import interleaved_medians, matmul_gflops, per_domain_networks  # noqa: E402
 
 import fastmdl  # noqa: E402
+from fastmdl._io import write_report  # noqa: E402
 from fastmdl.models import resnet26  # noqa: E402
 
 
@@ -66,6 +73,49 @@ def pruned_resnet26(domains: int, keep: float, shared: float, size: int, width: 
     return base, model, fastmdl.prune(model)
 
 
+def _per_domain(nets, x, domain, channels_last: bool):
+    """Contender (e) on a mixed batch: each domain's samples through its own network."""
+    if channels_last:
+        nets = [n.to(memory_format=torch.channels_last) for n in nets]
+    rows = [(domain == d).nonzero().squeeze(1) for d in range(len(nets))]
+    live = [(d, r) for d, r in enumerate(rows) if r.numel()]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def run():
+        return [nets[d](x.index_select(0, r).contiguous(memory_format=fmt)) for d, r in live]
+    return run, live
+
+
+def contenders(base, model, pruned, x, domain, *, masked: bool):
+    """The timed functions, each checked against the masked model first."""
+    with torch.no_grad():
+        want = model(x, domain)
+    fns = {"dense (one domain)": lambda: base(x)}
+    if masked:
+        fns["masked (convert)"] = lambda: model(x, domain)
+    nets = per_domain_networks(model)
+    for label, cl in (("per-domain nets (e)", False), ("per-domain nets (e), channels_last", True)):
+        run, live = _per_domain(nets, x, domain, cl)
+        with torch.no_grad():
+            for (d, r), y in zip(live, run()):
+                torch.testing.assert_close(y, want[r][:, :y.shape[1]], rtol=1e-4, atol=1e-4)
+        fns[label] = run
+    for label, layout, storage in (("pruned compact ragged", "compact", "ragged"),
+                                   ("pruned compact padded", "compact", "padded"),
+                                   ("pruned union", "union", "auto")):
+        p = fastmdl.prune(model)
+        p.layout, p.storage = layout, storage
+        with torch.no_grad():
+            torch.testing.assert_close(p(x, domain), want, rtol=1e-4, atol=1e-4)
+        fns[label] = (lambda p=p: p(x, domain))
+    return fns
+
+
+def _useful_flops(pruned, domain) -> float:
+    per_domain = [r["flops"] for r in fastmdl.cost_report(pruned).domains]
+    return 2 * sum(per_domain[d] for d in domain.tolist())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,48 +126,68 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--sweep", action="store_true", help="also N in {1, 8, 32} x D in {2, 4, 10}")
     ap.add_argument("--out",
                     default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = ap.parse_args(argv)
 
+    peak = matmul_gflops()
+    stamp = datetime.date.today().isoformat()
     base, model, pruned = pruned_resnet26(args.domains, args.keep, args.shared, args.size,
                                           args.width)
-    x = torch.randn(args.n, 3, args.size, args.size)
-    domain = torch.randperm(args.n) % args.domains
-
-    fns = {"dense (one domain)": lambda: base(x),
-           "masked (convert)": lambda: model(x, domain)}
-    for backend in ("auto", "cpp", "reference"):
-        p = fastmdl.prune(model)
-        p.backend = backend
-        with torch.no_grad():
-            torch.testing.assert_close(p(x, domain), model(x, domain), rtol=1e-4, atol=1e-4)
-        fns[f"pruned {backend}"] = (lambda p=p: p(x, domain))
-
-    report = fastmdl.cost_report(pruned)
-    per_domain = [r["flops"] for r in report.domains]
-    useful = 2 * sum(per_domain[d] for d in domain.tolist())
-    peak = matmul_gflops()
-    times = {name: median_seconds(fn, repeats=args.repeats) for name, fn in fns.items()}
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.n, 3, args.size, args.size, generator=g)
+    domain = torch.randperm(args.n, generator=g) % args.domains
+    fns = contenders(base, model, pruned, x, domain, masked=True)
+    times = interleaved_medians(fns, repeats=args.repeats)
+    useful = _useful_flops(pruned, domain)
     ref = times["dense (one domain)"]
-    stamp = datetime.date.today().isoformat()
+    e = times["per-domain nets (e)"]
+    report = fastmdl.cost_report(pruned)
     lines = [f"pruned ResNet-26 (width {args.width}), N={args.n} at {args.size}x{args.size}, "
              f"D={args.domains}, keep={args.keep}, shared={args.shared}; "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, {stamp}; "
              f"matmul {peak:.0f} GFLOP/s", "",
              str(report), "",
-             "| contender | ms | speed-up vs dense (one domain) | useful GFLOP/s | % of matmul |",
-             "|---|---:|---:|---:|---:|"]
+             "| contender | ms | vs dense (one domain) | vs per-domain nets (e) | "
+             "useful GFLOP/s | % of matmul |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, t in times.items():
-        lines.append(f"| {name} | {t * 1e3:.1f} | {ref / t:.2f}x | {useful / t / 1e9:.1f} | "
-                     f"{100 * useful / t / 1e9 / peak:.1f} |")
+        lines.append(f"| {name} | {t * 1e3:.1f} | {ref / t:.2f}x | {e / t:.2f}x | "
+                     f"{useful / t / 1e9:.1f} | {100 * useful / t / 1e9 / peak:.1f} |")
+    result = {"args": vars(args), "date": stamp, "matmul_gflops": peak, "seconds": times,
+              "cost": report.to_dict()}
+
+    if args.sweep:
+        lines += ["", "Sweep (same masks recipe; medians of interleaved rounds):", "",
+                  "| N | D | dense ms | (e) NCHW ms | (e) channels_last ms | compact ms | "
+                  "union ms | compact vs dense | compact vs (e) | compact vs (e) CL |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        result["sweep"] = []
+        for d in (2, 4, 10):
+            base_d, model_d, pruned_d = pruned_resnet26(d, args.keep, args.shared, args.size,
+                                                        args.width)
+            for n in (1, 8, 32):
+                gx = torch.Generator().manual_seed(n * 100 + d)
+                xs = torch.randn(n, 3, args.size, args.size, generator=gx)
+                ds = torch.randint(0, d, (n,), generator=gx)
+                f = contenders(base_d, model_d, pruned_d, xs, ds, masked=False)
+                del f["pruned compact padded"]
+                t = interleaved_medians(f, repeats=max(3, args.repeats - 2))
+                c = t["pruned compact ragged"]
+                lines.append(
+                    f"| {n} | {d} | {t['dense (one domain)'] * 1e3:.1f} | "
+                    f"{t['per-domain nets (e)'] * 1e3:.1f} | "
+                    f"{t['per-domain nets (e), channels_last'] * 1e3:.1f} | {c * 1e3:.1f} | "
+                    f"{t['pruned union'] * 1e3:.1f} | {t['dense (one domain)'] / c:.2f}x | "
+                    f"{t['per-domain nets (e)'] / c:.2f}x | "
+                    f"{t['per-domain nets (e), channels_last'] / c:.2f}x |")
+                result["sweep"].append({"n": n, "domains": d, "seconds": t,
+                                        "domains_present": sorted(set(ds.tolist()))})
+                print(lines[-1], flush=True)
     text = "\n".join(lines)
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    write_atomic(os.path.join(args.out, "pruned_model.md"), text + "\n")
-    write_atomic(os.path.join(args.out, "pruned_model.json"), json.dumps(
-        {"args": vars(args), "date": stamp, "matmul_gflops": peak, "seconds": times,
-         "cost": report.to_dict()}, indent=2))
+    write_report(args.out, "pruned_model", text, result)
     return 0
 
 

@@ -39,3 +39,9 @@ def domain_masks(index: torch.Tensor, offsets: torch.Tensor, width: int,
     # A device scalar: a Python 1 would be a host copy, which CUDA graph capture forbids.
     mask.index_put_((owner, index), torch.ones((), dtype=dtype, device=index.device))
     return mask
+
+
+def segment_slots(widths: Sequence[int]) -> int:
+    """The channel slots of a padded compact tensor: its widest domain, at least 1
+    (so that no tensor of the network has an empty channel axis)."""
+    return max(1, max(widths, default=0))

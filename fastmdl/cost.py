@@ -140,10 +140,12 @@ def pruned_layers(model) -> List[CostLayer]:
     hooks = [m.register_forward_hook(lambda mod, args, y: pixels.__setitem__(mod, y[0, 0].numel()))
              for m in model.net.modules() if isinstance(m, PrunedConv2d)]
     p = next(model.parameters())
+    layout, model.layout = model.layout, "union"  # the layers themselves run (and hook) there
     try:
         with torch.no_grad():
             model(torch.randn((1,) + model.input_size, device=p.device, dtype=p.dtype), 0)
     finally:
+        model.layout = layout
         for h in hooks:
             h.remove()
     out = []

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _domain, _ops, _shapes, backends  # noqa: F401  (_ops declares the op)
+from . import _domain, _ops, _segment_ops, _shapes, backends  # noqa: F401  (declare the ops)
 
 IntPair = Union[int, Sequence[int]]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -115,6 +115,110 @@ def domain_conv2d(
     return torch.ops.fastmdl.domain_conv2d(x, weight, domain, in_index, in_offsets, out_index,
                                            out_offsets, scale, shift, residual, relu, stride,
                                            padding, dilation, backend)
+
+
+def segment_conv2d(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+    cin: Sequence[int],
+    cout: Sequence[int],
+    kernel_size: IntPair,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    relu: bool = False,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    out_slots: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    r"""The compact layout's convolution: D per-domain convolutions over the row
+    segments of one batch, in one call (one kernel launch on a GPU).
+
+    Rows [offsets[d], offsets[d+1]) of ``x`` are domain d's samples, holding its
+    ``cin[d]`` channels in their first slots. With W_d domain d's block of the flat
+    ``weight`` ((cout[d], kh, kw, cin[d]), the blocks in domain order) and b_d its
+    block of ``bias``:
+
+    .. math::
+        y_{r,:cout_d} = \mathrm{act}\big(W_d \star x_{r,:cin_d} + b_d + res_{r,:cout_d}\big),
+        \qquad y_{r,cout_d:} = 0
+
+    Args:
+        x: (N, P_in, H, W) float, P_in >= max(cin).
+        offsets: (D + 1,) int64 on x's device, non-decreasing, from 0 to N.
+        weight: 1-D, sum over d of cout[d] * kh * kw * cin[d] elements, x's dtype.
+        cin, cout: D ints >= 0 each.
+        kernel_size: (kh, kw) or an int.
+        bias: optional 1-D, sum(cout) elements.
+        residual: optional (N, out_slots, H_out, W_out).
+        out_slots: the output's channel slots (default max(1, max(cout))); the
+            slots of a row past its domain's cout[d] are 0.
+        backend: None/"auto" (Triton on CUDA, the reference elsewhere), "reference"
+            or "triton".
+
+    Returns:
+        (N, out_slots, H_out, W_out), channels_last.
+    """
+    kernel = _pair(kernel_size, "kernel_size", minimum=1)
+    stride = _pair(stride, "stride", minimum=1)
+    padding = _pair(padding, "padding", minimum=0)
+    dilation = _pair(dilation, "dilation", minimum=1)
+    if backend is None:
+        backend = "auto"
+    if backend not in _segment_ops.BACKENDS:
+        raise ValueError(f"backend must be one of {_segment_ops.BACKENDS} or None, got {backend!r}")
+    _check_tensor(x, "x", dims=4, dtypes=_FLOAT_DTYPES)
+    _check_tensor(offsets, "offsets", dims=1, dtype=torch.int64, device=x.device)
+    _check_tensor(weight, "weight", dims=1, dtype=x.dtype, device=x.device)
+    for name, widths in (("cin", cin), ("cout", cout)):
+        if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in widths):
+            raise TypeError(f"{name} must be a list of ints >= 0, one per domain, got {widths!r}")
+    cin, cout = list(cin), list(cout)
+    if len(cin) != len(cout) or len(cin) != offsets.numel() - 1 or not cin:
+        raise ValueError(f"cin and cout must list one width per domain, D = len(offsets) - 1 = "
+                         f"{offsets.numel() - 1}, got {len(cin)} and {len(cout)}")
+    if max(cin) > x.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} channel slots, fewer than max(cin) = {max(cin)}")
+    kh, kw = kernel
+    need = sum(o * kh * kw * i for i, o in zip(cin, cout))
+    if weight.numel() != need:
+        raise ValueError(f"weight must hold sum(cout[d] * kh * kw * cin[d]) = {need} elements, "
+                         f"got {weight.numel()}")
+    ho, wo = _shapes.conv_output_hw(x.shape[2:], kernel, stride, padding, dilation)
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"x of spatial size {tuple(x.shape[2:])} is too small for a {kernel} "
+                         f"kernel with padding {padding} and dilation {dilation}")
+    if bias is not None:
+        _check_tensor(bias, "bias", dims=1, dtype=x.dtype, device=x.device)
+        if bias.numel() != sum(cout):
+            raise ValueError(f"bias must hold sum(cout) = {sum(cout)} elements, "
+                             f"got {bias.numel()}")
+    if out_slots is None:
+        out_slots = _shapes.segment_slots(cout)
+    if isinstance(out_slots, bool) or not isinstance(out_slots, int) or \
+            out_slots < _shapes.segment_slots(cout):
+        raise ValueError(f"out_slots must be an int >= max(1, max(cout)) = "
+                         f"{_shapes.segment_slots(cout)}, got {out_slots!r}")
+    out_shape = (x.shape[0], out_slots, ho, wo)
+    if residual is not None:
+        _check_tensor(residual, "residual", dims=4, dtype=x.dtype, device=x.device)
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(f"residual must have the output's shape {out_shape}, "
+                             f"got {tuple(residual.shape)}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+    if _domain.can_read_values():
+        bounds = offsets.tolist()
+        if bounds[0] != 0 or bounds[-1] != x.shape[0] or any(
+                a > b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"offsets must rise from 0 to N = {x.shape[0]}, got {bounds}")
+    return torch.ops.fastmdl.segment_conv2d(x, offsets, weight, bias, residual, cin, cout,
+                                            out_slots, kernel, stride, padding, dilation, relu,
+                                            backend)
 
 
 def index_lists(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

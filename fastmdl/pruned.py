@@ -312,6 +312,7 @@ class PrunedLinear(nn.Linear):
 
 DOMAIN_LAYERS = (PrunedConv2d, PrunedBatchNorm2d, PrunedHeads)
 LAYOUTS = ("auto", "compact", "union")
+STORAGES = ("auto", "ragged", "padded")
 
 
 class _PlanCache:
@@ -365,6 +366,7 @@ class PrunedModel(nn.Module):
         self.input_size = tuple(input_size)
         self.baseline = {k: [float(v) for v in vs] for k, vs in baseline.items()}
         self._layout = "auto"
+        self._storage = "auto"
         self._plan_cache = _PlanCache()
 
     @property
@@ -377,6 +379,22 @@ class PrunedModel(nn.Module):
         if not isinstance(value, str) or value not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {value!r}")
         self._layout = value
+
+    @property
+    def storage(self) -> str:
+        """How the compact layout stores a batch: "ragged" (one tensor per domain with
+        its own rows and channels; per-domain calls, what runs fastest on a CPU),
+        "padded" (one tensor per value, every segment padded to the widest domain;
+        static shapes, one kernel launch per convolution: what runs on CUDA and
+        under torch.compile), or "auto" (padded on CUDA and when compiling, ragged
+        otherwise)."""
+        return self._storage
+
+    @storage.setter
+    def storage(self, value: str) -> None:
+        if not isinstance(value, str) or value not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {value!r}")
+        self._storage = value
 
     def compact_plan(self):
         """The compact network for the current weights (a
@@ -418,10 +436,9 @@ class PrunedModel(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or
                                         any(p.requires_grad for p in self.parameters())):
             return "gradients are enabled (the compact network is for inference)"
-        if torch.compiler.is_compiling():
-            return "torch.compile traces the union graph"
-        if x.device.type != "cpu":
-            return f"the compact network runs on the CPU so far, not {x.device.type}"
+        if self._storage == "ragged" and (torch.compiler.is_compiling() or
+                                          not _domain.can_read_values()):
+            return "the ragged storage reads each domain's sample count on the host"
         return None
 
     @property
@@ -449,9 +466,15 @@ class PrunedModel(nn.Module):
         domain = _domain.check_domain(domain, x.shape[0], self.num_domains, x.device)
         if self._layout != "union":
             why = self._compact_reason(x)
-            plan = self.compact_plan() if why is None else None
+            plan = None
+            if why is None:
+                # Under torch.compile the weights packed before tracing are used as they are.
+                compiling = torch.compiler.is_compiling()
+                plan = self._plan_cache.plan if compiling else self.compact_plan()
             if plan is not None:
-                return plan(x, domain)
+                padded = self._storage == "padded" or (self._storage == "auto" and (
+                    compiling or x.device.type != "cpu" or not _domain.can_read_values()))
+                return plan.padded(x, domain) if padded else plan(x, domain)
             if self._layout == "compact":
                 raise RuntimeError(f"layout='compact' cannot run here: "
                                    f"{why or self.compact_error}")

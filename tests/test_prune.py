@@ -147,6 +147,7 @@ def test_backends_agree(backend):
     m = trained(TinyResNet)
     p = fastmdl.prune(m)
     p.backend = backend
+    p.layout = "union"  # the backends run the union layout's op
     x = torch.randn(5, 3, 8, 8)
     domain = torch.tensor([2, 2, 0, 1, 0])
     with torch.no_grad():
@@ -204,9 +205,12 @@ def test_pruned_runs_on_cuda():
                                    rtol=1e-2, atol=1e-2)  # TF32 on the GPU
 
 
-def test_pruned_model_compiles_in_one_graph():
+@pytest.mark.parametrize("layout", ["auto", "union"])
+def test_pruned_model_compiles_in_one_graph(layout):
     m = trained(TinyResNet)
     p = fastmdl.prune(m)
+    p.layout = layout  # auto: the compact layout's padded storage
+    torch._dynamo.reset()
     compiled = torch.compile(p, fullgraph=True)
     x = torch.randn(6, 3, 8, 8)
     domain = torch.tensor([0, 1, 2, 0, 1, 2])

@@ -64,3 +64,45 @@ def domain_conv2d(
     if relu:
         y = torch.relu(y)
     return y.contiguous(memory_format=_shapes.output_memory_format(x))
+
+
+def segment_conv2d(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    cin: Sequence[int],
+    cout: Sequence[int],
+    out_slots: int,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    relu: bool,
+) -> torch.Tensor:
+    r"""``fastmdl::segment_conv2d`` one segment at a time (the oracle): for rows r of
+    segment d, :math:`y_{r,:cout_d} = \mathrm{act}(W_d \star x_{r,:cin_d} + b_d +
+    res_{r,:cout_d})` and the slots past cout_d are 0."""
+    kh, kw = kernel
+    ho, wo = _shapes.conv_output_hw(x.shape[2:], kernel, stride, padding, dilation)
+    y = x.new_zeros((x.shape[0], out_slots, ho, wo)).contiguous(memory_format=torch.channels_last)
+    bounds = offsets.tolist()
+    w_start = b_start = 0
+    for d, (ci, co) in enumerate(zip(cin, cout)):
+        s, e = bounds[d], bounds[d + 1]
+        w_len = co * kh * kw * ci
+        if e > s and co > 0:
+            b = None if bias is None else bias[b_start:b_start + co]
+            if ci > 0:
+                w = weight[w_start:w_start + w_len].view(co, kh, kw, ci).permute(0, 3, 1, 2)
+                z = F.conv2d(x[s:e, :ci], w, b, tuple(stride), tuple(padding), tuple(dilation))
+            else:  # no input channel: the bias alone
+                z = x.new_zeros((e - s, co, ho, wo)) if b is None else \
+                    b.view(1, -1, 1, 1).expand(e - s, co, ho, wo)
+            if residual is not None:
+                z = z + residual[s:e, :co]
+            y[s:e, :co] = torch.relu(z) if relu else z
+        w_start += w_len
+        b_start += co
+    return y

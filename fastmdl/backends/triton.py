@@ -135,3 +135,14 @@ def domain_conv2d(x, weight, domain, in_index, in_offsets, out_index, out_offset
     return launch(x, weight, domain, in_index, in_offsets, out_index, out_offsets,
                   scale, shift, residual, relu, tuple(stride), tuple(padding), tuple(dilation),
                   plan=_PLAN.get())
+
+
+def segment_conv2d(x, offsets, weight, bias, residual, cin, cout, out_slots, kernel, stride,
+                   padding, dilation, relu):
+    """Launch the compact layout's grouped convolution (``fastmdl.kernels.segment_conv2d``)."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError("backend 'triton' takes x of dtype float32, float16 or bfloat16, "
+                        f"got {x.dtype}")
+    from ..kernels.segment_conv2d import segment_conv2d as launch
+    return launch(x, offsets, weight, bias, residual, list(cin), list(cout), out_slots,
+                  tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), relu)

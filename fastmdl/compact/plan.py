@@ -29,7 +29,7 @@ from .. import graph
 from ..pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear
 from . import steps as S
 from .segments import Segments
-from .support import Support, reindex
+from .support import Move, Support
 
 # A linear layer is packed per domain unless that holds more than this many times
 # its one shared weight; beyond it the domain's features are scattered instead.
@@ -72,6 +72,9 @@ class CompactPlan:
         self.packed_bytes, self.union_bytes = packed_bytes, union_bytes
         self.islands = [(s.name, s.reason) for s in steps if isinstance(s, S.Island)]
         self._drop = _last_uses(steps)
+        from .padded import PaddedPlan
+        #: The same network in the padded storage (static shapes: torch.compile, CUDA).
+        self.padded = PaddedPlan(self)
 
     def __call__(self, x: torch.Tensor, domain) -> torch.Tensor:
         """The network's output for ``x`` (N, C, H, W) and ``domain`` (an int, or an
@@ -330,7 +333,7 @@ class _Builder:
             if self.kinds[a.name] == S.BATCH:
                 src = self.support_of(a)
                 if src.has_channels and not src.is_dense:
-                    moves[a.name] = reindex(src, Support.dense(self.D, src.width, src.fill))
+                    moves[a.name] = Move(src, Support.dense(self.D, src.width, src.fill))
         s = self.shape(node)
         if s is None or not self.is_batch_tensor(node):
             return self.island(node, fn, "a per-sample op with a non-batch result")
@@ -368,11 +371,9 @@ class _Builder:
             target = wide[0]
         moves, copied = {}, False
         for a, s in zip(batch, sups):
-            t = target if s.width == width else Support.dense(self.D, s.width)
-            m = reindex(s, t)
-            if any(r is not None for r in m):
-                moves[a.name] = m
-                copied = copied or a is args[0]
+            m = Move(s, target if s.width == width else Support.dense(self.D, s.width))
+            moves[a.name] = m
+            copied = copied or (m.moves_anything and a is args[0])
         inplace = node.target in _INPLACE
         if copied and inplace:
             # The in-place op would write a reindexed copy, not the value later readers see.
@@ -435,8 +436,11 @@ class _Builder:
         scale, shift = self._acc(m.scale), self._acc(m.shift)
         x_sup = self.support_of(x)
         c_out = w.shape[0]
+        shared = None
         if m.groups == 1:
-            target_in = Support(x_sup.width, x_sup.masks & in_masks)
+            # Packed over every channel the input holds (zero columns where the conv
+            # reads none): the input never moves.
+            target_in = x_sup
             out = out_masks.clone()
             if residual is not None:
                 out |= self.support_of(residual).masks
@@ -444,7 +448,13 @@ class _Builder:
         else:  # fastmdl keeps every channel of a grouped conv: it reads and writes them all
             target_in = Support.dense(self.D, x_sup.width)
             out_sup = Support.dense(self.D, c_out)
-        weights, biases = [], []
+            gains = out_masks.to(device=w.device, dtype=w.dtype)
+            if scale is not None:
+                gains = gains * scale
+            bias = None if shift is None else shift * out_masks.to(shift)
+            shared = (m.weight.detach(), gains.to(self.dtype),
+                      None if bias is None else bias.to(self.dtype))
+        blocks, biases = [], []
         for d in range(self.D):
             rows, cols = out_sup.index(d).to(w.device), target_in.index(d).to(w.device)
             gain = out_masks[d].to(device=w.device, dtype=w.dtype)
@@ -452,19 +462,24 @@ class _Builder:
                 gain = gain * scale[d]
             wd = w * gain[:, None, None, None]
             if m.groups == 1:
-                wd = wd.index_select(0, rows).index_select(1, cols)
+                wd = wd.index_select(0, rows).index_select(1, cols) * \
+                    in_masks[d].to(device=w.device, dtype=w.dtype)[cols][None, :, None, None]
             bd = None if shift is None else (shift[d] * out_masks[d].to(shift)).index_select(0, rows)
-            empty = wd.shape[0] == 0 or wd.shape[1] == 0
-            weights.append(None if empty else
-                           wd.to(self.dtype).contiguous(memory_format=self.fmt))
-            biases.append(None if bd is None else bd.to(self.dtype).contiguous())
-        self._count(weights + biases, [m.weight, m.scale, m.shift])
-        x_moves = reindex(x_sup, target_in)
-        r_moves = reindex(self.support_of(residual), out_sup) if residual is not None \
-            else [None] * self.D
+            blocks.append(wd.permute(0, 2, 3, 1).to(self.dtype))  # (cout_d, kh, kw, cin_d)
+            biases.append(None if bd is None else bd.to(self.dtype))
+        # One flat buffer per layer, every domain's block after the previous one's:
+        # the ragged storage reads views of it, the padded one the buffer itself.
+        packed = Packed(blocks, biases, self.device)
+        weights = [None if b.numel() == 0 else v.permute(0, 3, 1, 2)
+                   for b, v in zip(blocks, packed.views())]
+        biases = packed.bias_views()
+        self._count([packed.weight, packed.bias], [m.weight, m.scale, m.shift])
+        r_move = Move(self.support_of(residual), out_sup) if residual is not None else None
         step = S.Conv(node.name, out_sup, x.name, residual.name if residual is not None else None,
-                      weights, biases, x_moves, r_moves, m.stride, m.padding, m.dilation,
-                      m.groups, m.padding_mode, m.relu, m.weight.shape[2:], self.fmt)
+                      weights, biases, Move(x_sup, target_in), r_move, m.stride, m.padding,
+                      m.dilation, m.groups, m.padding_mode, m.relu, m.weight.shape[2:],
+                      self.fmt, shared)
+        step.packed = packed
         step.to(self.device)
         return step
 
@@ -477,7 +492,7 @@ class _Builder:
             shifts.append(m.shift.detach()[d].index_select(0, idx).contiguous())
         self._count(scales + shifts, [m.scale, m.shift])
         step = S.Affine(node.name, out_sup, x.name, scales, shifts,
-                        reindex(self.support_of(x), out_sup))
+                        Move(self.support_of(x), out_sup))
         step.to(self.device)
         return step
 
@@ -485,17 +500,18 @@ class _Builder:
         x_sup = self.support_of(x)
         widest = max(m.num_classes)
         masks = torch.zeros((self.D, widest), dtype=torch.bool)
-        weights, biases, start = [], [], 0
+        blocks, biases, start = [], [], 0
         for d, k in enumerate(m.num_classes):
             masks[d, :k] = True
             cols = x_sup.index(d).to(m.weight.device)
-            weights.append(m.weight.detach()[start:start + k].index_select(1, cols).contiguous())
-            biases.append(None if m.bias is None else m.bias.detach()[start:start + k].contiguous())
+            blocks.append(m.weight.detach()[start:start + k].index_select(1, cols))
+            biases.append(None if m.bias is None else m.bias.detach()[start:start + k])
             start += k
-        self._count(weights + biases, [m.weight, m.bias])
+        packed = Packed(blocks, biases, self.device)
+        self._count([packed.weight, packed.bias], [m.weight, m.bias])
         out_sup = Support(widest, masks, float("-inf"))
-        step = S.Linear(node.name, out_sup, x.name, weights, biases, [None] * self.D)
-        step.to(self.device)
+        step = S.Linear(node.name, out_sup, x.name, packed.views(), packed.bias_views(), x_sup)
+        step.packed = packed
         return step
 
     def linear(self, node, m: PrunedLinear) -> S.Step:
@@ -509,18 +525,51 @@ class _Builder:
         held = sum(x_sup.size(d) for d in range(self.D))
         if held > PACK_LIMIT * x_sup.width:
             self._count([], [m.weight, m.bias])
-            step = S.Linear(node.name, out_sup, x.name, [None] * self.D, [None] * self.D,
-                            [None] * self.D, m.weight.detach(),
-                            None if m.bias is None else m.bias.detach(), x_sup)
-        else:
-            weights = [m.weight.detach().index_select(1, x_sup.index(d).to(m.weight.device))
-                       .contiguous() for d in range(self.D)]
-            biases = [None if m.bias is None else m.bias.detach()] * self.D
-            self._count(weights + ([m.bias.detach()] if m.bias is not None else []),
-                        [m.weight, m.bias])
-            step = S.Linear(node.name, out_sup, x.name, weights, biases, [None] * self.D)
-        step.to(self.device)
+            step = S.Linear(node.name, out_sup, x.name, [None] * self.D, [None] * self.D, x_sup,
+                            m.weight.detach(), None if m.bias is None else m.bias.detach())
+            step.to(self.device)
+            return step
+        blocks = [m.weight.detach().index_select(1, x_sup.index(d).to(m.weight.device))
+                  for d in range(self.D)]
+        biases = [None if m.bias is None else m.bias.detach()] * self.D
+        packed = Packed(blocks, biases, self.device)
+        self._count([packed.weight, packed.bias], [m.weight, m.bias])
+        step = S.Linear(node.name, out_sup, x.name, packed.views(), packed.bias_views(), x_sup)
+        step.packed = packed
         return step
+
+
+class Packed:
+    """A layer's per-domain weights in one flat buffer (domain d's block, of any
+    shape, after domain d-1's) and its per-domain biases likewise (None when the
+    layer has none)."""
+
+    def __init__(self, blocks: List[torch.Tensor], biases: List[Optional[torch.Tensor]],
+                 device: torch.device):
+        self.shapes = [tuple(b.shape) for b in blocks]
+        self.weight = torch.cat([b.reshape(-1) for b in blocks]).to(device)
+        self.bias_sizes = [0 if b is None else b.numel() for b in biases]
+        have = [b for b in biases if b is not None]
+        self.bias = torch.cat(have).to(device) if len(have) == len(biases) and have else None
+
+    def views(self) -> List[torch.Tensor]:
+        out, start = [], 0
+        for shape in self.shapes:
+            n = 1
+            for v in shape:
+                n *= v
+            out.append(self.weight[start:start + n].view(shape))
+            start += n
+        return out
+
+    def bias_views(self) -> List[Optional[torch.Tensor]]:
+        if self.bias is None:
+            return [None] * len(self.shapes)
+        out, start = [], 0
+        for n in self.bias_sizes:
+            out.append(self.bias[start:start + n])
+            start += n
+        return out
 
 
 def _fetch(net: nn.Module, target: str):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .. import _shapes
 from .segments import Segments
-from .support import Reindex, Support
+from .support import Move, Support
 
 BATCH, PER_PART, PLAIN, DOMAIN = "batch", "per-part", "plain", "domain"
 
@@ -99,9 +99,9 @@ class Args:
     """A node's (args, kwargs) with the nodes it reads, resolved per domain at run time."""
 
     def __init__(self, args: Sequence, kwargs: Dict[str, Any], kinds: Dict[str, str],
-                 reindex: Optional[Dict[str, List[Optional[Reindex]]]] = None):
+                 moves: Optional[Dict[str, Move]] = None):
         self.args, self.kwargs, self.kinds = tuple(args), dict(kwargs), kinds
-        self.reindex = reindex or {}
+        self.moves = moves or {}
 
     def for_domain(self, env, d: int):
         def pick(node: fx.Node):
@@ -109,9 +109,9 @@ class Args:
             kind = self.kinds[node.name]
             if kind in (BATCH, PER_PART):
                 value = value[d]
-                moves = self.reindex.get(node.name)
-                if moves is not None and moves[d] is not None:
-                    value = moves[d](value)
+                move = self.moves.get(node.name)
+                if move is not None:
+                    value = move(value, d)
             return value
         return fx.node.map_arg(self.args, pick), fx.node.map_arg(self.kwargs, pick)
 
@@ -126,8 +126,8 @@ class Args:
         return fx.node.map_arg(self.args, pick), fx.node.map_arg(self.kwargs, pick)
 
     def to(self, device: torch.device) -> None:
-        self.reindex = {k: [None if r is None else r.to(device) for r in v]
-                        for k, v in self.reindex.items()}
+        for move in self.moves.values():
+            move.to(device)
 
 
 def _live_map(state: RunState, fn: Callable[[int], Any]) -> List[Any]:
@@ -171,13 +171,16 @@ class Conv(Step):
 
     def __init__(self, name, support, x: str, residual: Optional[str],
                  weights: List[Optional[torch.Tensor]], biases: List[Optional[torch.Tensor]],
-                 x_moves: List[Optional[Reindex]], residual_moves: List[Optional[Reindex]],
+                 x_move: Move, residual_move: Optional[Move],
                  stride, padding, dilation, groups: int, padding_mode: str, relu: bool,
-                 kernel_size, memory_format):
+                 kernel_size, memory_format, shared=None):
         super().__init__(name, support)
         self.x, self.residual = x, residual
         self.weights, self.biases = weights, biases
-        self.x_moves, self.residual_moves = x_moves, residual_moves
+        self.x_move, self.residual_move = x_move, residual_move
+        # A grouped conv's (weight, gain (D, C), bias (D, C) or None): one shared
+        # convolution and a per-domain epilogue, for the padded storage.
+        self.shared = shared
         self.stride, self.dilation = tuple(stride), tuple(dilation)
         self.groups, self.relu, self.kernel_size = groups, relu, tuple(kernel_size)
         self.memory_format = memory_format
@@ -192,9 +195,7 @@ class Conv(Step):
         rs = env[self.residual] if self.residual is not None else None
 
         def one(d: int) -> torch.Tensor:
-            x = xs[d]
-            if self.x_moves[d] is not None:
-                x = self.x_moves[d](x)
+            x = self.x_move(xs[d], d)
             if self.pad is not None:
                 x = F.pad(x, self.pad[0], mode=self.pad[1])
             w, b = self.weights[d], self.biases[d]
@@ -203,10 +204,7 @@ class Conv(Step):
             else:
                 y = self._constant(x, b, self.support.size(d))
             if rs is not None:
-                r = rs[d]
-                if self.residual_moves[d] is not None:
-                    r = self.residual_moves[d](r)
-                y = y.add_(r)
+                y = y.add_(self.residual_move(rs[d], d))
             return y.relu_() if self.relu else y
         return _live_map(state, one)
 
@@ -222,8 +220,11 @@ class Conv(Step):
     def to(self, device):
         self.weights = [None if w is None else w.to(device) for w in self.weights]
         self.biases = [None if b is None else b.to(device) for b in self.biases]
-        self.x_moves = [None if r is None else r.to(device) for r in self.x_moves]
-        self.residual_moves = [None if r is None else r.to(device) for r in self.residual_moves]
+        self.x_move.to(device)
+        if self.residual_move is not None:
+            self.residual_move.to(device)
+        if self.shared is not None:
+            self.shared = tuple(None if t is None else t.to(device) for t in self.shared)
 
 
 class Affine(Step):
@@ -232,17 +233,15 @@ class Affine(Step):
 
     label = "batchnorm"
 
-    def __init__(self, name, support, x: str, scales, shifts, x_moves):
+    def __init__(self, name, support, x: str, scales, shifts, x_move: Move):
         super().__init__(name, support)
-        self.x, self.scales, self.shifts, self.x_moves = x, scales, shifts, x_moves
+        self.x, self.scales, self.shifts, self.x_move = x, scales, shifts, x_move
 
     def run(self, env, state):
         xs = env[self.x]
 
         def one(d: int) -> torch.Tensor:
-            x = xs[d]
-            if self.x_moves[d] is not None:
-                x = self.x_moves[d](x)
+            x = self.x_move(xs[d], d)
             shape = (1, -1) + (1,) * (x.dim() - 2)
             return torch.addcmul(self.shifts[d].view(shape), x, self.scales[d].view(shape))
         return _live_map(state, one)
@@ -250,7 +249,7 @@ class Affine(Step):
     def to(self, device):
         self.scales = [s.to(device) for s in self.scales]
         self.shifts = [t.to(device) for t in self.shifts]
-        self.x_moves = [None if r is None else r.to(device) for r in self.x_moves]
+        self.x_move.to(device)
 
 
 class Linear(Step):
@@ -264,20 +263,17 @@ class Linear(Step):
 
     label = "linear"
 
-    def __init__(self, name, support, x: str, weights, biases, x_moves,
-                 shared: Optional[torch.Tensor] = None, shared_bias: Optional[torch.Tensor] = None,
-                 in_support: Optional[Support] = None):
+    def __init__(self, name, support, x: str, weights, biases, in_support: Support,
+                 shared: Optional[torch.Tensor] = None, shared_bias: Optional[torch.Tensor] = None):
         super().__init__(name, support)
-        self.x, self.weights, self.biases, self.x_moves = x, weights, biases, x_moves
-        self.shared, self.shared_bias, self.in_support = shared, shared_bias, in_support
+        self.x, self.weights, self.biases, self.in_support = x, weights, biases, in_support
+        self.shared, self.shared_bias = shared, shared_bias
 
     def run(self, env, state):
         xs = env[self.x]
 
         def one(d: int) -> torch.Tensor:
             x = xs[d]
-            if self.x_moves[d] is not None:
-                x = self.x_moves[d](x)
             if self.weights[d] is None:
                 return F.linear(densify(x, self.in_support, d), self.shared, self.shared_bias)
             return F.linear(x, self.weights[d], self.biases[d])
@@ -286,7 +282,6 @@ class Linear(Step):
     def to(self, device):
         self.weights = [None if w is None else w.to(device) for w in self.weights]
         self.biases = [None if b is None else b.to(device) for b in self.biases]
-        self.x_moves = [None if r is None else r.to(device) for r in self.x_moves]
         if self.shared is not None:
             self.shared = self.shared.to(device)
             self.shared_bias = None if self.shared_bias is None else self.shared_bias.to(device)

@@ -27,16 +27,28 @@ class Support:
     """The channels (dim 1) of a batch tensor that each of D domains may hold.
 
     ``masks`` is a (D, width) bool table on the CPU, or None for a tensor with no
-    channel axis (rank 1: one value per sample, always held whole)."""
+    channel axis (rank 1: one value per sample, always held whole). A support is
+    an upper bound: a channel in it may still be 0, so a domain with no channel
+    at all is given channel 0 (an exact zero) to hold."""
 
     width: int
     masks: Optional[torch.Tensor]
     fill: float = 0.0
     _index: Tuple[torch.Tensor, ...] = field(default=(), compare=False, repr=False)
 
+    _sizes: Tuple[int, ...] = field(default=(), compare=False, repr=False)
+
     def __post_init__(self) -> None:
+        if self.masks is not None and self.width > 0 and not bool(self.masks.any(dim=1).all()):
+            # A domain that holds no channel holds one zero instead: an empty channel
+            # axis is something pooling and other ops refuse.
+            masks = self.masks.clone()
+            masks[~masks.any(dim=1), 0] = True
+            object.__setattr__(self, "masks", masks)
+        # Plain Python facts, so that code traced by torch.compile reads no tensor.
         if self.masks is not None:
             object.__setattr__(self, "_index", tuple(m.nonzero().squeeze(1) for m in self.masks))
+            object.__setattr__(self, "_sizes", tuple(int(i.numel()) for i in self._index))
 
     @classmethod
     def dense(cls, num_domains: int, width: int, fill: float = 0.0) -> "Support":
@@ -57,11 +69,11 @@ class Support:
         return self._index[d]
 
     def size(self, d: int) -> int:
-        return int(self._index[d].numel())
+        return self._sizes[d]
 
     @property
     def is_dense(self) -> bool:
-        return self.masks is None or bool(self.masks.all())
+        return self.masks is None or all(n == self.width for n in self._sizes)
 
     def same_channels(self, other: "Support") -> bool:
         if self.masks is None or other.masks is None:
@@ -116,3 +128,25 @@ def reindex(source: Support, target: Support) -> List[Optional[Reindex]]:
         else:
             out.append(Reindex(pos[kept], kept.nonzero().squeeze(1), t.numel(), source.fill))
     return out
+
+
+class Move:
+    """Domain by domain, the :class:`Reindex` that brings a batch value from its own
+    support to ``target`` (None where nothing moves)."""
+
+    def __init__(self, source: Support, target: Support):
+        self.source, self.target = source, target
+        self.steps = reindex(source, target)
+
+    @property
+    def moves_anything(self) -> bool:
+        return any(r is not None for r in self.steps)
+
+    def __call__(self, part: torch.Tensor, d: int) -> torch.Tensor:
+        r = self.steps[d]
+        return part if r is None else r(part)
+
+    def to(self, device: torch.device) -> "Move":
+        self.steps = [None if r is None else r.to(device) for r in self.steps]
+        return self
+

@@ -242,6 +242,7 @@ def test_pruned_model_groups_the_batch_once_per_forward(monkeypatch, kernel_modu
     with torch.no_grad():
         want = p(x, domain)
         p.backend = "triton"
+        p.layout = "union"  # the union op's shared batch plan
         builds = []
         real = kernel_module.batch_grouping
         monkeypatch.setattr(kernel_module, "batch_grouping",

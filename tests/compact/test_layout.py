@@ -8,22 +8,24 @@ import torch
 
 import fastmdl
 from fastmdl.compact import PACK_LIMIT, Segments, Support, plan as plan_module
+from fastmdl.compact.padded import PaddedPlan
 from fastmdl.compact.support import reindex
 from models import CatNet, OddNet, SEBlockNet, TinyResNet, TinyVGG
+from problems import require_backend
 from test_prune import trained
 
 MODELS = {"resnet": TinyResNet, "vgg": TinyVGG, "cat": CatNet, "se": SEBlockNet, "odd": OddNet}
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _both(p, x, domain):
+def _both(p, x, domain, storage="auto"):
     """(compact, union) outputs of the pruned network ``p``."""
     with torch.no_grad():
-        p.layout = "compact"
+        p.layout, p.storage = "compact", storage
         compact = p(x, domain)
         p.layout = "union"
         union = p(x, domain)
-    p.layout = "auto"
+    p.layout, p.storage = "auto", "auto"
     return compact, union
 
 
@@ -33,9 +35,10 @@ def _same(a, b, **tol):
     torch.testing.assert_close(a.nan_to_num(0, 0, 0), b.nan_to_num(0, 0, 0), **(tol or TOL))
 
 
+@pytest.mark.parametrize("storage", ["ragged", "padded"])
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("fuse", [True, False])
-def test_compact_equals_union_and_the_masked_model(name, fuse):
+def test_compact_equals_union_and_the_masked_model(name, fuse, storage):
     m = trained(MODELS[name])
     p = fastmdl.prune(m, fuse=fuse)
     assert p.compact_plan() is not None, p.compact_error
@@ -46,12 +49,47 @@ def test_compact_equals_union_and_the_masked_model(name, fuse):
              "one_domain_tensor": torch.full((11,), 1),
              "int": 2}
     for case, domain in cases.items():
-        compact, union = _both(p, x, domain)
+        compact, union = _both(p, x, domain, storage)
         _same(compact, union)
         with torch.no_grad():
             _same(compact, m(x, domain))
-    compact, union = _both(p, x[:1], torch.tensor([1]))  # a batch of one
+    compact, union = _both(p, x[:1], torch.tensor([1]), storage)  # a batch of one
     _same(compact, union)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_padded_storage_on_the_triton_kernel_with_aligned_slots(name):
+    """What a GPU runs (channel slots rounded to 16, one Triton launch per
+    convolution), here under Triton's interpreter."""
+    require_backend("triton")
+    p = fastmdl.prune(trained(MODELS[name]))
+    padded = PaddedPlan(p.compact_plan(), backend="triton", align=16)
+    x = torch.randn(7, 3, 8, 8)
+    domain = torch.tensor([2, 0, 2, 1, 0, 0, 2])
+    with torch.no_grad():
+        got = padded(x, domain)
+    _same(got, _both(p, x, domain)[1])
+
+
+def test_compile_fullgraph_runs_the_padded_storage():
+    p = fastmdl.prune(trained(OddNet))  # a union island inside the graph too
+    x = torch.randn(6, 3, 8, 8)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = p(x, torch.tensor([0, 1, 2, 0, 1, 2]))
+        got = torch.compile(p, fullgraph=True, backend=record)(x, torch.tensor([0, 1, 2, 0, 1, 2]))
+        _same(got, want)
+        assert graphs and "segment_conv2d" in graphs[-1] and "domain_conv2d" not in graphs[-1]
+        torch._dynamo.reset()
+        compiled = torch.compile(p, fullgraph=True)  # inductor
+        for domain in (torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([2, 2, 2, 2, 2, 2])):
+            _same(compiled(x, domain), p(x, domain))
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])

@@ -1,0 +1,112 @@
+"""The pruned mixed batch against the dense network on torchvision-like families.
+
+    python benchmarks/zoo_speed.py [--size 64] [--n 8] [--domains 3] [--keep 0.5]
+                                   [--repeats 7] [--out benchmarks/out]
+
+For ResNet-18/50, DenseNet-121, MobileNetV2 and EfficientNet-B0 (the plain-PyTorch
+look-alikes in tests/zoo.py; torchvision does not import on the CPU build of
+torch), each domain keeps a random half of every mask group's filters. Contenders
+on one mixed batch, timed in interleaved rounds after a check against the masked
+model: the dense single-domain network, one sliced network per domain (e), and
+the pruned network in its compact and union layouts. The table also counts the
+layers the compact plan runs as union islands and its packed-weight memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from contenders import interleaved_medians, per_domain_networks  # noqa: E402
+from pruned_model import set_masks  # noqa: E402
+
+import fastmdl  # noqa: E402
+from fastmdl._io import write_report  # noqa: E402
+
+ARCHS = ("resnet18", "resnet50", "densenet121", "mobilenet_v2", "efficientnet_b0")
+
+
+def build(arch: str, size: int, domains: int, keep: float, seed: int = 0):
+    """(dense network, converted model with masks and per-domain statistics, pruned)."""
+    import zoo
+
+    torch.manual_seed(seed)
+    base = getattr(zoo, arch)(num_classes=10).eval()
+    for m in base.modules():  # each domain's statistics from its own batches alone
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    model = fastmdl.convert(base, domains, [10] * domains, input_size=(3, size, size))
+    set_masks(model, keep, 0.0, seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4 * domains, 3, size, size), torch.arange(4 * domains) % domains)
+    model.eval()
+    return base, model, fastmdl.prune(model)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--domains", type=int, default=3)
+    ap.add_argument("--keep", type=float, default=0.5)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
+    ap.add_argument("--out", default=os.path.join(HERE, "out"))
+    args = ap.parse_args(argv)
+    stamp = datetime.date.today().isoformat()
+    lines = [f"zoo at {args.size}x{args.size}, batch {args.n}, D={args.domains}, keep "
+             f"{args.keep} of every group per domain; torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, {stamp}", "",
+             "| network | dense ms | (e) per-domain ms | compact ms | union ms | "
+             "compact vs dense | compact vs (e) | union islands | packed / union weights |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
+    for arch in args.arch:
+        base, model, pruned = build(arch, args.size, args.domains, args.keep)
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(args.n, 3, args.size, args.size, generator=g)
+        domain = torch.arange(args.n) % args.domains
+        with torch.no_grad():
+            want = model(x, domain)
+        nets = per_domain_networks(model)
+        live = [(d, (domain == d).nonzero().squeeze(1)) for d in range(args.domains)]
+        live = [(d, r) for d, r in live if r.numel()]
+        with torch.no_grad():
+            for d, r in live:
+                torch.testing.assert_close(nets[d](x[r]), want[r], rtol=1e-4, atol=1e-4)
+        union = fastmdl.prune(model)
+        union.layout = "union"
+        with torch.no_grad():
+            for p in (pruned, union):
+                torch.testing.assert_close(p(x, domain), want, rtol=1e-4, atol=1e-4)
+        fns = {"dense": lambda: base(x),
+               "e": lambda: [nets[d](x.index_select(0, r)) for d, r in live],
+               "compact": lambda: pruned(x, domain),
+               "union": lambda: union(x, domain)}
+        t = interleaved_medians(fns, repeats=args.repeats)
+        plan = pruned.compact_plan()
+        lines.append(f"| {arch} | {t['dense'] * 1e3:.1f} | {t['e'] * 1e3:.1f} | "
+                     f"{t['compact'] * 1e3:.1f} | {t['union'] * 1e3:.1f} | "
+                     f"{t['dense'] / t['compact']:.2f}x | {t['e'] / t['compact']:.2f}x | "
+                     f"{len(plan.islands)} | {plan.packed_bytes / plan.union_bytes:.2f}x |")
+        print(lines[-1], flush=True)
+        rows.append({"arch": arch, "seconds": t, "islands": plan.islands,
+                     "packed_bytes": plan.packed_bytes, "union_bytes": plan.union_bytes})
+    text = "\n".join(lines)
+    print(text)
+    write_report(args.out, "zoo_speed", text, {"args": vars(args), "date": stamp, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
