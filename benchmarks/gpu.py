@@ -536,7 +536,10 @@ def model_setup(run: Run) -> Tuple[List[ModelContender], Dict[str, Any]]:
     def pruned_on(backend):
         m = copy.deepcopy(pruned).to(device=dev, dtype=dtype)
         m.backend = backend
+        m.layout = "union"  # the op's backends run the union layout
         return m
+
+    compact = copy.deepcopy(pruned).to(device=dev, dtype=dtype)
 
     unpruned = copy.deepcopy(base).to(device=dev, dtype=dtype).to(memory_format=cl)
     out = [ModelContender("unpruned ResNet-26, one domain (torch)", unpruned, lambda m: m(x),
@@ -545,6 +548,9 @@ def model_setup(run: Run) -> Tuple[List[ModelContender], Dict[str, Any]]:
     if "triton" in run.fused and dev.type == "cpu":
         run.notes.append("model level: triton left out (the CPU interpreter is too slow for a "
                          "whole network)")
+    out.append(ModelContender(f"pruned {MODEL_DOMAINS}-domain, mixed batch [compact]", compact,
+                              lambda m: m(x, domain), want_mixed,
+                              note="the compact layout (padded storage, segment_conv2d)"))
     for b in model_fused:
         out.append(ModelContender(f"pruned {MODEL_DOMAINS}-domain, mixed batch [{b}]",
                                   pruned_on(b), lambda m: m(x, domain), want_mixed))

@@ -181,10 +181,13 @@ class CostReport:
     union: Dict[str, float] = field(default_factory=dict)
     baseline: Dict[str, float] = field(default_factory=dict)
     input_size: Tuple[int, ...] = ()
+    #: A pruned model's compact layout: weight bytes packed per domain and the
+    #: union's, the layers run as union islands, or why it cannot run compact.
+    compact: Dict[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"domains": self.domains, "union": self.union, "baseline": self.baseline,
-                "input_size": list(self.input_size)}
+                "input_size": list(self.input_size), "compact": self.compact}
 
     def __str__(self) -> str:
         head = ["", "params", "% of baseline", "FLOPs", "% of baseline"]
@@ -205,8 +208,20 @@ class CostReport:
         lines = [" | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
                             for i, (c, w) in enumerate(zip(r, widths))) for r in [head] + rows]
         lines.insert(1, "-+-".join("-" * w for w in widths))
-        return (f"cost at input size {tuple(self.input_size)} (FLOPs = multiply-adds per "
+        text = (f"cost at input size {tuple(self.input_size)} (FLOPs = multiply-adds per "
                 f"sample; union FLOPs = a dense pass over the kept channels)\n" + "\n".join(lines))
+        c = self.compact
+        if c.get("error"):
+            text += f"\ncompact layout: unavailable ({c['error']}); inference runs the union layout"
+        elif c:
+            mib = 2 ** 20
+            islands = c["islands"]
+            text += (f"\ncompact layout: weights packed per domain {c['packed_bytes'] / mib:.2f} "
+                     f"MiB, {c['packed_bytes'] / max(1, c['union_bytes']):.2f}x the union's "
+                     f"{c['union_bytes'] / mib:.2f} MiB; {len(islands)} op(s) on the union "
+                     f"layout" + (": " + ", ".join(f"{n} ({why})" for n, why in islands)
+                                  if islands else ""))
+        return text
 
 
 def _si(v: float) -> str:
@@ -252,4 +267,11 @@ def cost_report(model, input_size: Optional[Tuple[int, int, int]] = None) -> Cos
                                "baseline_params": base_p[d], "baseline_flops": base_f[d]})
     report.union = {"params": union_params, "flops": float(flops.union)}
     report.baseline = {"params": sum(base_p) / len(base_p), "flops": sum(base_f) / len(base_f)}
+    if isinstance(model, PrunedModel):
+        plan = model.compact_plan()
+        if plan is None:
+            report.compact = {"error": model.compact_error}
+        else:
+            report.compact = {"packed_bytes": plan.packed_bytes, "union_bytes": plan.union_bytes,
+                              "islands": [list(i) for i in plan.islands]}
     return report

@@ -59,6 +59,52 @@ def rows() -> List[Tuple[str, str, str]]:
     return out
 
 
+def _smoke_segment(name: str, device: str) -> Tuple[bool, str]:
+    """Run ``fastmdl::segment_conv2d`` on ``name`` once and compare with the reference."""
+    from . import _segment_ops
+    from .backends import triton as triton_backend
+    from .ops import segment_conv2d
+
+    if name == "triton":
+        ok, why = triton_backend.status(device)
+        if not ok:
+            return False, why
+    else:
+        why = "pure PyTorch"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 5, 5, generator=gen).to(device)
+    offsets = torch.tensor([0, 1, 4], device=device)
+    cin, cout = [6, 4], [3, 5]
+    w = torch.randn(sum(o * 9 * i for i, o in zip(cin, cout)), generator=gen).to(device)
+    try:
+        got = segment_conv2d(x, offsets, w, cin, cout, 3, padding=1, backend=name)
+    except Exception as exc:
+        return False, f"{why}; but a test call failed: {type(exc).__name__}: {exc}"
+    want = segment_conv2d(x, offsets, w, cin, cout, 3, padding=1, backend="reference")
+    if not torch.allclose(got, want, rtol=1e-2, atol=1e-2):
+        return False, f"{why}; but it disagrees with the reference"
+    auto = _segment_ops.pick("auto", torch.device(device), torch.float32)
+    return True, why + (" (what auto picks)" if auto == name else "")
+
+
+def compact_rows() -> List[Tuple[str, str, str]]:
+    """The compact layout (a PrunedModel's inference): how each device runs it."""
+    out = [("ragged", "cpu", "yes: per-domain torch.nn.functional.conv2d (oneDNN), what a "
+            "PrunedModel runs on the CPU")]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for name in ("reference", "triton"):
+            if name == "triton" and device == "cpu" and not backends.triton.interpreting():
+                out.append((f"padded/{name}", device, "no: Triton runs on CUDA (on the CPU "
+                            "only under TRITON_INTERPRET=1)"))
+                continue
+            ok, why = _smoke_segment(name, device)
+            out.append((f"padded/{name}", device, ("yes: " if ok else "no: ") + why))
+    if not torch.cuda.is_available():
+        out.append(("padded/triton", "cuda", "no: no CUDA device"))
+    return out
+
+
 def extension() -> str:
     """What the compiled extension fastmdl._C holds (or why it did not load)."""
     ok, why = backends.cpp.status()
@@ -90,4 +136,7 @@ def report() -> str:
         f"{'-' * 10} {'-' * 7} {'-' * 50}",
     ]
     lines += [f"{name:<10} {device:<7} {state}" for name, device, state in rows()]
+    lines += ["", "compact layout (PrunedModel inference; padded = torch.compile and CUDA):",
+              f"{'storage':<17} {'device':<7} usable", f"{'-' * 17} {'-' * 7} {'-' * 50}"]
+    lines += [f"{name:<17} {device:<7} {state}" for name, device, state in compact_rows()]
     return "\n".join(lines)

@@ -87,22 +87,25 @@ def segment_conv2d_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if (m0 < m_d) & (pid_n * BLOCK_N < cout):
-        k_row = KH * KW * cin  # one filter's elements
-        for kh in tl.static_range(KH):
+        # One loop over (tap, channel block), so that one software pipeline runs
+        # across the taps (an unrolled loop per tap costs a pipeline's registers each).
+        n_kb = tl.cdiv(cin, BLOCK_K)
+        img = r * H  # int64: the row's first image line
+        w_col = w_ptr + w_start + cols.to(tl.int64) * (KH * KW * cin)
+        for step in range(0, KH * KW * n_kb):
+            tap = step // n_kb
+            ks = (step - tap * n_kb) * BLOCK_K + tl.arange(0, BLOCK_K)
+            kh = tap // KW
+            kw = tap - kh * KW
             ih = oh * stride_h - pad_h + kh * dil_h
-            for kw in tl.static_range(KW):
-                iw = ow * stride_w - pad_w + kw * dil_w
-                pix_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                x_row = x_ptr + ((r * H + ih) * W + iw) * P_in
-                w_col = w_ptr + w_start + cols.to(tl.int64) * k_row + (kh * KW + kw) * cin
-                for k0 in range(0, cin, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = ks < cin
-                    a = tl.load(x_row[:, None] + ks[None, :],
-                                mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
-                    b = tl.load(w_col[None, :] + ks[:, None],
-                                mask=k_ok[:, None] & used[None, :], other=0.0)
-                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            iw = ow * stride_w - pad_w + kw * dil_w
+            pix_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            k_ok = ks < cin
+            a = tl.load(x_ptr + ((img + ih) * W + iw)[:, None] * P_in + ks[None, :],
+                        mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_col[None, :] + (tap * cin + ks)[:, None],
+                        mask=k_ok[:, None] & used[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         b_start = tl.load(table_ptr + d * 4 + 3)

@@ -100,3 +100,19 @@ def test_without_matplotlib_the_tables_are_written_and_no_png(tmp_path, monkeypa
     paths = gpu.write_outputs(str(tmp_path), "header", [], [], "md")
     assert [os.path.basename(p) for p in paths] == ["gpu_ops.csv", "gpu_model.csv", "gpu.md"]
     assert sorted(os.listdir(tmp_path)) == ["gpu.md", "gpu_model.csv", "gpu_ops.csv"]
+
+
+def test_compact_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_compact.py, the compact layout's one-call GPU check, walks
+    through on the CPU: its correctness checks pass and it writes its report."""
+    env = dict(os.environ)
+    env.pop("OUT", None)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_compact.py"),
+                           "--dry-run", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (tmp_path / "gpu_compact.md").read_text()
+    assert text.startswith(BANNER) and "checks: PASS" in text
+    assert "FAIL" not in text.replace("PASS/FAIL", "")
+    assert (tmp_path / "gpu_compact.json").exists()
