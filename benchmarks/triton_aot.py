@@ -3,9 +3,9 @@
     python benchmarks/triton_aot.py [--arch 90 80] [--dtype float16 bfloat16 float32]
                                     [--out benchmarks/results/triton_aot] [--jobs 2]
 
-Every configuration the autotuner may pick (``TUNING_SPACE`` of
-``fastmdl.kernels.segment_conv2d``, as ``select_configs`` would keep it for that
-dtype) is compiled with ``triton.compile`` for each target GPU and dtype, the PTX
+Every configuration the autotuner may pick (``TUNING_SPACE`` and
+``TUNING_SPACE_FP32`` of ``fastmdl.kernels.segment_conv2d``, as ``select_configs``
+keeps them for a large layer in that dtype) is compiled with ``triton.compile`` for each target GPU and dtype, the PTX
 is assembled by Triton's own ptxas with ``-v``, and the table records registers
 per thread, spill stores and loads, shared memory, and whether the K loop got
 asynchronous copies (``cp.async``) and tensor-core instructions (``wgmma`` on
@@ -93,9 +93,8 @@ def configs_for(dtype: str) -> List[Tuple[int, int, int, int, int]]:
 
     from fastmdl.kernels import segment_conv2d as module
 
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
-                             num_stages=s) for bm, bn, bk, w, s in module.TUNING_SPACE]
-    kept = module.select_configs(configs, 1 << 16, 1 << 10, 1 << 12, 3, 3, ELEM_BYTES[dtype])
+    kept = module.select_configs(module.tuning_configs(), 1 << 16, 1 << 10, 1 << 12, 3, 3,
+                                 ELEM_BYTES[dtype])
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
              c.num_stages) for c in kept]
 

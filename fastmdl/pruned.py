@@ -315,6 +315,34 @@ LAYOUTS = ("auto", "compact", "union")
 STORAGES = ("auto", "ragged", "padded")
 
 
+def _sources(net: fx.GraphModule) -> tuple:
+    """What a compact plan is built from: the graph's code, every (parent, name, child)
+    module link, and every (module, name, tensor, version, data pointer) of a
+    parameter or buffer. Holding the objects keeps their ids from being reused."""
+    links, tensors = [], []
+    for module in net.modules():
+        links += [(module, name, child) for name, child in module._modules.items()]
+        for table in (module._parameters, module._buffers):
+            tensors += [(table, name, t, t._version, t.data_ptr())
+                        for name, t in table.items() if t is not None]
+    return net.code, net, tuple(links), tuple(tensors)
+
+
+def _unchanged(net: fx.GraphModule, sources: tuple) -> bool:
+    """Whether nothing in ``sources`` changed: a module swapped, a tensor replaced,
+    written in place (its version counter) or moved (its data pointer)."""
+    code, old_net, links, tensors = sources
+    if net is not old_net or net.code is not code:
+        return False
+    for parent, name, child in links:
+        if parent._modules.get(name) is not child:
+            return False
+    for table, name, t, version, ptr in tensors:
+        if table.get(name) is not t or t._version != version or t.data_ptr() != ptr:
+            return False
+    return True
+
+
 class _PlanCache:
     """A PrunedModel's compact network and the tensors it was packed from. A copy
     of the model (``copy.deepcopy``, pickling) starts empty and packs its own."""
@@ -405,20 +433,14 @@ class PrunedModel(nn.Module):
         from .compact import Unsupported, build
 
         cache = self._plan_cache
-        graph_code = self.net.code
-        tensors = tuple(self.net.parameters()) + tuple(self.net.buffers())
-        versions = tuple(t._version for t in tensors)
-        src = cache.sources
-        if src is not None and src[0] is graph_code and len(src[1]) == len(tensors) and \
-                all(a is b for a, b in zip(src[1], tensors)) and src[2] == versions:
+        if cache.sources is not None and _unchanged(self.net, cache.sources):
             return cache.plan
         try:
             with torch.no_grad():
                 cache.plan, cache.error = build(self), None
         except Unsupported as e:
             cache.plan, cache.error = None, str(e)
-        # Holding the tensors keeps their identities from being reused by new ones.
-        cache.sources = (graph_code, tensors, versions)
+        cache.sources = _sources(self.net)
         return cache.plan
 
     @property

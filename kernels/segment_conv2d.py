@@ -124,18 +124,29 @@ def segment_conv2d_kernel(
 # ---------------------------------------------------------------------------
 # Configurations (pure Python) and the launch wrapper.
 
-#: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner may try on CUDA:
-#: tensor-core tiles for sm_80/sm_90, large ones for big segments, 32-wide ones
-#: for narrow domains, BLOCK_K 64 for long reductions.
+#: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner may try on CUDA
+#: for 16-bit operands: tensor-core tiles for sm_80/sm_90, large ones for big
+#: segments, 32-wide ones for narrow domains, BLOCK_K 64 for long reductions.
+#: Every one compiles without a register spill on sm_80 and sm_90
+#: (``benchmarks/triton_aot.py``; 4-warp 64-deep tiles and 128x128x64 spilled).
 TUNING_SPACE = (
     (128, 128, 32, 8, 3),
-    (128, 128, 64, 8, 3),
     (128, 64, 32, 4, 4),
-    (128, 64, 64, 4, 3),
+    (128, 64, 64, 8, 3),
     (64, 128, 32, 4, 4),
     (64, 64, 32, 4, 4),
-    (64, 64, 64, 4, 3),
+    (64, 64, 64, 8, 3),
     (128, 32, 32, 4, 4),
+    (64, 32, 32, 4, 4),
+    (32, 64, 32, 4, 4),
+    (32, 32, 32, 2, 4),
+)
+#: The same for float32 operands (TF32 tensor cores): twice the registers per
+#: operand tile, so fewer shapes compile without spills.
+TUNING_SPACE_FP32 = (
+    (128, 128, 32, 8, 3),
+    (128, 64, 32, 4, 4),
+    (64, 64, 32, 4, 4),
     (64, 32, 32, 4, 4),
     (32, 64, 32, 4, 4),
     (32, 32, 32, 2, 4),
@@ -169,25 +180,35 @@ def estimate(n: int, hw_out: int, cin: Sequence[int], cout: Sequence[int], kh: i
 
 def select_configs(configs: Sequence, m_est: int, n_est: int, k_est: int, kh: int, kw: int,
                    elem_bytes: int) -> List:
-    """The configurations worth timing for one key; never empty. Drops tiles taller
-    than the segment's M or wider than its filters (at least 32), BLOCK_K past the
-    per-tap channels, and pipelines over the shared-memory budget."""
+    """The configurations worth timing for one key; never empty. Keeps the space of
+    the operands' element size, then drops tiles taller than the segment's M or
+    wider than its filters (at least 32), BLOCK_K past the per-tap channels, and
+    pipelines over the shared-memory budget."""
     max_m, max_n = max(32, m_est), max(32, n_est)
     max_k = max(32, _bucket(k_est / (kh * kw)))
+
+    space = set(TUNING_SPACE_FP32 if elem_bytes >= 4 else TUNING_SPACE)
+
+    def key(c):
+        k = c.kwargs
+        return (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_warps, c.num_stages)
 
     def smem(c):
         k = c.kwargs
         return (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * elem_bytes * c.num_stages
 
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max_n
+    ours = [c for c in configs if key(c) in space] or list(configs)
+    keep = [c for c in ours if c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max_n
             and c.kwargs["BLOCK_K"] <= max_k and smem(c) <= SHARED_MEMORY_BYTES]
-    return keep or [min(configs, key=smem)]
+    return keep or [min(ours, key=smem)]
 
 
 def tuning_configs() -> List[triton.Config]:
-    """TUNING_SPACE as ``triton.Config``s."""
+    """TUNING_SPACE and TUNING_SPACE_FP32 as ``triton.Config``s (``select_configs``
+    keeps the ones of the operands' dtype)."""
+    space = list(TUNING_SPACE) + [c for c in TUNING_SPACE_FP32 if c not in TUNING_SPACE]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in TUNING_SPACE]
+                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in space]
 
 
 def _early_prune(configs, named_args, **kwargs):
