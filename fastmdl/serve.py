@@ -3,17 +3,27 @@
 Requests arrive one at a time from any number of threads, each an image tensor
 and a domain id. Threads of the engine do the work:
 
-- the *batcher* waits for a first request, then for up to ``max_delay_ms`` or
-  until ``max_batch_size`` requests are queued, and stacks them into one batch
-  (on CUDA into pinned memory, copied to the GPU on a side stream);
+- a *collector* waits for a first request, then for up to ``max_delay_ms`` or
+  until its share of the queue (see below) is there, and stacks the requests
+  into one batch (on CUDA into pinned memory, copied to the GPU on a side stream);
 - the *runners* run each batch in one pass of the model and hand every request
-  its own output row, while the batcher is already assembling the next batch.
+  its output row (a view of one tensor that holds the batch's outputs).
 
-On the CPU there is one runner per core, each with one intra-op thread, and the
-batcher splits the queue between them. Measured (benchmarks/NOTES.md): a model
-run from a thread other than the main one loses OpenMP's spin-waiting, and its
-many small parallel regions then cost 2.3x; single-threaded runners avoid them
-and keep every core busy on its own batch.
+On CUDA the collector is a thread of its own, the *batcher*, which assembles the
+next batch while the runner runs the current one. On the CPU there is one runner
+per core, each with one intra-op thread, and the runners take turns collecting:
+a free runner collects its own batch, so a request reaches the thread that runs
+it with one wake-up, not two. The batch is the queue split evenly between the
+runners; when none is free it keeps growing until one is. Measured
+(benchmarks/NOTES.md): a model run from a thread other than the main one loses
+OpenMP's spin-waiting, and its many small parallel regions then cost 2.3x;
+single-threaded runners avoid them and keep every core busy on its own batch.
+
+The engine's own cost per request is kept to a few microseconds of Python and
+one wake-up (of the client): ``submit`` wakes the collector only when it has
+something to do, and each batch costs O(1) tensor operations outside the model
+(every operation releases and retakes the GIL, which under many client threads
+costs far more than the operation; benchmarks/NOTES.md, "per-request overhead").
 
 On CUDA, batches are padded to a few fixed sizes (``buckets``) whose forward
 passes are captured once as CUDA graphs, so a batch costs one graph replay.
@@ -45,6 +55,12 @@ class Overloaded(RuntimeError):
 
 class EngineClosed(RuntimeError):
     """``submit`` after ``close()``."""
+
+
+# What the collecting thread waits for (Engine._waits_for): who must wake it.
+_NOTHING, _FIRST, _FILL, _RUNNER = 0, 1, 2, 3
+# CPU runners taking turns to collect (Engine._collector).
+_NONE, _SUMMONED, _ACTIVE = 0, 1, 2
 
 
 @dataclass
@@ -116,7 +132,17 @@ class Engine:
         _positive_int(threads_per_worker, "threads_per_worker")
         self.workers, self.threads_per_worker = workers, threads_per_worker
 
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
+        # The collecting thread (the batcher, or the CPU runner whose turn it is)
+        # waits on _cv; CPU runners waiting for their turn wait on _idle.
+        self._cv = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
+        self._waits_for = _NOTHING
+        self._turns = not self._cuda  # CPU: the runners collect their own batches
+        self._collector = _NONE
+        # CPU runners on their way back to collect (done with a batch, or starting):
+        # while one is, submit wakes no idle runner (a wake-up costs more than the wait).
+        self._returning = workers if self._turns else 0
         self._pending: collections.deque = collections.deque()
         self._handoff: "queue.Queue[Optional[_Batch]]" = queue.Queue(maxsize=workers + 1)
         self._closed = False
@@ -140,11 +166,13 @@ class Engine:
         if self._cuda and cuda_graphs:
             self._capture_graphs()
 
-        self._batcher = threading.Thread(target=self._batch_loop, name="fastmdl-batcher",
-                                         daemon=True)
-        self._runners = [threading.Thread(target=self._run_loop, name=f"fastmdl-runner-{i}",
+        self._batcher = None if self._turns else threading.Thread(
+            target=self._batch_loop, name="fastmdl-batcher", daemon=True)
+        loop = self._collect_and_run_loop if self._turns else self._run_loop
+        self._runners = [threading.Thread(target=loop, name=f"fastmdl-runner-{i}",
                                           daemon=True) for i in range(workers)]
-        self._batcher.start()
+        if self._batcher is not None:
+            self._batcher.start()
         for t in self._runners:
             t.start()
 
@@ -161,16 +189,28 @@ class Engine:
             with self._stats_lock:
                 self._failed += 1
             return future
-        request = _Request(x.detach(), int(domain), future, time.perf_counter())
-        with self._cv:
+        if x.requires_grad:  # (detach() is a tensor operation: only when needed)
+            x = x.detach()
+        request = _Request(x, int(domain), future, time.perf_counter())
+        with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is closed")
-            if len(self._pending) >= self.max_queue:
+            pending = self._pending
+            if len(pending) >= self.max_queue:
                 raise Overloaded(f"the queue holds max_queue={self.max_queue} requests")
             if self._first_arrival is None:
                 self._first_arrival = request.arrived
-            self._pending.append(request)
-            self._cv.notify()
+            pending.append(request)
+            # Wake a thread only when it has something to do: not the collector on
+            # every request while a batch fills, nor an idle runner when a busy one
+            # is about to come back.
+            if self._turns and self._collector == _NONE:
+                if not self._returning:
+                    self._summon()
+            elif self._waits_for == _FIRST or (
+                    self._waits_for == _FILL and len(pending) >= self._target()):
+                self._waits_for = _NOTHING
+                self._cv.notify()
         return future
 
     def __call__(self, x: torch.Tensor, domain: int, timeout: Optional[float] = None):
@@ -179,12 +219,14 @@ class Engine:
 
     def close(self) -> None:
         """Stop accepting requests, serve every accepted one, stop the threads."""
-        with self._cv:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._cv.notify_all()
-        self._batcher.join()
+            self._idle.notify_all()
+        if self._batcher is not None:
+            self._batcher.join()
         for t in self._runners:
             t.join()
 
@@ -233,59 +275,102 @@ class Engine:
             return ValueError(f"domain {domain} is out of range [0, {self.num_domains})")
         return None
 
-    # -- the batcher ----------------------------------------------------------------------
+    # -- collecting a batch ---------------------------------------------------------------
 
     def _next_requests(self) -> Optional[List[_Request]]:
-        with self._cv:
-            while not self._pending and not self._closed:
-                self._cv.wait()
-            if not self._pending:
-                return None  # closed and drained
-            # Aim for the batch that splits everything outstanding evenly between the
-            # runners: waiting for a full max_batch_size would stall a closed loop of
-            # fewer clients, sending whatever is queued would fragment it.
-            deadline = self._pending[0].arrived + self.max_delay
-            while not self._closed and len(self._pending) < self._target():
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
-            # No runner free (and, on CUDA, one batch already waiting): let the batch
-            # grow until one is.
-            while self._in_flight >= self._capacity:
-                self._cv.wait()
-            n = min(len(self._pending), self._target())
-            self._in_flight += 1
-            self._in_flight_requests += n
-            return [self._pending.popleft() for _ in range(n)]
+        """The next batch's requests, taken from the queue (None: closed and
+        drained). Called by the batcher, or on the CPU by a free runner, one at a
+        time."""
+        with self._lock:
+            if self._turns:
+                self._returning -= 1
+                while self._collector == _ACTIVE:
+                    self._idle.wait()
+                self._collector = _ACTIVE
+            try:
+                return self._collect()
+            finally:
+                self._waits_for = _NOTHING
+                if self._turns:
+                    self._collector = _NONE
+                    if self._closed:
+                        self._idle.notify_all()  # to drain the queue, then stop
+                    elif self._pending and not self._returning:
+                        self._summon()  # what is left goes to the next free runner
+
+    def _collect(self) -> Optional[List[_Request]]:
+        # Holds self._lock. Sets _waits_for before each wait, so that submit and
+        # _finished wake this thread exactly when the condition it waits on holds.
+        while not self._pending and not self._closed:
+            self._waits_for = _FIRST
+            self._cv.wait()
+        if not self._pending:
+            return None  # closed and drained
+        # Aim for the batch that splits everything outstanding evenly between the
+        # runners: waiting for a full max_batch_size would stall a closed loop of
+        # fewer clients, sending whatever is queued would fragment it.
+        deadline = self._pending[0].arrived + self.max_delay
+        while not self._closed and len(self._pending) < self._target():
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            self._waits_for = _FILL
+            self._cv.wait(left)
+        # No runner free (and, on CUDA, one batch already waiting): let the batch
+        # grow until one is.
+        while self._in_flight >= self._capacity:
+            self._waits_for = _RUNNER
+            self._cv.wait()
+        self._waits_for = _NOTHING
+        n = min(len(self._pending), self._target())
+        self._in_flight += 1
+        self._in_flight_requests += n
+        popleft = self._pending.popleft
+        return [popleft() for _ in range(n)]
+
+    def _summon(self) -> None:
+        # Holds self._lock: let one idle runner (if any) take its turn to collect.
+        self._collector = _SUMMONED
+        self._idle.notify()
 
     def _target(self) -> int:
         outstanding = len(self._pending) + self._in_flight_requests
         return max(1, min(self.max_batch_size, -(-outstanding // self.workers)))
 
-    def _batch_loop(self) -> None:
+    def _prepare(self, requests: List[_Request]) -> Optional[_Batch]:
+        """The batch of the requests not cancelled (None: none left, or it could not
+        be assembled, and its requests failed)."""
+        taken = len(requests)
+        requests = [r for r in requests if r.future.set_running_or_notify_cancel()]
+        if not requests:
+            self._finished(taken)
+            return None
+        try:
+            batch = self._assemble(requests)
+        except Exception as e:  # e.g. out of memory while stacking
+            self._fail(requests, e)
+            self._finished(taken)
+            return None
+        batch.taken = taken
+        return batch
+
+    def _batch_loop(self) -> None:  # CUDA: the batcher thread
         while True:
             requests = self._next_requests()
             if requests is None:
                 for _ in self._runners:
                     self._handoff.put(None)
                 return
-            taken = len(requests)
-            requests = [r for r in requests if r.future.set_running_or_notify_cancel()]
-            if not requests:
-                self._finished(taken)
-                continue
-            try:
-                batch = self._assemble(requests)
-            except Exception as e:  # e.g. out of memory while stacking
-                self._fail(requests, e)
-                self._finished(taken)
-                continue
-            batch.taken = taken
-            self._handoff.put(batch)
+            batch = self._prepare(requests)
+            if batch is not None:
+                self._handoff.put(batch)
 
     def _assemble(self, requests: List[_Request]) -> _Batch:
         n = len(requests)
+        if not self._cuda:  # two tensor operations for the whole batch
+            x = torch.stack([r.x for r in requests])
+            domain = torch.tensor([r.domain for r in requests], dtype=torch.int64)
+            return _Batch(requests, x, domain)
         size = next((b for b in self._buckets if b >= n), n)
         x = torch.empty((size,) + self.input_shape, dtype=self.dtype, pin_memory=self._cuda)
         torch.stack([r.x for r in requests], out=x[:n])
@@ -293,8 +378,6 @@ class Engine:
             x[n:].zero_()  # padding rows: any valid input, their outputs are dropped
         domain = torch.zeros(size, dtype=torch.int64, pin_memory=self._cuda)
         domain[:n] = torch.tensor([r.domain for r in requests], dtype=torch.int64)
-        if not self._cuda:
-            return _Batch(requests, x, domain)
         with torch.cuda.stream(self._copy_stream):
             xd = x.to(self.device, non_blocking=True)
             dd = domain.to(self.device, non_blocking=True)
@@ -304,30 +387,43 @@ class Engine:
 
     # -- the runner -----------------------------------------------------------------------
 
-    def _run_loop(self) -> None:
-        if not self._cuda:
-            torch.set_num_threads(self.threads_per_worker)  # this thread's intra-op threads
+    def _collect_and_run_loop(self) -> None:  # a CPU runner: collects its own batches
+        torch.set_num_threads(self.threads_per_worker)  # this thread's intra-op threads
+        while True:
+            requests = self._next_requests()
+            if requests is None:
+                return
+            batch = self._prepare(requests)
+            if batch is not None:
+                self._run(batch)
+
+    def _run_loop(self) -> None:  # a CUDA runner: takes the batcher's batches
         while True:
             batch = self._handoff.get()
             if batch is None:
                 return
-            began = time.perf_counter()
-            try:
-                out = self._forward(batch)
-            except Exception as e:
-                self._fail(batch.requests, e)
-                self._finished(batch.taken)
-                continue
-            self._finished(batch.taken)
+            self._run(batch)
+
+    def _run(self, batch: _Batch) -> None:
+        requests = batch.requests
+        began = time.perf_counter()
+        try:
+            out = self._forward(batch)
             done = time.perf_counter()
-            for i, r in enumerate(batch.requests):
-                r.future.set_result(out[i].clone())
-            with self._stats_lock:
-                self._served += len(batch.requests)
-                self._batch_sizes[len(batch.requests)] += 1
-                self._latencies.extend(done - r.arrived for r in batch.requests)
-                self._last_done = done
-                self._busy += done - began
+            rows = _rows(out, len(requests))
+        except Exception as e:
+            self._fail(requests, e)
+            self._finished(batch.taken)
+            return
+        self._finished(batch.taken)
+        with self._stats_lock:  # before the answers: a client that has one sees it counted
+            self._served += len(requests)
+            self._batch_sizes[len(requests)] += 1
+            self._latencies.extend([done - r.arrived for r in requests])
+            self._last_done = done
+            self._busy += done - began
+        for r, row in zip(requests, rows):
+            r.future.set_result(row)
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
         with torch.inference_mode():
@@ -350,10 +446,17 @@ class Engine:
             return y.to("cpu")
 
     def _finished(self, taken: int) -> None:
-        with self._cv:
+        with self._lock:
             self._in_flight -= 1
             self._in_flight_requests -= taken
-            self._cv.notify_all()
+            if self._turns:
+                self._returning += 1  # this runner collects next
+            # A runner is free and the target batch is smaller: the collector may be
+            # waiting for either.
+            if self._waits_for == _RUNNER or (
+                    self._waits_for == _FILL and len(self._pending) >= self._target()):
+                self._waits_for = _NOTHING
+                self._cv.notify()
 
     def _fail(self, requests: List[_Request], error: Exception) -> None:
         for r in requests:
@@ -382,6 +485,17 @@ class Engine:
             self.graph_error = f"{type(e).__name__}: {e}"
             warnings.warn(f"fastmdl.serve: CUDA graph capture failed ({self.graph_error}); "
                           "batches run eagerly", RuntimeWarning, stacklevel=3)
+
+
+def _rows(out, n: int) -> Tuple[torch.Tensor, ...]:
+    """Every request's output row: one copy of the batch's output (so no answer
+    shares memory with the model or another batch), split into n row views, in two
+    tensor operations whatever n."""
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] < n:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuntimeError(f"the model must return a tensor with a row for each of the "
+                           f"batch's {n} requests, got {got}")
+    return out.clone().unbind(0)
 
 
 def _buckets(max_batch_size: int) -> List[int]:

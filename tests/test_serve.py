@@ -190,3 +190,108 @@ def test_cancelled_requests_are_skipped():
     assert queued[1].cancelled()
     assert engine.stats()["served"] == 3
     assert engine._in_flight == engine._in_flight_requests == 0
+
+
+class Rows(nn.Module):
+    """Answers each request with (sum of its pixels, domain); ``reuse`` returns one
+    buffer it overwrites on every call, ``short`` drops the last row of a batch,
+    ``junk`` returns something that is not a tensor, both for a batch holding
+    domain 2."""
+
+    input_size = (3, 4, 4)
+    num_domains = 3
+
+    def __init__(self, reuse=False):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+        self.reuse = reuse
+        self.buffer = torch.zeros(64, 2)
+        self.mode = None
+
+    def forward(self, x, domain):
+        y = torch.stack([x.flatten(1).sum(1) * self.w, domain.to(x.dtype)], 1)
+        if self.reuse:
+            self.buffer[:len(y)] = y
+            y = self.buffer[:len(y)]
+        if bool((domain == 2).any()):
+            if self.mode == "short":
+                return y[:-1]
+            if self.mode == "junk":
+                return [row for row in y]
+        return y
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_every_request_answered_with_its_own_row_whatever_the_runners(workers):
+    model = Rows()
+    results = {}
+    lock = threading.Lock()
+
+    def client(k):
+        for i in range(40):
+            x = torch.full((3, 4, 4), float(k * 100 + i))
+            f = engine.submit(x, (k + i) % 3)
+            with lock:
+                results[(k, i)] = f
+            if i % 3 == 0:
+                f.result(timeout=30)  # a mix of closed-loop and bursty clients
+
+    with Engine(model, max_batch_size=8, max_delay_ms=1, workers=workers) as engine:
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        got = {key: f.result(timeout=30).tolist() for key, f in results.items()}
+    assert got == {(k, i): [48.0 * (k * 100 + i), float((k + i) % 3)] for k, i in results}
+    assert engine.stats()["served"] == 400
+    assert engine._in_flight == engine._in_flight_requests == 0
+
+
+def test_answers_do_not_share_memory_with_the_model_output():
+    model = Rows(reuse=True)  # overwrites the tensor it returned on every call
+    with Engine(model, max_batch_size=4, max_delay_ms=0) as engine:
+        first = engine.submit(torch.ones(3, 4, 4), 1).result(timeout=30)
+        for _ in range(5):
+            engine.submit(torch.full((3, 4, 4), 7.0), 0).result(timeout=30)
+    assert first.tolist() == [48.0, 1.0]
+
+
+@pytest.mark.parametrize("mode", ["short", "junk"])
+def test_a_model_without_a_row_per_request_fails_only_that_batch(mode):
+    model = Rows()
+    model.mode = mode
+    with Engine(model, max_batch_size=1, max_delay_ms=0) as engine:
+        broken = engine.submit(torch.ones(3, 4, 4), 2)
+        with pytest.raises(RuntimeError, match="a row for each"):
+            broken.result(timeout=30)
+        # The runner lives on: every later request is answered.
+        assert [engine.submit(torch.ones(3, 4, 4), d).result(timeout=30).tolist()
+                for d in (0, 1, 0)] == [[48.0, 0.0], [48.0, 1.0], [48.0, 0.0]]
+    assert engine.stats()["failed"] == 1
+
+
+def test_submit_wakes_the_engine_only_when_it_has_work():
+    # Every runner busy: the requests that queue up behind them wake no thread each
+    # (a wake-up per request was most of the engine's cost per request).
+    model = Gate()
+    model.open.clear()
+    engine = Engine(model, max_batch_size=64, max_delay_ms=0, workers=2)
+    wakes = []
+    for cv in (engine._cv, engine._idle):
+        notify = cv.notify
+        cv.notify = lambda n=1, notify=notify: (wakes.append(n), notify(n))
+    try:
+        first = [engine.submit(torch.ones(3, 4, 4), 0) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while engine._in_flight_requests < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # both requests taken by the runners, which wait at the gate
+        before = len(wakes)
+        queued = [engine.submit(torch.ones(3, 4, 4), 1) for _ in range(50)]
+        assert len(wakes) - before <= 2
+    finally:
+        model.open.set()
+        engine.close()
+    assert [float(f.result(timeout=0)) for f in first] == [48.0, 48.0]
+    assert all(float(f.result(timeout=0)) == 49.0 for f in queued)
+    assert engine.stats()["served"] == 52
