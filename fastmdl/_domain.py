@@ -55,11 +55,17 @@ def check_domain(domain, n: int, num_domains: int, device: torch.device, *,
     if domain.device != device:
         raise ValueError(f"domain must be on the input's device {device}, got {domain.device}")
     if read_values and n and can_read_values():
-        lo, hi = torch.stack([domain.min(), domain.max()]).tolist()
-        if lo < 0 or hi >= num_domains:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"domain id {bad} is out of range [0, {num_domains})")
+        check_values(domain, num_domains)
     return domain
+
+
+def check_values(domain: torch.Tensor, num_domains: int) -> None:
+    """Every id in the (non-empty) int64 tensor ``domain`` lies in [0, D) (reads the
+    ids' range on the host)."""
+    lo, hi = torch.stack([domain.min(), domain.max()]).tolist()
+    if lo < 0 or hi >= num_domains:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"domain id {bad} is out of range [0, {num_domains})")
 
 
 def run(module, x: torch.Tensor, domain, num_domains: int):

@@ -485,7 +485,10 @@ class PrunedModel(nn.Module):
         dtype = next(self.parameters()).dtype
         if x.dtype != dtype:
             raise TypeError(f"x must have the model's dtype {dtype}, got {x.dtype}")
-        domain = _domain.check_domain(domain, x.shape[0], self.num_domains, x.device)
+        domain = _domain.check_domain(domain, x.shape[0], self.num_domains, x.device,
+                                      read_values=False)
+        # The ids' values: checked once, where each path reads them cheapest.
+        read = isinstance(domain, torch.Tensor) and x.shape[0] > 0 and _domain.can_read_values()
         if self._layout != "union":
             why = self._compact_reason(x)
             plan = None
@@ -496,10 +499,16 @@ class PrunedModel(nn.Module):
             if plan is not None:
                 padded = self._storage == "padded" or (self._storage == "auto" and (
                     compiling or x.device.type != "cpu" or not _domain.can_read_values()))
-                return plan.padded(x, domain) if padded else plan(x, domain)
+                if not padded:
+                    return plan(x, domain)  # its grouping of the batch checks the ids
+                if read:
+                    _domain.check_values(domain, self.num_domains)
+                return plan.padded(x, domain)
             if self._layout == "compact":
                 raise RuntimeError(f"layout='compact' cannot run here: "
                                    f"{why or self.compact_error}")
+        if read:
+            _domain.check_values(domain, self.num_domains)
         domain = _domain.as_tensor(domain, x.shape[0], x.device)
         if torch.compiler.is_compiling():
             return self.net(x, domain)

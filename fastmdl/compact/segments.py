@@ -31,13 +31,21 @@ class Segments:
     @classmethod
     def of(cls, domain, num_rows: int, num_domains: int, device: torch.device) -> "Segments":
         """The segments of a batch of ``num_rows`` samples whose domains are ``domain``:
-        an int (every sample) or an int64 tensor of shape (N,), already checked.
-        Reads the per-domain counts on the host (once per forward pass)."""
+        an int (every sample, already checked) or an int64 tensor of shape (N,)
+        whose ids this checks. Reads the per-domain counts on the host (once per
+        forward pass); raises ``ValueError`` for an id outside [0, num_domains)."""
         if isinstance(domain, int):
             counts = [0] * num_domains
             counts[domain] = num_rows
             return cls._from_counts(num_rows, None, counts)
-        counts = torch.bincount(domain, minlength=num_domains).tolist()
+        # The per-domain counts are also the ids' check: one host read for both.
+        try:
+            counts = torch.bincount(domain, minlength=num_domains).tolist()
+        except RuntimeError:  # a negative id
+            raise ValueError(f"domain id {int(domain.min())} is out of range "
+                             f"[0, {num_domains})") from None
+        if len(counts) > num_domains:
+            raise ValueError(f"domain id {len(counts) - 1} is out of range [0, {num_domains})")
         live = [d for d, c in enumerate(counts) if c]
         if len(live) == 1:  # one domain: the batch is already grouped
             return cls._from_counts(num_rows, None, counts)

@@ -263,3 +263,19 @@ def test_reindex_moves_a_compact_form_between_supports():
     y = moves[0](x)  # it should hold 0, 1, 3: channel 1 is a zero, channel 2 is dropped
     assert torch.equal(y[:, 0], x[:, 0]) and torch.equal(y[:, 2], x[:, 2])
     assert torch.equal(y[:, 1], torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("storage", ["ragged", "padded"])
+def test_bad_domain_ids_are_refused_in_the_compact_layout(storage):
+    p = fastmdl.prune(trained(TinyResNet))
+    p.storage = storage
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        for bad, shown in ((torch.tensor([0, 7, 1]), "7"), (torch.tensor([0, -1, 2]), "-1"),
+                           (3, "3")):
+            with pytest.raises(ValueError, match=f"domain.* {shown} is out of range"):
+                p(x, bad)
+        with pytest.raises(TypeError, match="int64"):
+            p(x, torch.tensor([0, 1, 2], dtype=torch.int32))
+        with pytest.raises(ValueError, match="shape"):
+            p(x, torch.tensor([0, 1]))
