@@ -59,20 +59,46 @@ def _close(got, want, dtype):
     assert err <= tol, f"max error {err:.3g} > {tol:.3g}"
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _on(device, args, kwargs):
+    move = (lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
+    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_matches_the_reference(name, dtype):
-    require_backend("triton")
-    if dtype == torch.bfloat16 and not torch.cuda.is_available():
+def test_triton_matches_the_reference(name, dtype, device):
+    require_backend("triton", device)
+    if dtype == torch.bfloat16 and device == "cpu":
         pytest.skip("Triton's CPU interpreter has no bfloat16 (it runs on a GPU)")
     args, kwargs = problem(**CASES[name], dtype=dtype, seed=len(name))
     want = segment_conv2d(*(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point()
                             else a for a in args),
                           **{k: (v.double() if isinstance(v, torch.Tensor) else v)
                              for k, v in kwargs.items()}, backend="reference").to(dtype)
-    got = segment_conv2d(*args, **kwargs, backend="triton")
+    args, kwargs = _on(device, args, kwargs)  # float32: IEEE unless matmul TF32 is allowed
+    got = segment_conv2d(*args, **kwargs, backend="triton").cpu()
     _close(got, want, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_launch_is_captured_in_a_cuda_graph_and_replays_a_new_domain_mix():
+    (x, offsets, w, cin, cout, k), kw = problem(counts=[5, 3, 8], cin=[16, 32, 16],
+                                                cout=[32, 16, 48], slots_in=32, hw=(14, 14))
+    args, kwargs = _on("cuda", (x, offsets, w, cin, cout, k), kw)
+    x, offsets = args[0], args[1]
+    segment_conv2d(*args, **kwargs, backend="triton")  # autotune outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = segment_conv2d(*args, **kwargs, backend="triton")
+    offsets.copy_(torch.tensor([0, 9, 9, 16], device="cuda"))  # domain 1 now has no sample
+    graph.replay()
+    want = segment_conv2d(*args, **kwargs, backend="reference")
+    torch.testing.assert_close(y, want, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("name", list(CASES))
