@@ -13,6 +13,14 @@
 // epilogue: affine on the domain's filters, zeros on the others, then residual and
 // ReLU. Items run in parallel with at::parallel_for, so BLAS inside stays serial.
 //
+// Small images (squeeze-and-excitation layers, late 7x7 stages) need care, see
+// benchmarks/NOTES.md "C++ kernel: small spatial, many filters": the per-thread
+// buffers are sized by the largest tile that occurs (not by the cache budget), tiles
+// 2-15 pixels wide are multiplied in the transposed layout MKL handles well, tiles
+// are split by output-channel blocks when there are fewer of them than 2 x threads
+// and handed to the threads largest first from a shared counter, and the NCHW
+// epilogue runs as unit-stride loops the compiler vectorises.
+//
 // float16 and bfloat16 are widened to float for the product and the accumulation,
 // as the GPU kernels do.
 
@@ -23,6 +31,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace fastmdl {
@@ -70,6 +81,34 @@ void check_index_list(const at::Tensor& index, const at::Tensor& offsets,
   }
 }
 
+// f(std::integral_constant<bool, a>, ..b, ..c): three run-time flags as compile-time ones.
+template <typename F>
+void with_flags(bool a, bool b, bool c, F&& f) {
+  using T = std::true_type;
+  using N = std::false_type;
+  if (a) {
+    if (b) { if (c) f(T{}, T{}, T{}); else f(T{}, T{}, N{}); }
+    else   { if (c) f(T{}, N{}, T{}); else f(T{}, N{}, N{}); }
+  } else {
+    if (b) { if (c) f(N{}, T{}, T{}); else f(N{}, T{}, N{}); }
+    else   { if (c) f(N{}, N{}, T{}); else f(N{}, N{}, N{}); }
+  }
+}
+
+// One contiguous run of the epilogue: y = relu(acc * a + b + residual), each part
+// optional at compile time so that the loop vectorises.
+template <bool HasAcc, bool HasRes, bool Relu, typename scalar_t, typename acc_t>
+void epilogue_run(scalar_t* __restrict__ y, const scalar_t* __restrict__ res,
+                  const acc_t* __restrict__ acc, acc_t a, acc_t b, int64_t len) {
+  for (int64_t e = 0; e < len; ++e) {
+    acc_t v = acc_t(0);
+    if constexpr (HasAcc) v = acc[e] * a + b;
+    if constexpr (HasRes) v += static_cast<acc_t>(res[e]);
+    if constexpr (Relu) v = v < acc_t(0) ? acc_t(0) : v;
+    y[e] = static_cast<scalar_t>(v);
+  }
+}
+
 template <typename scalar_t>
 void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& domain,
          const at::Tensor& in_index, const at::Tensor& out_index,
@@ -96,55 +135,126 @@ void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& domain
   // the map from output channel to the domain's filter row (or -1).
   const int64_t* in_idx = in_index.data_ptr<int64_t>();
   const int64_t* out_idx = out_index.data_ptr<int64_t>();
-  std::vector<std::vector<acc_t>> packed(D);
+  // Packed rows are gathered in parallel over every domain's rows together (D alone
+  // is often smaller than the thread count) straight from the weight's memory.
+  std::vector<std::unique_ptr<acc_t[]>> packed(D);  // uninitialised: every entry is written
   std::vector<int64_t> out_row(D * s.C_out, -1);
+  std::vector<int64_t> row_start(D + 1, 0);  // domain d's rows are [row_start[d], row_start[d+1])
   int64_t max_k = 1, max_rows = 1;
   for (int64_t d = 0; d < D; ++d) {
     const DomainSlice& sl = slices[d];
+    row_start[d + 1] = row_start[d];
     if (start[d + 1] == start[d]) continue;  // no samples: nothing to pack
     for (int64_t j = 0; j < sl.out_count; ++j) out_row[d * s.C_out + out_idx[sl.out_begin + j]] = j;
-    packed[d].resize(sl.out_count * sl.in_count * KK);
+    if (sl.out_count * sl.in_count > 0) packed[d].reset(new acc_t[sl.out_count * sl.in_count * KK]);
+    row_start[d + 1] += sl.in_count > 0 ? sl.out_count : 0;
     max_k = std::max(max_k, sl.in_count * KK);
     max_rows = std::max(max_rows, sl.out_count);
   }
-  auto w = weight.accessor<scalar_t, 4>();
-  at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
-    for (int64_t d = d0; d < d1; ++d) {
-      if (packed[d].empty()) continue;
-      const DomainSlice& sl = slices[d];
-      const int64_t K = sl.in_count * KK;
-      for (int64_t j = 0; j < sl.out_count; ++j) {
-        const int64_t co = out_idx[sl.out_begin + j];
-        for (int64_t i = 0; i < sl.in_count; ++i) {
-          const int64_t ci = in_idx[sl.in_begin + i];
-          for (int64_t r = 0; r < s.KH; ++r)
-            for (int64_t t = 0; t < s.KW; ++t)
-              packed[d][j * K + (i * s.KH + r) * s.KW + t] = static_cast<acc_t>(w[co][ci][r][t]);
+  {
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    const int64_t wsO = weight.stride(0), wsI = weight.stride(1), wsH = weight.stride(2),
+                  wsW = weight.stride(3);
+    const int64_t total_rows = row_start[D];
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, max_k));
+    at::parallel_for(0, total_rows, grain, [&](int64_t g0, int64_t g1) {
+      int64_t d = std::upper_bound(row_start.begin(), row_start.end(), g0) - row_start.begin() - 1;
+      for (int64_t g = g0; g < g1; ++g) {
+        while (g >= row_start[d + 1]) ++d;
+        const DomainSlice& sl = slices[d];
+        const int64_t j = g - row_start[d];
+        const int64_t K = sl.in_count * KK;
+        const int64_t* ci = in_idx + sl.in_begin;
+        const scalar_t* wrow = wp + out_idx[sl.out_begin + j] * wsO;
+        acc_t* dst = packed[d].get() + j * K;
+        if (KK == 1) {
+          for (int64_t i = 0; i < sl.in_count; ++i) dst[i] = static_cast<acc_t>(wrow[ci[i] * wsI]);
+        } else {
+          for (int64_t i = 0; i < sl.in_count; ++i) {
+            const scalar_t* wc = wrow + ci[i] * wsI;
+            for (int64_t r = 0; r < s.KH; ++r)
+              for (int64_t t = 0; t < s.KW; ++t) *dst++ = static_cast<acc_t>(wc[r * wsH + t * wsW]);
+          }
         }
       }
-    }
-  });
+    });
+  }
 
   // Work items are tiles of whole output rows: big enough for an efficient GEMM,
   // small enough that the im2col tile (K x P) stays in the per-core L2 cache.
   // Whole rows let the im2col copy runs of contiguous pixels with no per-element
   // index math. When a whole image is smaller than that, one item takes several
   // consecutive samples of the same domain (the order is grouped by domain).
-  struct Item { int64_t first, count, oh0, nrows, d; };
+  //
+  // The per-thread buffers are sized by the largest tile that actually occurs (P
+  // columns), never by the budget: with a 1x1 image and a small K the budget alone
+  // would allow tens of thousands of samples per tile, and acc (max_rows x P) ran to
+  // 60 MB per thread per call for a squeeze-and-excitation layer of batch 4.
+  // An item covers output channels [c0, c1) of its pixels (all of them unless split below).
+  struct Item { int64_t first, count, oh0, nrows, d, c0, c1; };
   const int64_t budget_elems = (int64_t(2) * 1024 * 1024) / int64_t(sizeof(acc_t));
+  int64_t max_samples = 1;  // the most samples any one domain has
+  for (int64_t d = 0; d < D; ++d) max_samples = std::max(max_samples, start[d + 1] - start[d]);
   const int64_t rows_per_tile =
       std::min(s.Ho, std::max<int64_t>(1, budget_elems / (max_k * s.Wo)));
   const int64_t samples_per_tile =
-      rows_per_tile < s.Ho ? 1 : std::max<int64_t>(1, budget_elems / (max_k * HWo));
+      rows_per_tile < s.Ho
+          ? 1
+          : std::min(max_samples, std::max<int64_t>(1, budget_elems / (max_k * HWo)));
   std::vector<Item> items;
+  int64_t P = 1;  // columns of the largest tile
   for (int64_t d = 0; d < D; ++d) {
-    for (int64_t first = start[d]; first < start[d + 1]; first += samples_per_tile) {
-      const int64_t count = std::min(samples_per_tile, start[d + 1] - first);
-      for (int64_t oh0 = 0; oh0 < s.Ho; oh0 += rows_per_tile)
-        items.push_back({first, count, oh0, std::min(rows_per_tile, s.Ho - oh0), d});
+    // The domain's samples in equal tiles (11 samples at most 10 a tile: 6 + 5, not 10 + 1).
+    const int64_t n_d = start[d + 1] - start[d];
+    const int64_t tiles = (n_d + samples_per_tile - 1) / samples_per_tile;
+    for (int64_t t = 0, first = start[d]; t < tiles; ++t) {
+      const int64_t count = n_d / tiles + (t < n_d % tiles ? 1 : 0);
+      const int64_t tile_first = first;
+      first += count;
+      for (int64_t oh0 = 0; oh0 < s.Ho; oh0 += rows_per_tile) {
+        const int64_t nrows = std::min(rows_per_tile, s.Ho - oh0);
+        items.push_back({tile_first, count, oh0, nrows, d, 0, s.C_out});
+        P = std::max(P, count * nrows * s.Wo);
+      }
     }
   }
-  const int64_t P = samples_per_tile * rows_per_tile * s.Wo;
+
+  // Too few tiles to keep every thread busy (a batch of one, or one tile per domain
+  // on small images): split each tile's output channels into blocks, which also
+  // splits the domain's weight rather than reading it twice. Only tiles with enough
+  // work (>= 256K multiply-adds) are split; their rows are [j0, j1) of the domain's
+  // packed weight, those of its filters that lie in [c0, c1).
+  {
+    const int64_t threads = at::get_num_threads();
+    const int64_t n_items = static_cast<int64_t>(items.size());
+    if (threads > 1 && n_items < 2 * threads) {
+      const int64_t split = std::min<int64_t>((2 * threads + n_items - 1) / n_items,
+                                              std::max<int64_t>(1, s.C_out / 64));
+      std::vector<Item> split_items;
+      for (const Item& item : items) {
+        const DomainSlice& sl = slices[item.d];
+        const int64_t work = sl.out_count * sl.in_count * KK * item.count * item.nrows * s.Wo;
+        const int64_t parts = work >= (int64_t(1) << 18) ? split : 1;
+        for (int64_t b = 0; b < parts; ++b) {
+          Item part = item;
+          part.c0 = s.C_out * b / parts;
+          part.c1 = s.C_out * (b + 1) / parts;
+          split_items.push_back(part);
+        }
+      }
+      items.swap(split_items);
+    }
+  }
+  // Largest tiles first; the threads take them from a shared counter (below), so
+  // uneven tiles still spread evenly over the threads.
+  auto item_work = [&](const Item& it) {
+    const DomainSlice& sl = slices[it.d];
+    return (sl.out_count * (it.c1 - it.c0) / s.C_out + 1) * (sl.in_count * KK + 1) * it.count *
+           it.nrows * s.Wo;
+  };
+  std::stable_sort(items.begin(), items.end(), [&](const Item& a, const Item& b) {
+    return item_work(a) > item_work(b);
+  });
 
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const int64_t xsN = x.stride(0), xsC = x.stride(1), xsH = x.stride(2), xsW = x.stride(3);
@@ -154,22 +264,45 @@ void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& domain
   const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
   const int64_t rsN = residual ? residual->stride(0) : 0, rsC = residual ? residual->stride(1) : 0,
                 rsH = residual ? residual->stride(2) : 0, rsW = residual ? residual->stride(3) : 0;
+  // y (and the residual, if any) hold each channel's output rows back to back.
+  const bool rows_contiguous = !channels_inner && ysW == 1 && ysH == s.Wo &&
+                               (!residual || (rsW == 1 && rsH == s.Wo));
   const scalar_t* scp = scale ? scale->data_ptr<scalar_t>() : nullptr;
   const scalar_t* shp = shift ? shift->data_ptr<scalar_t>() : nullptr;
 
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> cols(max_k * P);
-    std::vector<acc_t> acc(max_rows * P);
-    std::vector<int64_t> y_off(P), r_off(P);
-    for (int64_t it = begin; it < end; ++it) {
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_items);
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    // Uninitialised on purpose: the im2col writes every column of cols it reads, the
+    // GEMM (or the fill for K = 0) every element of acc, and y_off/r_off are set per tile.
+    std::unique_ptr<acc_t[]> cols(new acc_t[max_k * P]);
+    std::unique_ptr<acc_t[]> acc(new acc_t[max_rows * P]);
+    std::unique_ptr<int64_t[]> y_off(new int64_t[P]), r_off(new int64_t[P]);
+    for (;;) {
+      const int64_t it = next_item.fetch_add(1, std::memory_order_relaxed);
+      if (it >= n_items) break;
       const Item& item = items[it];
       const int64_t d = item.d, oh0 = item.oh0, nrows = item.nrows;
       const int64_t per_sample = nrows * s.Wo;
       const int64_t np = item.count * per_sample;
       const DomainSlice& sl = slices[d];
       const int64_t K = sl.in_count * KK;
-      const int64_t rows = sl.out_count;
+      // The domain's packed rows [j0, j1) are its filters in [c0, c1).
+      const int64_t* od = out_idx + sl.out_begin;
+      const int64_t j0 = std::lower_bound(od, od + sl.out_count, item.c0) - od;
+      const int64_t j1 = std::lower_bound(od, od + sl.out_count, item.c1) - od;
+      const int64_t rows = j1 - j0;
+      const acc_t* wd = packed[d] ? packed[d].get() + j0 * K : nullptr;
 
+      // Narrow tiles (small images: 2 <= np < 16 columns) are laid out transposed,
+      // cols^T[np, K] and acc^T[np, rows]: MKL's sgemm takes 2.5-8x longer on
+      // Wp[rows, K] @ cols[K, np] at those widths than on cols^T @ Wp^T (measured on
+      // 1024 x 256 x 3: 297 vs 71 us), and the same at np = 1 or np >= 16.
+      const bool tr = np >= 2 && np < 16;
+      const int64_t ps = tr ? K : 1;            // cols stride between columns (pixels)
+      const int64_t ks = tr ? 1 : np;           // cols stride between rows (taps)
+      const int64_t acc_js = tr ? 1 : np, acc_qs = tr ? rows : 1;
       if (rows > 0) {
         // im2col over the domain's input channels only, one output row at a time:
         // the valid output columns [lo, hi) of each tap are found once per tap.
@@ -181,17 +314,24 @@ void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& domain
               const int64_t lo = std::min(s.Wo, off_w >= 0 ? 0 : (-off_w + s.sw - 1) / s.sw);
               const int64_t hi = std::max(lo, std::min(s.Wo, (s.W - 1 - off_w) / s.sw + 1));
               const int64_t step = s.sw * xsW;
-              acc_t* dst = cols.data() + ((i * s.KH + r) * s.KW + t) * np;
+              acc_t* dst = cols.get() + ((i * s.KH + r) * s.KW + t) * ks;
               for (int64_t m = 0; m < item.count; ++m) {
                 const scalar_t* xc = xp + order[item.first + m] * xsN + x_chan;
-                for (int64_t orow = 0; orow < nrows; ++orow, dst += s.Wo) {
+                for (int64_t orow = 0; orow < nrows; ++orow, dst += s.Wo * ps) {
                   const int64_t ih = (oh0 + orow) * s.sh - s.ph + r * s.dh;
                   if (ih < 0 || ih >= s.H) {
-                    std::fill(dst, dst + s.Wo, acc_t(0));
+                    for (int64_t ow = 0; ow < s.Wo; ++ow) dst[ow * ps] = acc_t(0);
+                    continue;
+                  }
+                  const scalar_t* src = xc + ih * xsH + (lo * s.sw + off_w) * xsW;
+                  if (tr) {
+                    for (int64_t ow = 0; ow < s.Wo; ++ow)
+                      dst[ow * ps] = ow >= lo && ow < hi
+                                         ? static_cast<acc_t>(src[(ow - lo) * step])
+                                         : acc_t(0);
                     continue;
                   }
                   std::fill(dst, dst + lo, acc_t(0));
-                  const scalar_t* src = xc + ih * xsH + (lo * s.sw + off_w) * xsW;
                   if (step == 1) {
                     for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = static_cast<acc_t>(src[ow - lo]);
                   } else {
@@ -205,16 +345,46 @@ void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& domain
           }
         }
         if (K > 0) {
-          // acc[rows, np] = Wp[rows, K] @ cols[K, np] through ATen's BLAS (MKL on
-          // x86); inside parallel_for it runs on this thread alone.
+          // acc[rows, np] = Wp[rows, K] @ cols[K, np] (or its transpose) through
+          // ATen's BLAS (MKL on x86); inside parallel_for it runs on this thread alone.
           const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-          at::Tensor a = at::from_blob(packed[d].data(), {rows, K}, opts);
-          at::Tensor b = at::from_blob(cols.data(), {K, np}, opts);
-          at::Tensor c = at::from_blob(acc.data(), {rows, np}, opts);
-          at::mm_out(c, a, b);
+          if (tr) {
+            at::Tensor a = at::from_blob(cols.get(), {np, K}, opts);
+            at::Tensor b = at::from_blob(const_cast<acc_t*>(wd), {K, rows}, {1, K}, opts);
+            at::Tensor c = at::from_blob(acc.get(), {np, rows}, opts);
+            at::mm_out(c, a, b);
+          } else {
+            at::Tensor a = at::from_blob(const_cast<acc_t*>(wd), {rows, K}, opts);
+            at::Tensor b = at::from_blob(cols.get(), {K, np}, opts);
+            at::Tensor c = at::from_blob(acc.get(), {rows, np}, opts);
+            at::mm_out(c, a, b);
+          }
         } else {
-          std::fill(acc.begin(), acc.begin() + rows * np, acc_t(0));
+          std::fill(acc.get(), acc.get() + rows * np, acc_t(0));
         }
+      }
+
+      const int64_t* row_of = out_row.data() + d * s.C_out;
+      if (rows_contiguous && !tr) {
+        // NCHW output (and residual) with whole rows per tile: each sample's pixels of
+        // one channel are one contiguous run in y, the residual and acc, so the
+        // epilogue is a unit-stride loop the compiler vectorises.
+        for (int64_t c = item.c0; c < item.c1; ++c) {
+          const int64_t j = row_of[c] >= 0 ? row_of[c] - j0 : -1;
+          const acc_t a = (j >= 0 && scp) ? static_cast<acc_t>(scp[d * s.C_out + c]) : acc_t(1);
+          const acc_t b = (j >= 0 && shp) ? static_cast<acc_t>(shp[d * s.C_out + c]) : acc_t(0);
+          for (int64_t m = 0; m < item.count; ++m) {
+            const int64_t n = order[item.first + m];
+            scalar_t* yo = yp + n * ysN + c * ysC + oh0 * ysH;
+            const scalar_t* ro = rp ? rp + n * rsN + c * rsC + oh0 * rsH : nullptr;
+            const acc_t* ao = j >= 0 ? acc.get() + j * np + m * per_sample : nullptr;
+            with_flags(ao != nullptr, ro != nullptr, relu, [&](auto has_acc, auto has_res, auto do_relu) {
+              epilogue_run<decltype(has_acc)::value, decltype(has_res)::value,
+                           decltype(do_relu)::value>(yo, ro, ao, a, b, per_sample);
+            });
+          }
+        }
+        continue;
       }
 
       for (int64_t q = 0; q < np; ++q) {
@@ -223,24 +393,25 @@ void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& domain
         y_off[q] = n * ysN + oh * ysH + ow * ysW;
         r_off[q] = n * rsN + oh * rsH + ow * rsW;
       }
-      const int64_t* row_of = out_row.data() + d * s.C_out;
       auto emit = [&](int64_t c, int64_t q) {
-        const int64_t j = row_of[c];
+        const int64_t j = row_of[c] >= 0 ? row_of[c] - j0 : -1;
         acc_t v = 0;
         if (j >= 0) {
-          v = acc[j * np + q];
+          v = acc[j * acc_js + q * acc_qs];
           if (scp) v *= static_cast<acc_t>(scp[d * s.C_out + c]);
           if (shp) v += static_cast<acc_t>(shp[d * s.C_out + c]);
         }
         if (rp) v += static_cast<acc_t>(rp[r_off[q] + c * rsC]);
-        if (relu && !(v > acc_t(0))) v = (v != v) ? v : acc_t(0);  // ReLU keeps NaN, like torch
+        // ReLU as a select, not a branch (a branch on the sign mispredicts half the
+        // time); NaN < 0 is false, so NaN (and -0.0) stay, as torch.relu keeps them.
+        if (relu) v = v < acc_t(0) ? acc_t(0) : v;
         yp[y_off[q] + c * ysC] = static_cast<scalar_t>(v);
       };
       if (channels_inner) {
         for (int64_t q = 0; q < np; ++q)
-          for (int64_t c = 0; c < s.C_out; ++c) emit(c, q);
+          for (int64_t c = item.c0; c < item.c1; ++c) emit(c, q);
       } else {
-        for (int64_t c = 0; c < s.C_out; ++c)
+        for (int64_t c = item.c0; c < item.c1; ++c)
           for (int64_t q = 0; q < np; ++q) emit(c, q);
       }
     }
