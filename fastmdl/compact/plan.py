@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .. import graph
 from ..pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear
-from . import steps as S
+from . import parallel, steps as S
 from .segments import Segments
 from .support import Move, Support
 
@@ -66,12 +66,19 @@ class CompactPlan:
     memory of the per-domain packing and of the union network's own layers."""
 
     def __init__(self, steps: List[S.Step], num_domains: int, memory_format,
-                 device: torch.device, dtype: torch.dtype, packed_bytes: int, union_bytes: int):
+                 device: torch.device, dtype: torch.dtype, packed_bytes: int, union_bytes: int,
+                 domain_cost: List[float]):
         self.steps, self.num_domains, self.memory_format = steps, num_domains, memory_format
         self.device, self.dtype = device, dtype
         self.packed_bytes, self.union_bytes = packed_bytes, union_bytes
         self.islands = [(s.name, s.reason) for s in steps if isinstance(s, S.Island)]
+        self.kinds = {s.name: s.kind for s in steps}
+        #: Multiply-adds per sample of each domain's convolutions and linear layers.
+        self.domain_cost = domain_cost
         self._drop = _last_uses(steps)
+        self._phases = parallel.phases(steps)
+        #: Run a batch's domains side by side on the CPU's threads (see parallel.py).
+        self.parallel = device.type == "cpu"
         from .padded import PaddedPlan
         #: The same network in the padded storage (static shapes: torch.compile, CUDA).
         self.padded = PaddedPlan(self)
@@ -81,11 +88,25 @@ class CompactPlan:
         int64 tensor of shape (N,)), both already checked by the caller."""
         seg = Segments.of(domain, x.shape[0], self.num_domains, x.device)
         state = S.RunState(x, domain, seg, self.num_domains)
-        env: Dict[str, Any] = {}
+        threads = torch.get_num_threads()
+        if self.parallel and threads > 1 and len(seg.live) > 1:
+            workers = parallel.groups(seg, self.domain_cost, min(threads, len(seg.live)))
+            env: Dict[str, Any] = {}
+            for start, stop, per_domain in self._phases:
+                if per_domain:
+                    env = parallel.run_phase(self, start, stop, env, state, workers,
+                                             max(1, threads // len(workers)))
+                else:
+                    self._run(start, stop, env, state)
+            return env[self.steps[-1].name]
+        return self._run(0, len(self.steps), {}, state)
+
+    def _run(self, start: int, stop: int, env: Dict[str, Any], state: S.RunState) -> Any:
         out = None
-        for step, drop in zip(self.steps, self._drop):
+        for i in range(start, stop):
+            step = self.steps[i]
             out = env[step.name] = step.run(env, state)
-            for name in drop:  # free activations after their last reader
+            for name in self._drop[i]:  # free activations after their last reader
                 del env[name]
                 state.union.pop(name, None)
         return out
@@ -143,7 +164,7 @@ def build(model, memory_format: Optional[torch.memory_format] = None) -> Compact
     for node in net.graph.nodes:
         builder.add(node)
     return CompactPlan(builder.steps, model.num_domains, fmt, p.device, p.dtype,
-                       builder.packed_bytes, builder.union_bytes)
+                       builder.packed_bytes, builder.union_bytes, builder.cost)
 
 
 def _method(name: str) -> Callable:
@@ -162,6 +183,7 @@ class _Builder:
         self.steps: List[S.Step] = []
         self.nodes: Dict[str, fx.Node] = {}
         self.packed_bytes = self.union_bytes = 0
+        self.cost = [0.0] * num_domains  # multiply-adds per sample, per domain
         self.inputs: List[fx.Node] = []
 
     # -- shapes ----------------------------------------------------------------------
@@ -470,6 +492,11 @@ class _Builder:
         # One flat buffer per layer, every domain's block after the previous one's:
         # the ragged storage reads views of it, the padded one the buffer itself.
         packed = Packed(blocks, biases, self.device)
+        pixels = 1
+        for v in (self.shape(node) or ())[2:]:
+            pixels *= v
+        for d, b in enumerate(blocks):
+            self.cost[d] += b.numel() * pixels
         weights = [None if b.numel() == 0 else v.permute(0, 3, 1, 2)
                    for b, v in zip(blocks, packed.views())]
         biases = packed.bias_views()
@@ -508,6 +535,8 @@ class _Builder:
             biases.append(None if m.bias is None else m.bias.detach()[start:start + k])
             start += k
         packed = Packed(blocks, biases, self.device)
+        for d, b in enumerate(blocks):
+            self.cost[d] += b.numel()
         self._count([packed.weight, packed.bias], [m.weight, m.bias])
         out_sup = Support(widest, masks, float("-inf"))
         step = S.Linear(node.name, out_sup, x.name, packed.views(), packed.bias_views(), x_sup)

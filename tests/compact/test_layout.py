@@ -279,3 +279,33 @@ def test_bad_domain_ids_are_refused_in_the_compact_layout(storage):
             p(x, torch.tensor([0, 1, 2], dtype=torch.int32))
         with pytest.raises(ValueError, match="shape"):
             p(x, torch.tensor([0, 1]))
+
+
+def test_domains_run_side_by_side_give_what_one_thread_gives():
+    """The ragged storage deals a batch's domains to worker threads (one per
+    intra-op thread): the result is the sequential one, and the caller's
+    no-grad / inference mode reaches the workers."""
+    p = fastmdl.prune(trained(OddNet))  # an island: two per-domain phases around it
+    plan = p.compact_plan()
+    x = torch.randn(9, 3, 8, 8)
+    domain = torch.tensor([0, 1, 2, 2, 1, 0, 0, 1, 2])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            plan.parallel = False
+            sequential = plan(x, domain)
+            plan.parallel = True
+            side_by_side = plan(x, domain)
+        with torch.inference_mode():
+            inference = plan(x, domain)
+    finally:
+        torch.set_num_threads(threads)
+    _same(side_by_side, sequential, rtol=1e-6, atol=1e-6)
+    _same(inference, sequential, rtol=1e-6, atol=1e-6)
+    assert not side_by_side.requires_grad and inference.is_inference()
+    from fastmdl.compact import parallel
+    assert [p_ for p_ in parallel.phases(plan.steps) if not p_[2]] == [
+        (i, i + 1, False) for i, s in enumerate(plan.steps) if s.label in ("union island", "output")]
+    seg = Segments.of(torch.tensor([0] * 6 + [1] * 2 + [2] * 3), 11, 3, torch.device("cpu"))
+    assert parallel.groups(seg, [1.0, 1.0, 1.0], 2) == [[0], [1, 2]]
