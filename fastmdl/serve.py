@@ -173,8 +173,15 @@ class Engine:
                                           daemon=True) for i in range(workers)]
         if self._batcher is not None:
             self._batcher.start()
+        threads = torch.get_num_threads()
+        self._threads_set = threading.Barrier(workers + 1) if self._turns else None
         for t in self._runners:
             t.start()
+        if self._threads_set is not None:
+            # torch.set_num_threads in a runner also sets the process-wide default
+            # that other threads start with: put the caller's back once all are set.
+            self._threads_set.wait()
+            torch.set_num_threads(threads)
 
     # -- the public side --------------------------------------------------------------
 
@@ -388,7 +395,9 @@ class Engine:
     # -- the runner -----------------------------------------------------------------------
 
     def _collect_and_run_loop(self) -> None:  # a CPU runner: collects its own batches
+        torch.get_num_threads()  # this thread's first query: after it, set keeps to the thread
         torch.set_num_threads(self.threads_per_worker)  # this thread's intra-op threads
+        self._threads_set.wait()
         while True:
             requests = self._next_requests()
             if requests is None:

@@ -295,3 +295,25 @@ def test_submit_wakes_the_engine_only_when_it_has_work():
     assert [float(f.result(timeout=0)) for f in first] == [48.0, 48.0]
     assert all(float(f.result(timeout=0)) == 49.0 for f in queued)
     assert engine.stats()["served"] == 52
+
+
+def test_runners_leave_the_callers_thread_count_alone():
+    """Runner threads run with one intra-op thread each; torch.set_num_threads also
+    sets the default a new thread starts with, which the engine puts back."""
+    import threading
+
+    class Echo(nn.Module):
+        num_domains, input_size = 2, (3, 4, 4)
+
+        def forward(self, x, domain):
+            return x.flatten(1) * (1 + domain[:, None])
+
+    before = torch.get_num_threads()
+    with Engine(Echo(), workers=2) as engine:
+        x = torch.randn(3, 4, 4)
+        torch.testing.assert_close(engine(x, 1), 2 * x.flatten())
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+    assert torch.get_num_threads() == before and seen == [before]

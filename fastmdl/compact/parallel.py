@@ -28,15 +28,31 @@ _POOLS_LOCK = threading.Lock()
 os.register_at_fork(after_in_child=_POOLS.clear)
 
 
+def _init_worker(threads_each: int, ready: threading.Barrier) -> None:
+    # torch.set_num_threads also sets the process-wide default that a thread reads
+    # on its first parallel op or thread count query: query first, so this thread
+    # keeps threads_each; the pool's maker restores the default once all are here.
+    torch.get_num_threads()
+    torch.set_num_threads(threads_each)
+    ready.wait()
+
+
 def pool(workers: int, threads_each: int) -> ThreadPoolExecutor:
     """A process-wide pool of ``workers`` threads with ``threads_each`` intra-op
-    threads each (made once per pair)."""
+    threads each (made once per pair), which leaves every other thread's
+    intra-op thread count as it was."""
     key = (workers, threads_each)
     with _POOLS_LOCK:
         if key not in _POOLS:
-            _POOLS[key] = ThreadPoolExecutor(
-                workers, thread_name_prefix=f"fastmdl-domains-{threads_each}t",
-                initializer=torch.set_num_threads, initargs=(threads_each,))
+            ready = threading.Barrier(workers + 1)
+            threads = torch.get_num_threads()
+            made = ThreadPoolExecutor(workers, thread_name_prefix=f"fastmdl-domains-{threads_each}t",
+                                      initializer=_init_worker, initargs=(threads_each, ready))
+            for _ in range(workers):  # start every worker now, each through its initializer
+                made.submit(int)
+            ready.wait()
+            torch.set_num_threads(threads)
+            _POOLS[key] = made
         return _POOLS[key]
 
 

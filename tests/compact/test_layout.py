@@ -309,3 +309,19 @@ def test_domains_run_side_by_side_give_what_one_thread_gives():
         (i, i + 1, False) for i, s in enumerate(plan.steps) if s.label in ("union island", "output")]
     seg = Segments.of(torch.tensor([0] * 6 + [1] * 2 + [2] * 3), 11, 3, torch.device("cpu"))
     assert parallel.groups(seg, [1.0, 1.0, 1.0], 2) == [[0], [1, 2]]
+
+
+def test_the_domain_workers_leave_other_threads_thread_count_alone():
+    import threading
+
+    from fastmdl.compact import parallel
+
+    parallel._POOLS.pop((3, 1), None)
+    before = torch.get_num_threads()
+    workers = parallel.pool(3, 1)
+    assert sorted(workers.map(lambda _: torch.get_num_threads(), range(6))) == [1] * 6
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert torch.get_num_threads() == before and seen == [before]
