@@ -76,8 +76,8 @@ class CompactPlan:
         #: Multiply-adds per sample of each domain's convolutions and linear layers.
         self.domain_cost = domain_cost
         self._drop = _last_uses(steps)
-        self._phases = parallel.phases(steps)
-        #: Run a batch's domains side by side on the CPU's threads (see parallel.py).
+        self._phases = parallel.phases(steps, self.kinds, self._drop)
+        #: Run a batch's rows side by side on the CPU's threads (see parallel.py).
         self.parallel = device.type == "cpu"
         from .padded import PaddedPlan
         #: The same network in the padded storage (static shapes: torch.compile, CUDA).
@@ -89,16 +89,21 @@ class CompactPlan:
         seg = Segments.of(domain, x.shape[0], self.num_domains, x.device)
         state = S.RunState(x, domain, seg, self.num_domains)
         threads = torch.get_num_threads()
-        if self.parallel and threads > 1 and len(seg.live) > 1:
-            workers = parallel.groups(seg, self.domain_cost, min(threads, len(seg.live)))
-            env: Dict[str, Any] = {}
-            for start, stop, per_domain in self._phases:
-                if per_domain:
-                    env = parallel.run_phase(self, start, stop, env, state, workers,
-                                             max(1, threads // len(workers)))
-                else:
-                    self._run(start, stop, env, state)
-            return env[self.steps[-1].name]
+        if self.parallel and threads > 1 and x.shape[0] > 1 and \
+                sum(seg.counts[d] * self.domain_cost[d] for d in seg.live) >= \
+                parallel.MIN_PARALLEL_MACS:
+            runs = parallel.chunks(seg, self.domain_cost, threads)
+            if len(runs) > 1:
+                workers = parallel.pool(threads, 1)
+                env: Dict[str, Any] = {}
+                for start, stop, how in self._phases:
+                    if how == parallel.WHOLE:
+                        self._run(start, stop, env, state)
+                    else:
+                        env = parallel.run_phase(
+                            self, start, stop, env, state,
+                            runs if how == parallel.ROWS else parallel.whole_domains(seg), workers)
+                return env[self.steps[-1].name]
         return self._run(0, len(self.steps), {}, state)
 
     def _run(self, start: int, stop: int, env: Dict[str, Any], state: S.RunState) -> Any:
@@ -508,6 +513,14 @@ class _Builder:
                       self.fmt, shared)
         step.packed = packed
         step.to(self.device)
+        x_shape = self.shape(x)
+        if x_shape is not None and len(x_shape) == 4:
+            h, w_ = x_shape[2:]
+            if m.padding_mode != "zeros":
+                h, w_ = h + 2 * m.padding[0], w_ + 2 * m.padding[1]
+            step.prepack((x_shape[0], x_shape[1], h, w_))
+            if step.prepacked is not None:  # oneDNN's copy of the packed weights
+                self._count(step.prepacked, [])
         return step
 
     def affine(self, node, m: PrunedBatchNorm2d, x: fx.Node) -> S.Step:

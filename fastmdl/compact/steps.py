@@ -28,6 +28,13 @@ from .support import Move, Support
 
 BATCH, PER_PART, PLAIN, DOMAIN = "batch", "per-part", "plain", "domain"
 
+# oneDNN's fused convolution on prepacked weights (what inductor's CPU freezing
+# uses), where this build of torch has it.
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                             "_convolution_pointwise")
+_POINTWISE = torch.ops.mkldnn._convolution_pointwise if _ONEDNN else None
+_REORDER = torch.ops.mkldnn._reorder_convolution_weight if _ONEDNN else None
+
 
 class RunState:
     """What one forward pass shares between its steps."""
@@ -189,20 +196,49 @@ class Conv(Step):
         else:
             ph, pw = padding
             self.pad, self.padding = ((pw, pw, ph, ph), padding_mode), (0, 0)
+        # oneDNN's own blocked layout of each domain's weights (float32 on the CPU),
+        # made once (see prepack): F.conv2d reorders the weights on every call, which
+        # costs more than the convolution on small images with many channels.
+        self.prepacked: Optional[List[Optional[torch.Tensor]]] = None
+
+    def prepack(self, input_size) -> None:
+        """Reorder each domain's weights into oneDNN's layout for inputs like
+        ``input_size`` (N, C, H, W, as the convolution sees them, padding included);
+        any batch size runs on them."""
+        if not _ONEDNN or self.memory_format != torch.channels_last:
+            return
+        if any(w is not None and (w.device.type != "cpu" or w.dtype != torch.float32)
+               for w in self.weights):
+            return
+        n, _, h, w_ = input_size
+        self.prepacked = [None if w is None else _REORDER(
+            w.contiguous(memory_format=torch.channels_last), list(self.padding),
+            list(self.stride), list(self.dilation), self.groups,
+            [n, w.shape[1] * self.groups, h, w_]) for w in self.weights]
 
     def run(self, env, state):
         xs = env[self.x]
         rs = env[self.residual] if self.residual is not None else None
+        packed = self.prepacked
 
         def one(d: int) -> torch.Tensor:
             x = self.x_move(xs[d], d)
             if self.pad is not None:
                 x = F.pad(x, self.pad[0], mode=self.pad[1])
             w, b = self.weights[d], self.biases[d]
-            if w is not None:
-                y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
-            else:
+            if w is None:
                 y = self._constant(x, b, self.support.size(d))
+            elif packed is not None:
+                x = x.contiguous(memory_format=torch.channels_last)
+                args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+                if rs is not None:  # conv, bias, + residual, ReLU: one oneDNN call
+                    r = self.residual_move(rs[d], d).contiguous(memory_format=torch.channels_last)
+                    return _POINTWISE.binary(x, r, packed[d], b, *args, "add", None,
+                                             "relu" if self.relu else None, [], "")
+                return _POINTWISE(x, packed[d], b, *args, "relu" if self.relu else "none",
+                                  [], "")
+            else:
+                y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
             if rs is not None:
                 y = y.add_(self.residual_move(rs[d], d))
             return y.relu_() if self.relu else y
@@ -218,6 +254,8 @@ class Conv(Step):
             memory_format=self.memory_format)
 
     def to(self, device):
+        if self.prepacked is not None and torch.device(device).type != "cpu":
+            self.prepacked = None
         self.weights = [None if w is None else w.to(device) for w in self.weights]
         self.biases = [None if b is None else b.to(device) for b in self.biases]
         self.x_move.to(device)

@@ -281,10 +281,13 @@ def test_bad_domain_ids_are_refused_in_the_compact_layout(storage):
             p(x, torch.tensor([0, 1]))
 
 
-def test_domains_run_side_by_side_give_what_one_thread_gives():
-    """The ragged storage deals a batch's domains to worker threads (one per
-    intra-op thread): the result is the sequential one, and the caller's
-    no-grad / inference mode reaches the workers."""
+def test_rows_run_side_by_side_give_what_one_thread_gives(monkeypatch):
+    """The ragged storage cuts a batch's rows into runs of equal work for worker
+    threads (one per intra-op thread): the result is the sequential one, and the
+    caller's no-grad / inference mode reaches the workers."""
+    from fastmdl.compact import parallel
+
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_MACS", 0)  # these networks are tiny
     p = fastmdl.prune(trained(OddNet))  # an island: two per-domain phases around it
     plan = p.compact_plan()
     x = torch.randn(9, 3, 8, 8)
@@ -305,10 +308,16 @@ def test_domains_run_side_by_side_give_what_one_thread_gives():
     _same(inference, sequential, rtol=1e-6, atol=1e-6)
     assert not side_by_side.requires_grad and inference.is_inference()
     from fastmdl.compact import parallel
-    assert [p_ for p_ in parallel.phases(plan.steps) if not p_[2]] == [
-        (i, i + 1, False) for i, s in enumerate(plan.steps) if s.label in ("union island", "output")]
+    whole = [(a, b) for a, b, how in parallel.phases(plan.steps, plan.kinds, plan._drop)
+             if how == parallel.WHOLE]
+    assert whole == [(i, i + 1) for i, s in enumerate(plan.steps)
+                     if s.label in ("input", "union island", "output")]
     seg = Segments.of(torch.tensor([0] * 6 + [1] * 2 + [2] * 3), 11, 3, torch.device("cpu"))
-    assert parallel.groups(seg, [1.0, 1.0, 1.0], 2) == [[0], [1, 2]]
+    # Rows of equal work: domain 0's six samples cost 1 each, the others 2.
+    assert parallel.chunks(seg, [1.0, 2.0, 2.0], 2) == [[(0, 0, 6), (1, 0, 1)],
+                                                        [(1, 1, 1), (2, 0, 3)]]
+    assert parallel.chunks(seg, [1.0, 1.0, 1.0], 3) == [[(0, 0, 4)], [(0, 4, 2), (1, 0, 1)],
+                                                        [(1, 1, 1), (2, 0, 3)]]
 
 
 def test_the_domain_workers_leave_other_threads_thread_count_alone():
