@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--domains", type=int, default=3)
     ap.add_argument("--keep", type=float, default=0.5)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
     ap.add_argument("--out", default=os.path.join(HERE, "out"))
     args = ap.parse_args(argv)

@@ -28,6 +28,11 @@ from .support import Move, Support
 
 BATCH, PER_PART, PLAIN, DOMAIN = "batch", "per-part", "plain", "domain"
 
+# A pointwise convolution goes to BLAS below these sizes (multiply-adds of the
+# call; elements of its weight), to oneDNN above them (measured, NOTES.md).
+POINTWISE_BLAS_MACS = 1 << 24
+POINTWISE_BLAS_WEIGHTS = 1 << 16
+
 # oneDNN's fused convolution on prepacked weights (what inductor's CPU freezing
 # uses), where this build of torch has it.
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
@@ -200,6 +205,12 @@ class Conv(Step):
         # made once (see prepack): F.conv2d reorders the weights on every call, which
         # costs more than the convolution on small images with many channels.
         self.prepacked: Optional[List[Optional[torch.Tensor]]] = None
+        # A pointwise convolution is a matrix product over the pixels of channels-last
+        # rows; for small ones a BLAS call costs a quarter of oneDNN's (6.7 against
+        # 25.7 us for a squeeze-and-excitation layer; benchmarks/NOTES.md).
+        self.pointwise = (self.kernel_size == (1, 1) and self.stride == (1, 1)
+                          and self.padding == (0, 0) and groups == 1 and self.pad is None
+                          and memory_format == torch.channels_last)
 
     def prepack(self, input_size) -> None:
         """Reorder each domain's weights into oneDNN's layout for inputs like
@@ -228,6 +239,14 @@ class Conv(Step):
             w, b = self.weights[d], self.biases[d]
             if w is None:
                 y = self._constant(x, b, self.support.size(d))
+            elif self.pointwise and x.is_contiguous(memory_format=torch.channels_last) and \
+                    x.numel() * w.shape[0] <= POINTWISE_BLAS_MACS and \
+                    w.shape[0] * w.shape[1] <= POINTWISE_BLAS_WEIGHTS:
+                n, c, h, w_ = x.shape
+                rows = x.permute(0, 2, 3, 1).reshape(n * h * w_, c)  # a view: no copy
+                flat = w.view(w.shape[0], c).t()
+                y2 = torch.mm(rows, flat) if b is None else torch.addmm(b, rows, flat)
+                y = y2.view(n, h, w_, -1).permute(0, 3, 1, 2)
             elif packed is not None:
                 x = x.contiguous(memory_format=torch.channels_last)
                 args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
