@@ -14,6 +14,7 @@ if _cpp.status()[0]:
 
     _ops_module.register_cpp_fake()
 
+from . import winograd  # noqa: E402,F401  (registers the Winograd ops' fake implementations)
 from .layers import BatchNorm2d, Conv2d, DomainHeads  # noqa: E402
 from .masks import MaskGroup  # noqa: E402
 from .convert import MultiDomainModel, convert  # noqa: E402

@@ -6,6 +6,7 @@ with the reference, so the table says what works, not what is installed.
 
 from __future__ import annotations
 
+import os
 import platform
 from typing import List, Tuple
 
@@ -89,8 +90,20 @@ def _smoke_segment(name: str, device: str) -> Tuple[bool, str]:
 
 def compact_rows() -> List[Tuple[str, str, str]]:
     """The compact layout (a PrunedModel's inference): how each device runs it."""
-    out = [("ragged", "cpu", "yes: per-domain torch.nn.functional.conv2d (oneDNN), what a "
-            "PrunedModel runs on the CPU")]
+    from . import winograd
+
+    out = [("ragged", "cpu", "yes: per-domain oneDNN convolutions on prepacked weights, "
+            "BLAS for small pointwise ones; what a PrunedModel runs on the CPU")]
+    if not winograd.available():
+        out.append(("ragged/winograd", "cpu", "no: fastmdl._C has no Winograd ops (not built)"))
+    elif not winograd.has_avx512():
+        out.append(("ragged/winograd", "cpu", "no: no AVX-512 here (its portable path is no "
+                    "faster than oneDNN, so 3x3 layers stay on oneDNN)"))
+    elif os.environ.get("FASTMDL_WINOGRAD", "1") == "0":
+        out.append(("ragged/winograd", "cpu", "no: turned off (FASTMDL_WINOGRAD=0)"))
+    else:
+        out.append(("ragged/winograd", "cpu", "yes: Winograd F(4x4,3x3), AVX-512, for 3x3 "
+                    "stride-1 layers of 8x8 pixels or more"))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         for name in ("reference", "triton"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import operator
+import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from torch._subclasses import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from .. import graph
+from .. import graph, winograd
 from ..pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear
 from . import parallel, steps as S
 from .segments import Segments
@@ -514,7 +515,11 @@ class _Builder:
         step.packed = packed
         step.to(self.device)
         x_shape = self.shape(x)
-        if x_shape is not None and len(x_shape) == 4:
+        if self._winograd(m, x_shape, self.shape(node)):
+            step.winograd = [None if v is None else winograd.prepack(v.contiguous())
+                             for v in weights]
+            self._count(step.winograd, [])
+        elif x_shape is not None and len(x_shape) == 4:
             h, w_ = x_shape[2:]
             if m.padding_mode != "zeros":
                 h, w_ = h + 2 * m.padding[0], w_ + 2 * m.padding[1]
@@ -522,6 +527,29 @@ class _Builder:
             if step.prepacked is not None:  # oneDNN's copy of the packed weights
                 self._count(step.prepacked, [])
         return step
+
+    def _winograd(self, m: PrunedConv2d, x_shape, out_shape) -> bool:
+        """Whether this convolution runs as Winograd F(4x4, 3x3) (fastmdl.winograd):
+        float32 on a CPU with AVX-512 (elsewhere its portable path is no faster than
+        oneDNN), 3x3 with stride 1, padding 1 and no dilation, and outputs of at
+        least 8x8 pixels, with at least 16x16 or at most 128x128 channels (with few
+        pixels and many channels its 4x larger weights cost more than it saves;
+        measured in benchmarks/NOTES.md). FASTMDL_WINOGRAD=0 turns it off."""
+        if os.environ.get("FASTMDL_WINOGRAD", "1") == "0" or self.dtype != torch.float32 \
+                or self.device.type != "cpu" or self.fmt != torch.channels_last:
+            return False
+        if tuple(m.weight.shape[2:]) != (3, 3) or list(m.stride) != [1, 1] or \
+                list(m.padding) != [1, 1] or list(m.dilation) != [1, 1] or m.groups != 1 \
+                or m.padding_mode != "zeros" or m._unfolded is not None:
+            return False
+        if x_shape is None or out_shape is None or len(out_shape) != 4:
+            return False
+        h, w = out_shape[2:]
+        if h < 8 or w < 8:
+            return False
+        if h * w < 256 and m.weight.shape[0] * m.weight.shape[1] > 128 * 128:
+            return False
+        return winograd.has_avx512()
 
     def affine(self, node, m: PrunedBatchNorm2d, x: fx.Node) -> S.Step:
         out_sup = Support(m.scale.shape[1], m.masks.detach().to("cpu") > 0)

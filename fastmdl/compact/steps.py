@@ -205,6 +205,9 @@ class Conv(Step):
         # made once (see prepack): F.conv2d reorders the weights on every call, which
         # costs more than the convolution on small images with many channels.
         self.prepacked: Optional[List[Optional[torch.Tensor]]] = None
+        # Each domain's Winograd F(4x4, 3x3) weights (fastmdl.winograd), where the
+        # plan chose it: 4x fewer multiplies than the direct convolution.
+        self.winograd: Optional[List[Optional[torch.Tensor]]] = None
         # A pointwise convolution is a matrix product over the pixels of channels-last
         # rows; for small ones a BLAS call costs a quarter of oneDNN's (6.7 against
         # 25.7 us for a squeeze-and-excitation layer; benchmarks/NOTES.md).
@@ -239,6 +242,12 @@ class Conv(Step):
             w, b = self.weights[d], self.biases[d]
             if w is None:
                 y = self._constant(x, b, self.support.size(d))
+            elif self.winograd is not None:
+                r = None if rs is None else self.residual_move(rs[d], d).contiguous(
+                    memory_format=torch.channels_last)
+                return torch.ops.fastmdl.winograd_conv3x3(
+                    x.contiguous(memory_format=torch.channels_last), self.winograd[d], b, r,
+                    self.relu)
             elif self.pointwise and x.is_contiguous(memory_format=torch.channels_last) and \
                     x.numel() * w.shape[0] <= POINTWISE_BLAS_MACS and \
                     w.shape[0] * w.shape[1] <= POINTWISE_BLAS_WEIGHTS:
@@ -273,8 +282,8 @@ class Conv(Step):
             memory_format=self.memory_format)
 
     def to(self, device):
-        if self.prepacked is not None and torch.device(device).type != "cpu":
-            self.prepacked = None
+        if torch.device(device).type != "cpu":
+            self.prepacked = self.winograd = None
         self.weights = [None if w is None else w.to(device) for w in self.weights]
         self.biases = [None if b is None else b.to(device) for b in self.biases]
         self.x_move.to(device)
