@@ -15,7 +15,10 @@ in interleaved rounds:
                           own BatchNorm and head, run on its own samples (what a
                           per-domain pruning tool deploys); as a user runs it
                           (NCHW) and in channels_last
-  pruned compact ragged   fastmdl.prune(model) as it ships on the CPU
+  pruned compact ragged   fastmdl.prune(model) as it ships on the CPU (3x3 layers as
+                          Winograd F(4x4,3x3) where the CPU has AVX-512)
+  ... direct convs        the same with every convolution direct (FASTMDL_WINOGRAD=0),
+                          the contenders' algorithm
   pruned compact padded   the static-shape storage (torch.compile / GPU) on the CPU
   pruned union            the union layout: every layer through domain_conv2d
 
@@ -100,10 +103,18 @@ def contenders(base, model, pruned, x, domain, *, masked: bool):
             for (d, r), y in zip(live, run()):
                 torch.testing.assert_close(y, want[r][:, :y.shape[1]], rtol=1e-4, atol=1e-4)
         fns[label] = run
-    for label, layout, storage in (("pruned compact ragged", "compact", "ragged"),
-                                   ("pruned compact padded", "compact", "padded"),
-                                   ("pruned union", "union", "auto")):
-        p = fastmdl.prune(model)
+    for label, layout, storage, wino in (
+            ("pruned compact ragged", "compact", "ragged", "1"),
+            ("pruned compact ragged, direct convs", "compact", "ragged", "0"),
+            ("pruned compact padded", "compact", "padded", "1"),
+            ("pruned union", "union", "auto", "1")):
+        saved = os.environ.get("FASTMDL_WINOGRAD")
+        os.environ["FASTMDL_WINOGRAD"] = wino  # read when the compact plan is packed
+        try:
+            p = fastmdl.prune(model)
+        finally:
+            os.environ.pop("FASTMDL_WINOGRAD") if saved is None else \
+                os.environ.__setitem__("FASTMDL_WINOGRAD", saved)
         p.layout, p.storage = layout, storage
         with torch.no_grad():
             torch.testing.assert_close(p(x, domain), want, rtol=1e-4, atol=1e-4)
@@ -161,8 +172,9 @@ def main(argv=None) -> int:
     if args.sweep:
         lines += ["", "Sweep (same masks recipe; medians of interleaved rounds):", "",
                   "| N | D | dense ms | (e) NCHW ms | (e) channels_last ms | compact ms | "
-                  "union ms | compact vs dense | compact vs (e) | compact vs (e) CL |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "compact direct ms | union ms | compact vs dense | compact vs (e) | "
+                  "compact direct vs (e) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         result["sweep"] = []
         for d in (2, 4, 10):
             base_d, model_d, pruned_d = pruned_resnet26(d, args.keep, args.shared, args.size,
@@ -175,13 +187,13 @@ def main(argv=None) -> int:
                 del f["pruned compact padded"]
                 t = interleaved_medians(f, repeats=max(3, args.repeats - 2))
                 c = t["pruned compact ragged"]
+                cd = t["pruned compact ragged, direct convs"]
+                e = t["per-domain nets (e)"]
                 lines.append(
-                    f"| {n} | {d} | {t['dense (one domain)'] * 1e3:.1f} | "
-                    f"{t['per-domain nets (e)'] * 1e3:.1f} | "
+                    f"| {n} | {d} | {t['dense (one domain)'] * 1e3:.1f} | {e * 1e3:.1f} | "
                     f"{t['per-domain nets (e), channels_last'] * 1e3:.1f} | {c * 1e3:.1f} | "
-                    f"{t['pruned union'] * 1e3:.1f} | {t['dense (one domain)'] / c:.2f}x | "
-                    f"{t['per-domain nets (e)'] / c:.2f}x | "
-                    f"{t['per-domain nets (e), channels_last'] / c:.2f}x |")
+                    f"{cd * 1e3:.1f} | {t['pruned union'] * 1e3:.1f} | "
+                    f"{t['dense (one domain)'] / c:.2f}x | {e / c:.2f}x | {e / cd:.2f}x |")
                 result["sweep"].append({"n": n, "domains": d, "seconds": t,
                                         "domains_present": sorted(set(ds.tolist()))})
                 print(lines[-1], flush=True)
