@@ -20,21 +20,24 @@ CASES = [(90, "float16", (128, 128, 32, 8, 3)), (90, "float32", (64, 64, 32, 4, 
          (80, "bfloat16", (64, 64, 64, 8, 3))]
 
 
-def _compile_in_subprocess(cases):
-    code = ("import json, sys; sys.path.insert(0, 'benchmarks');"
+def _compile_in_subprocess(cases, cwd):
+    # Not from the checkout's root: `python -c` puts the working directory first on
+    # sys.path, where the source tree's fastmdl/ (no kernels/ inside) would shadow
+    # the installed package.
+    code = (f"import json, sys; sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r});"
             "from triton_aot import compile_config;"
             f"print(json.dumps([compile_config(a, d, tuple(c)) for a, d, c in {cases!r}]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=TIME_BOUND_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_configurations_compile_without_spills_within_the_time_bound():
+def test_configurations_compile_without_spills_within_the_time_bound(tmp_path):
     pytest.importorskip("triton.backends.nvidia.compiler")
-    rows = _compile_in_subprocess([(a, d, list(c)) for a, d, c in CASES])
+    rows = _compile_in_subprocess([(a, d, list(c)) for a, d, c in CASES], tmp_path)
     for (arch, dtype, config), row in zip(CASES, rows):
         where = f"sm_{arch} {dtype} {config}"
         assert row["spill_stores"] == 0 and row["spill_loads"] == 0, where
