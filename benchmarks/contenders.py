@@ -242,6 +242,19 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(diff / den) if float(den) > 0 else float(diff)
 
 
+def check_same_function(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Assert max|got - want| <= 1e-3 * max|want|: a whole network's float32 outputs
+    agree to that, Winograd convolutions included (each layer's rounding is about
+    1e-5 of its outputs' range, and it adds up over 50 layers), while a wrong
+    channel or domain moves them by far more."""
+    if tuple(got.shape) != tuple(want.shape):
+        raise AssertionError(f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}")
+    err = float((got.double() - want.double()).abs().max())
+    scale = float(want.double().abs().max())
+    if not err <= 1e-3 * scale:
+        raise AssertionError(f"{what}: max error {err:.3g} > 1e-3 x max|output| {scale:.3g}")
+
+
 def cuda_graphed(fn: Callable):
     """fn captured in a CUDA graph: (replay, output) where replay() re-runs the GPU work
     with no host work and output is what fn returned during capture (rewritten by

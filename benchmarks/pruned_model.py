@@ -37,7 +37,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from contenders import interleaved_medians, matmul_gflops, per_domain_networks  # noqa: E402
+from contenders import (check_same_function, interleaved_medians, matmul_gflops,  # noqa: E402
+                         per_domain_networks)
 
 import fastmdl  # noqa: E402
 from fastmdl._io import write_report  # noqa: E402
@@ -101,7 +102,7 @@ def contenders(base, model, pruned, x, domain, *, masked: bool):
         run, live = _per_domain(nets, x, domain, cl)
         with torch.no_grad():
             for (d, r), y in zip(live, run()):
-                torch.testing.assert_close(y, want[r][:, :y.shape[1]], rtol=1e-4, atol=1e-4)
+                check_same_function(y, want[r][:, :y.shape[1]], f"{label} domain {d}")
         fns[label] = run
     for label, layout, storage, wino in (
             ("pruned compact ragged", "compact", "ragged", "1"),
@@ -117,7 +118,7 @@ def contenders(base, model, pruned, x, domain, *, masked: bool):
                 os.environ.__setitem__("FASTMDL_WINOGRAD", saved)
         p.layout, p.storage = layout, storage
         with torch.no_grad():
-            torch.testing.assert_close(p(x, domain), want, rtol=1e-4, atol=1e-4)
+            check_same_function(p(x, domain), want, label)
         fns[label] = (lambda p=p: p(x, domain))
     return fns
 
