@@ -52,6 +52,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sp.add_argument("--max-body-mb", type=float, default=None,
                     help="largest request body in MiB; larger ones get 413 (default: room for "
                          "one image as JSON)")
+    sp.add_argument("--body-timeout-s", type=float, default=30.0,
+                    help="seconds a request body has to arrive; slower ones get 408 "
+                         "(default: %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "info":
         from .info import report
@@ -104,7 +107,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve(args.model_file, args.host, args.port, device=args.device,
               max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
-              max_queue=args.max_queue, max_body_bytes=max_body)
+              max_queue=args.max_queue, max_body_bytes=max_body,
+              body_timeout_s=args.body_timeout_s)
     except KeyboardInterrupt:  # a SIGINT before the server installed its handler
         return 130
     except (OSError, ValueError, TypeError, RuntimeError) as e:

@@ -27,23 +27,39 @@ costs far more than the operation; benchmarks/NOTES.md, "per-request overhead").
 
 On CUDA, batches are padded to a few fixed sizes (``buckets``) whose forward
 passes are captured once as CUDA graphs, so a batch costs one graph replay.
-A bad request fails its own future, never its batch; a full queue makes
-``submit`` raise :class:`Overloaded` at once; an exception in the model fails
-exactly the requests of that batch, and the engine keeps serving. ``close()``
-serves every accepted request before it returns.
+
+Failures stay with the requests they belong to:
+
+- a bad request fails its own future, never its batch; a full queue makes
+  ``submit`` raise :class:`Overloaded` at once;
+- a forward pass that raises is retried on the halves of its batch, recursively,
+  so that only the requests the model fails on alone fail, each with the exception
+  of the pass that held it (the cost is bounded: see :class:`Engine`);
+- a model output that cannot be split into one row per request (not a tensor, or
+  another number of rows) fails its whole batch with :class:`ModelOutputError`:
+  it is the model's fault, not a request's, so it is not retried;
+- should a thread of the engine stop (an exception that is not an ``Exception``,
+  e.g. ``SystemExit`` out of the model), the requests it held and every queued one
+  fail with :class:`EngineFailed`, ``submit`` raises it from then on, and
+  ``failure`` says why.
+
+No exception, wherever it is raised in the engine's threads, leaves an accepted
+request without an answer or ``close()`` waiting forever: the engine serves on, or
+refuses new work. (A model that never returns still holds its batch.)
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import queue
 import threading
 import time
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -55,6 +71,20 @@ class Overloaded(RuntimeError):
 
 class EngineClosed(RuntimeError):
     """``submit`` after ``close()``."""
+
+
+class EngineFailed(EngineClosed):
+    """A thread of the engine stopped: the requests it could not serve fail with
+    this, and so does every later ``submit``."""
+
+
+class ModelOutputError(RuntimeError):
+    """The model's output cannot be split into one row per request of the batch."""
+
+
+_log = logging.getLogger("fastmdl.serve")
+# A request's outcome: its output row, or the exception it failed with.
+_Outcome = Union[torch.Tensor, BaseException]
 
 
 # What the collecting thread waits for (Engine._waits_for): who must wake it.
@@ -96,6 +126,19 @@ class Engine:
         cuda_graphs: capture fixed batch-size buckets as CUDA graphs (CUDA only).
         workers: runner threads (default: one per intra-op thread on the CPU, one on CUDA).
         threads_per_worker: intra-op threads of each CPU runner (default 1).
+
+    When the forward pass of a batch of n > 1 requests raises an ``Exception``
+    (other than :class:`ModelOutputError`), the engine runs the two halves of the
+    batch, and again the halves of each half that raises, down to single requests:
+    the requests that fail alone get the exception of their own pass, the others
+    their rows. Isolating one such request costs 2*ceil(log2(n)) extra forward
+    passes, each on at most half the batch; a batch never gets more than
+    4*ceil(log2(n)) of them (enough for two such requests), after which the
+    requests of the halves that still raise fail with their half's exception.
+    ``stats()["retried_forwards"]`` counts these passes.
+
+    ``failure`` is None while the engine works, else why it stopped (see
+    :class:`EngineFailed`).
     """
 
     def __init__(self, model: nn.Module, device=None, max_batch_size: int = 64,
@@ -146,6 +189,7 @@ class Engine:
         self._pending: collections.deque = collections.deque()
         self._handoff: "queue.Queue[Optional[_Batch]]" = queue.Queue(maxsize=workers + 1)
         self._closed = False
+        self._failure: Optional[EngineFailed] = None
         # Batches handed to runners and not finished; on CUDA one more may wait
         # assembled (its copy to the GPU overlapping the current batch).
         self._in_flight = self._in_flight_requests = 0
@@ -153,7 +197,7 @@ class Engine:
         self._stats_lock = threading.Lock()
         self._latencies: collections.deque = collections.deque(maxlen=100_000)
         self._batch_sizes: collections.Counter = collections.Counter()
-        self._served = self._failed = 0
+        self._served = self._failed = self._retried = 0
         self._busy = 0.0  # seconds runners spent in forward passes
         self._first_arrival: Optional[float] = None
         self._last_done: Optional[float] = None
@@ -167,10 +211,11 @@ class Engine:
             self._capture_graphs()
 
         self._batcher = None if self._turns else threading.Thread(
-            target=self._batch_loop, name="fastmdl-batcher", daemon=True)
+            target=self._guard, args=(self._batch_loop,), name="fastmdl-batcher", daemon=True)
         loop = self._collect_and_run_loop if self._turns else self._run_loop
-        self._runners = [threading.Thread(target=loop, name=f"fastmdl-runner-{i}",
-                                          daemon=True) for i in range(workers)]
+        self._runners = [threading.Thread(target=self._guard, args=(loop,),
+                                          name=f"fastmdl-runner-{i}", daemon=True)
+                         for i in range(workers)]
         if self._batcher is not None:
             self._batcher.start()
         threads = torch.get_num_threads()
@@ -185,10 +230,18 @@ class Engine:
 
     # -- the public side --------------------------------------------------------------
 
+    @property
+    def failure(self) -> Optional[str]:
+        """None while the engine works; once a thread of it has died, why."""
+        failure = self._failure
+        return None if failure is None else str(failure)
+
     def submit(self, x: torch.Tensor, domain: int) -> Future:
         """Queue one request: ``x`` of shape ``input_shape``, ``domain`` an int.
         Returns a Future of the model's output row for it. A malformed request
-        gets an already-failed Future; a full queue raises :class:`Overloaded`."""
+        gets an already-failed Future; a full queue raises :class:`Overloaded`, a
+        closed engine :class:`EngineClosed` (:class:`EngineFailed` if it stopped
+        because a thread of it died)."""
         future: Future = Future()
         problem = self._check(x, domain)
         if problem is not None:
@@ -201,6 +254,8 @@ class Engine:
         request = _Request(x, int(domain), future, time.perf_counter())
         with self._lock:
             if self._closed:
+                if self._failure is not None:
+                    raise EngineFailed(str(self._failure))
                 raise EngineClosed("the engine is closed")
             pending = self._pending
             if len(pending) >= self.max_queue:
@@ -225,16 +280,21 @@ class Engine:
         return self.submit(x, domain).result(timeout)
 
     def close(self) -> None:
-        """Stop accepting requests, serve every accepted one, stop the threads."""
+        """Stop accepting requests, answer every accepted one, stop the threads.
+
+        Returns once every accepted request has its answer (its row, or its
+        exception; after a thread of the engine died, :class:`EngineFailed` for
+        those it could not serve). Called again, it waits the same way. Called from
+        one of the engine's own threads (e.g. by a Future's done-callback), it only
+        stops the engine: a thread cannot wait for itself."""
         with self._lock:
-            if self._closed:
-                return
             self._closed = True
             self._cv.notify_all()
             self._idle.notify_all()
-        if self._batcher is not None:
-            self._batcher.join()
-        for t in self._runners:
+        threads = self._runners + ([self._batcher] if self._batcher is not None else [])
+        if threading.current_thread() in threads:
+            return
+        for t in threads:
             t.join()
 
     def __enter__(self) -> "Engine":
@@ -246,11 +306,14 @@ class Engine:
     def stats(self) -> dict:
         """Throughput (requests/s from the first request to the last answer),
         latency percentiles (ms, submit to answer, over the last 100k requests),
-        counts, the histogram {batch size: batches}, and ``utilisation``: the
-        fraction of that time the runners spent in forward passes."""
+        counts (``failed`` includes refused requests), the histogram {batch size:
+        batches}, ``retried_forwards`` (forward passes run to isolate the requests
+        of a failed batch that the model fails on, see :class:`Engine`), and
+        ``utilisation``: the fraction of that time the runners spent in forward
+        passes."""
         with self._stats_lock:
             lat = sorted(self._latencies)
-            served, failed = self._served, self._failed
+            served, failed, retried = self._served, self._failed, self._retried
             hist = dict(sorted(self._batch_sizes.items()))
             span = (self._last_done - self._first_arrival
                     if self._last_done is not None and self._first_arrival is not None else 0.0)
@@ -262,7 +325,8 @@ class Engine:
         return {"served": served, "failed": failed, "queued": len(self._pending),
                 "throughput": served / span if span > 0 else 0.0,
                 "latency_ms": {"p50": pct(0.50), "p99": pct(0.99)},
-                "batch_sizes": hist, "cuda_graphs": sorted(self._graphs),
+                "batch_sizes": hist, "retried_forwards": retried,
+                "cuda_graphs": sorted(self._graphs),
                 "utilisation": busy / (span * self.workers) if span > 0 else 0.0}
 
     # -- checks -------------------------------------------------------------------------
@@ -329,6 +393,8 @@ class Engine:
             self._waits_for = _RUNNER
             self._cv.wait()
         self._waits_for = _NOTHING
+        if not self._pending:
+            return None  # a thread died meanwhile and _crashed failed the queue
         n = min(len(self._pending), self._target())
         self._in_flight += 1
         self._in_flight_requests += n
@@ -355,9 +421,13 @@ class Engine:
         try:
             batch = self._assemble(requests)
         except Exception as e:  # e.g. out of memory while stacking
-            self._fail(requests, e)
             self._finished(taken)
+            self._fail(requests, e)
             return None
+        except BaseException as e:  # this thread must stop: the engine with it
+            self._stop(e, requests)
+            self._finished(taken)
+            raise
         batch.taken = taken
         return batch
 
@@ -413,28 +483,148 @@ class Engine:
                 return
             self._run(batch)
 
+    def _guard(self, loop) -> None:
+        """Run one of the engine's thread loops; should it raise, stop the engine
+        without leaving a request unanswered (:meth:`_crashed`)."""
+        try:
+            loop()
+        except BaseException as e:  # a thread that stops silently would hang its callers
+            self._crashed(e)
+
+    def _stop(self, error: BaseException, held: Sequence[_Request] = ()) -> EngineFailed:
+        """Mark the engine failed because this thread dies of ``error`` (the first
+        such error is kept), refuse new work, then fail the requests this thread
+        ``held`` and every queued one. In that order: a client that sees its
+        request fail finds ``submit`` refusing, not a queue nobody will serve."""
+        with self._lock:
+            first = self._failure is None
+            if first:
+                name = threading.current_thread().name
+                self._failure = EngineFailed(f"the engine stopped: its thread {name} died "
+                                             f"of {type(error).__name__}: {error}")
+            failure = self._failure
+            self._closed = True
+            dropped = list(self._pending)
+            self._pending.clear()
+            self._cv.notify_all()
+            self._idle.notify_all()
+        if first:
+            _log.error("fastmdl.serve: %s", failure, exc_info=error)
+        self._fail_stopping(list(held) + dropped, failure)
+        return failure
+
+    def _crashed(self, error: BaseException) -> None:
+        """This thread died of ``error`` (having failed what it held): stop the
+        engine, and let the other threads finish what they hold and stop, so that
+        ``close()`` returns."""
+        failure = self._stop(error)
+        if self._turns:
+            return  # CPU: the other runners find the queue closed and empty
+        if threading.current_thread() is self._batcher:
+            for _ in self._runners:  # what _batch_loop would have sent
+                self._handoff.put(None)
+            return
+        # A CUDA runner: take its share of the hand-off, one None, so that the
+        # batcher is never stuck putting a batch nobody takes.
+        while (batch := self._handoff.get()) is not None:
+            self._fail_stopping(batch.requests, failure)
+            self._finished(batch.taken)
+
+    def _fail_stopping(self, requests: List[_Request], failure: EngineFailed) -> None:
+        try:
+            self._fail(requests, failure)
+        except BaseException:  # a done-callback that raised: this thread stops anyway
+            pass
+
     def _run(self, batch: _Batch) -> None:
+        """Answer every request of ``batch``: its row, or the exception it failed
+        with. The batch is released (``_finished``) before the answers."""
         requests = batch.requests
         began = time.perf_counter()
         try:
-            out = self._forward(batch)
-            done = time.perf_counter()
-            rows = _rows(out, len(requests))
-        except Exception as e:
-            self._fail(requests, e)
+            try:
+                outcomes = _rows(self._forward(batch), len(requests), batch.x.shape[0])
+                failed = retried = 0
+            except Exception as e:
+                outcomes, failed, retried = self._isolate(batch, e)
+        except BaseException as e:  # this thread must stop: the engine with it
+            self._stop(e, requests)
             self._finished(batch.taken)
-            return
+            raise
+        done = time.perf_counter()
         self._finished(batch.taken)
-        with self._stats_lock:  # before the answers: a client that has one sees it counted
-            self._served += len(requests)
-            self._batch_sizes[len(requests)] += 1
-            self._latencies.extend([done - r.arrived for r in requests])
-            self._last_done = done
-            self._busy += done - began
-        for r, row in zip(requests, rows):
-            r.future.set_result(row)
+        self._record(requests, outcomes, failed, retried, done - began, done)
+        self._settle(requests, outcomes)
 
-    def _forward(self, batch: _Batch) -> torch.Tensor:
+    def _isolate(self, batch: _Batch, error: Exception
+                 ) -> Tuple[List[_Outcome], int, int]:
+        """(outcomes, failures, forward passes run) for a batch whose forward
+        raised ``error``: its halves run again, recursively, within the bound the
+        class docstring states."""
+        n = len(batch.requests)
+        if n == 1 or isinstance(error, ModelOutputError):
+            return [error] * n, n, 0  # nothing to split / the model's fault for every row
+        outcomes: List[_Outcome] = [error] * n
+        failed = retried = 0
+        budget = 4 * (n - 1).bit_length()  # 4 * ceil(log2(n)): two requests isolated
+        failing = [(0, n, error)]  # [lo, hi) and the exception of its forward pass
+        while failing:
+            lo, hi, err = failing.pop()
+            if hi - lo == 1 or retried + 2 > budget:
+                outcomes[lo:hi] = [err] * (hi - lo)
+                failed += hi - lo
+                continue
+            mid = (lo + hi) // 2
+            for a, b in ((lo, mid), (mid, hi)):
+                retried += 1
+                try:
+                    outcomes[a:b] = _rows(self._forward_part(batch, a, b), b - a, b - a)
+                except ModelOutputError as e:
+                    outcomes[a:b] = [e] * (b - a)
+                    failed += b - a
+                except Exception as e:
+                    failing.append((a, b, e))
+        return outcomes, failed, retried
+
+    def _record(self, requests: List[_Request], outcomes: Sequence[_Outcome], failed: int,
+                retried: int, busy: float, done: float) -> None:
+        # Before the answers: a client that has one sees it counted.
+        with self._stats_lock:
+            self._batch_sizes[len(requests)] += 1
+            self._busy += busy
+            self._retried += retried
+            self._failed += failed
+            if failed == len(requests):
+                return
+            self._served += len(requests) - failed
+            self._last_done = done
+            if failed:
+                self._latencies.extend([done - r.arrived for r, o in zip(requests, outcomes)
+                                        if not isinstance(o, BaseException)])
+            else:
+                self._latencies.extend([done - r.arrived for r in requests])
+
+    @staticmethod
+    def _settle(requests: List[_Request], outcomes: Sequence[_Outcome]) -> None:
+        """Hand each request its outcome. A done-callback that raises past the
+        Future's own guard (which catches Exceptions) is re-raised only once every
+        request has its answer."""
+        stop: Optional[BaseException] = None
+        for r, outcome in zip(requests, outcomes):
+            try:
+                if isinstance(outcome, BaseException):
+                    r.future.set_exception(outcome)
+                else:
+                    r.future.set_result(outcome)
+            except InvalidStateError:
+                pass  # settled from outside the engine meanwhile
+            except BaseException as e:
+                stop = stop or e
+        if stop is not None:
+            raise stop
+
+    def _forward(self, batch: _Batch):
+        """The model's output for the whole batch (on CUDA still on the device)."""
         with torch.inference_mode():
             if not self._cuda:
                 return self.model(batch.x, batch.domain)
@@ -449,10 +639,14 @@ class Engine:
                 sx.copy_(batch.x)
                 sd.copy_(batch.domain)
                 graph.replay()
-                y = sy
-            else:
-                y = self.model(batch.x, batch.domain)
-            return y.to("cpu")
+                return sy
+            return self.model(batch.x, batch.domain)
+
+    def _forward_part(self, batch: _Batch, lo: int, hi: int):
+        """The model's output for requests [lo, hi) of a batch whose whole forward
+        pass ran (on CUDA: after _forward, so on the same stream, eagerly)."""
+        with torch.inference_mode():
+            return self.model(batch.x[lo:hi], batch.domain[lo:hi])
 
     def _finished(self, taken: int) -> None:
         with self._lock:
@@ -468,11 +662,9 @@ class Engine:
                 self._cv.notify()
 
     def _fail(self, requests: List[_Request], error: Exception) -> None:
-        for r in requests:
-            if not r.future.done():
-                r.future.set_exception(error)
         with self._stats_lock:
             self._failed += len(requests)
+        self._settle(requests, [error] * len(requests))
 
     def _capture_graphs(self) -> None:
         try:
@@ -496,15 +688,20 @@ class Engine:
                           "batches run eagerly", RuntimeWarning, stacklevel=3)
 
 
-def _rows(out, n: int) -> Tuple[torch.Tensor, ...]:
-    """Every request's output row: one copy of the batch's output (so no answer
-    shares memory with the model or another batch), split into n row views, in two
-    tensor operations whatever n."""
-    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] < n:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise RuntimeError(f"the model must return a tensor with a row for each of the "
-                           f"batch's {n} requests, got {got}")
-    return out.clone().unbind(0)
+def _rows(out, n: int, rows: int) -> Tuple[torch.Tensor, ...]:
+    """The first ``n`` rows of ``out``, the model's output for a batch of ``rows``
+    inputs (``rows > n`` on CUDA: padding rows), as one copy on the CPU (so no
+    answer shares memory with the model or another batch) split into row views, in
+    O(1) tensor operations whatever n. Raises :class:`ModelOutputError` when
+    ``out`` is not a tensor with ``rows`` rows."""
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != rows:
+        what = (f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor)
+                else f"a {type(out).__name__}")
+        raise ModelOutputError(f"the model returned {what}; the engine needs a tensor with "
+                               f"one row per request ({rows} rows for this batch)")
+    if rows != n:
+        out = out[:n]
+    return (out.to("cpu") if out.device.type != "cpu" else out.clone()).unbind(0)
 
 
 def _buckets(max_batch_size: int) -> List[int]:

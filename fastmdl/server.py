@@ -23,22 +23,30 @@ Endpoints
              -H 'Content-Type: application/octet-stream' --data-binary @image.f32
 
     Errors carry ``{"error": "<what is wrong and what was expected>"}``: 400 for a
-    body that is not the expected JSON or a field of the wrong type, 422 for a
-    well-formed request the model cannot take (image shape, domain out of range,
-    NaN or infinite pixels), 413 for a body over ``max_body_bytes``, 503 with
-    ``Retry-After`` when the engine's queue is full or it is shutting down, 500 when
-    the model itself fails. Unknown paths answer 404 and wrong methods 405, also
-    in JSON.
+    body that is not the expected JSON or a field of the wrong type (a boolean
+    pixel included), 422 for a well-formed request the model cannot take (image
+    shape, domain out of range, NaN or infinite pixels), 413 for a body over
+    ``max_body_bytes``, 408 for a body that does not arrive within
+    ``body_timeout_s``, 503 with ``Retry-After`` when the engine's queue is full or
+    it is shutting down (503 without it once the engine has failed), 500 when the
+    model itself fails. Unknown paths answer 404 and wrong methods 405, also in
+    JSON; so do requests aiohttp cannot parse (a bad request line, a header line
+    over 8190 bytes: 400) when the app runs under :func:`make_runner`, as
+    ``fastmdl serve`` does. A client that disconnects before its body has arrived
+    gets no answer: it is counted in ``/metrics`` as ``client_disconnects`` and
+    logged in one line at INFO.
 
 ``GET /health``
     ``{"status": "ok", "num_domains": 3, "num_classes": [5, 2, 7], "input_shape":
-    [3, 8, 8], ...}``: ``curl -s localhost:8000/health``.
+    [3, 8, 8], ...}``: ``curl -s localhost:8000/health``. Once the engine has
+    failed (a thread of it died), 503 ``{"status": "failed", "error": ...}``.
 
 ``GET /metrics``
     The engine's :meth:`~fastmdl.serve.Engine.stats` (throughput, latency
-    percentiles, the batch-size histogram) and counts of HTTP answers by status,
-    as JSON; in the Prometheus text format with ``Accept: text/plain`` or
-    ``?format=prometheus``: ``curl -s 'localhost:8000/metrics?format=prometheus'``.
+    percentiles, the batch-size histogram), counts of HTTP answers by status and
+    of client disconnects, as JSON; in the Prometheus text format with
+    ``Accept: text/plain`` or ``?format=prometheus``:
+    ``curl -s 'localhost:8000/metrics?format=prometheus'``.
 """
 
 from __future__ import annotations
@@ -52,17 +60,19 @@ import math
 import signal
 import sys
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .serve import Engine, EngineClosed, Overloaded
+from .serve import Engine, EngineClosed, EngineFailed, Overloaded
 
 if TYPE_CHECKING:  # pragma: no cover
     from aiohttp import web
 
-__all__ = ["make_app", "serve", "default_max_body_bytes", "require_aiohttp", "INSTALL_HINT"]
+__all__ = ["make_app", "make_runner", "serve", "default_max_body_bytes", "require_aiohttp",
+           "INSTALL_HINT", "DEFAULT_BODY_TIMEOUT_S"]
 
 INSTALL_HINT = "pip install 'fastmdl[serve]'"
 PREDICT, HEALTH, METRICS = "/v1/predict", "/health", "/metrics"
@@ -71,7 +81,13 @@ _ENDPOINTS = f"POST {PREDICT}, GET {HEALTH}, GET {METRICS}"
 # it runs on a worker thread so the event loop keeps accepting other requests.
 _OFFLOAD_BYTES = 1 << 16
 _RETRY_AFTER_S = "1"
+# Time a client has to send a request's body once its headers are in: enough for a
+# 3x224x224 image as JSON (~5 MB) over a 1.5 Mbit/s link. A slower client (or one
+# that stopped sending) gets 408 instead of holding a connection and handler forever.
+DEFAULT_BODY_TIMEOUT_S = 30.0
 _log = logging.getLogger("fastmdl.server")
+# Each app of make_app -> its counts of answers by status (weak: apps come and go).
+_STATUS_COUNTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _dumps = functools.partial(json.dumps, allow_nan=False)  # strict JSON: never NaN/Infinity
 
 
@@ -92,14 +108,22 @@ def default_max_body_bytes(input_shape: Sequence[int]) -> int:
 
 
 class _Reject(Exception):
-    """A request answered with an error status, never an internal failure."""
+    """A request answered with an error status, never an internal failure;
+    ``close``: the connection is closed after the answer."""
 
-    def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None):
+    def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None,
+                 close: bool = False):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+        self.close = close
 
 
-def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None) -> "web.Application":
+class _ClientGone(Exception):
+    """The client disconnected before its request body had arrived."""
+
+
+def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None,
+             body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> "web.Application":
     """An :class:`aiohttp.web.Application` that answers predictions through ``engine``.
 
     Args:
@@ -107,8 +131,12 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None) -> "web.Ap
             never closes it) and must keep it open while the app serves.
         max_body_bytes: the largest request body accepted, larger ones get 413
             (default :func:`default_max_body_bytes` of the engine's input shape).
+        body_timeout_s: seconds a request's body may take to arrive, counted from
+            when the handler starts reading it; a slower one gets 408 and its
+            connection is not kept alive (default :data:`DEFAULT_BODY_TIMEOUT_S`).
 
-    The endpoints are described in this module's docstring.
+    The endpoints are described in this module's docstring. Run the app with
+    :func:`make_runner` to have requests aiohttp cannot parse answered in JSON too.
     """
     web = require_aiohttp()
     if not isinstance(engine, Engine):
@@ -119,6 +147,9 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None) -> "web.Ap
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) \
             or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
+    if isinstance(body_timeout_s, bool) or not isinstance(body_timeout_s, (int, float)) \
+            or not 0 < body_timeout_s < math.inf:
+        raise ValueError(f"body_timeout_s must be a finite number > 0, got {body_timeout_s!r}")
     num_domains = engine.num_domains
     classes = getattr(engine.model, "num_classes", None)
     num_classes = [int(k) for k in classes] if classes is not None else None
@@ -127,6 +158,7 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None) -> "web.Ap
     json_form = (f'{{"domain": <int in [0, {num_domains})>, "image": <nested list of numbers '
                  f'of shape (C, H, W) = {shape}>}}')
     status_counts: collections.Counter = collections.Counter()
+    disconnects = [0]  # clients gone before their body arrived: never answered
     started = time.time()
 
     def reply(payload: Any, status: int = 200, headers: Optional[Dict[str, str]] = None):
@@ -139,6 +171,15 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None) -> "web.Ap
             response = await handler(request)
         except _Reject as e:
             response = reply({"error": e.message}, e.status, e.headers)
+            if e.close:
+                response.force_close()
+        except _ClientGone:
+            # Nobody to answer: one line and a count, not a 500 and its traceback.
+            disconnects[0] += 1
+            _log.info("fastmdl.server: client %s disconnected before the body of %s %s "
+                      "arrived (Content-Length: %s)", request.remote, request.method,
+                      request.path, request.content_length)
+            return web.Response(status=400)  # aiohttp drops it: the connection is gone
         except web.HTTPException as e:
             if e.status < 400:
                 status_counts[e.status] += 1
@@ -168,7 +209,31 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None) -> "web.Ap
         if request.content_length is not None and request.content_length > max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=max_body_bytes,
                                                 actual_size=request.content_length)
-        return await request.read()
+        try:
+            return await asyncio.wait_for(request.read(), body_timeout_s)
+        except asyncio.TimeoutError:
+            raise _Reject(408, f"the request body did not arrive within body_timeout_s="
+                               f"{body_timeout_s:g} seconds", close=True) from None
+        except ConnectionError:  # aiohttp's "Connection lost"
+            raise _ClientGone() from None
+        except web.RequestPayloadError as e:  # e.g. not the gzip its Content-Encoding says
+            if request.transport is None or request.transport.is_closing():
+                raise _ClientGone() from None
+            raise _Reject(400, f"the request body could not be read: {_one_line(str(e))}",
+                          close=True) from None
+
+    def refuse_booleans(body: bytes, image: list) -> None:
+        # torch.tensor reads true/false as 1.0/0.0; JSON booleans are not pixels.
+        # A scan of the bytes (at C speed) spares the walk of the image the usual
+        # body, which holds no boolean at all.
+        if not _may_hold_booleans(body):
+            return
+        found = _first_boolean(image)
+        if found is not None:
+            where, value = found
+            raise _Reject(400, f'"{where}" must be a number, got a boolean {_short(value)}; '
+                               f'"image" is a nested list of numbers of shape (C, H, W) = '
+                               f'{shape}')
 
     def decode_json(body: bytes) -> Tuple[torch.Tensor, int]:
         try:
@@ -196,6 +261,7 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None) -> "web.Ap
         if not isinstance(image, list):
             raise _Reject(400, f'"image" must be a nested list of numbers of shape (C, H, W) = '
                                f'{shape}, got {_json_type(image)}')
+        refuse_booleans(body, image)
         try:
             x = torch.tensor(image, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError, OverflowError) as e:
@@ -252,11 +318,15 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None) -> "web.Ap
         except Overloaded as e:
             raise _Reject(503, f"server overloaded ({e}); retry later",
                           {"Retry-After": _RETRY_AFTER_S}) from None
+        except EngineFailed as e:
+            raise _Reject(503, f"server cannot serve: {e}") from None
         except EngineClosed:
             raise _Reject(503, "server is shutting down; retry later",
                           {"Retry-After": _RETRY_AFTER_S}) from None
         try:
             row = await asyncio.wrap_future(future)
+        except EngineFailed as e:
+            raise _Reject(503, f"server cannot serve: {e}") from None
         except Exception as e:  # decode() checked all Engine.submit checks: the model failed
             _log.error("fastmdl.server: the model failed: %s: %s", type(e).__name__, e)
             raise _Reject(500, f"the model failed on this request: {type(e).__name__}: {e}") \
@@ -271,6 +341,9 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None) -> "web.Ap
                       "class": int(torch.argmax(logits))})
 
     async def health(request):
+        failure = engine.failure
+        if failure is not None:
+            return reply({"status": "failed", "error": failure}, 503)
         return reply({"status": "ok", "num_domains": num_domains, "num_classes": num_classes,
                       "input_shape": list(shape), "dtype": str(engine.dtype),
                       "device": str(engine.device), "max_batch_size": engine.max_batch_size,
@@ -278,7 +351,8 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None) -> "web.Ap
 
     def metrics_snapshot() -> dict:
         return {**engine.stats(), "uptime_s": time.time() - started,
-                "http_requests": {str(k): v for k, v in sorted(status_counts.items())}}
+                "http_requests": {str(k): v for k, v in sorted(status_counts.items())},
+                "client_disconnects": disconnects[0]}
 
     async def metrics(request):
         fmt = request.query.get("format")
@@ -292,10 +366,103 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None) -> "web.Ap
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     app = web.Application(client_max_size=max_body_bytes, middlewares=[errors_as_json])
+    # For make_runner: where aiohttp's own answers to unparsable requests are counted.
+    _STATUS_COUNTS[app] = status_counts
     app.router.add_post(PREDICT, predict)
     app.router.add_get(HEALTH, health)
     app.router.add_get(METRICS, metrics)
     return app
+
+
+def make_runner(app: "web.Application", **kwargs) -> "web.AppRunner":
+    """An :class:`aiohttp.web.AppRunner` for ``app`` (from :func:`make_app`) that
+    also answers the requests aiohttp cannot parse (a bad request line, a header
+    line over 8190 bytes, ...) in JSON, ``{"error": "malformed HTTP request: ..."}``
+    with aiohttp's status (400), where a plain ``AppRunner`` answers in text. Each
+    is counted in ``/metrics`` by status and logged in one line at INFO. The
+    keyword arguments go to ``AppRunner``."""
+    return _json_error_runner()(app, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _json_error_runner():
+    """The runner class behind :func:`make_runner`, made on first use (aiohttp is
+    optional). aiohttp answers a request it cannot parse from its connection
+    handler (``RequestHandler.handle_error``), before any middleware, and neither
+    ``AppRunner`` nor ``Application`` has a setting for that class: this runner
+    turns the server it builds into one whose connection handlers answer in JSON."""
+    web = require_aiohttp()
+    from aiohttp.web_protocol import RequestHandler
+
+    class JsonErrorProtocol(RequestHandler):
+        __slots__ = ("fastmdl_counts",)
+
+        def handle_error(self, request, status=500, exc=None, message=None):
+            if request.writer.output_size > 0:  # as aiohttp: too late for an answer
+                raise ConnectionError("Response is sent already, cannot send another "
+                                      "response with the error message")
+            if status >= 500:
+                _log.error("fastmdl.server: internal error on a request from %s",
+                           request.remote, exc_info=exc)
+                text = f"internal error ({status})"
+            else:
+                detail = getattr(exc, "message", None) or message or str(exc or status)
+                text = "malformed HTTP request: " + _one_line(str(detail))
+                _log.info("fastmdl.server: %s from %s", text, request.remote)
+            counts = getattr(self, "fastmdl_counts", None)
+            if counts is not None:
+                counts[status] += 1
+            response = web.json_response({"error": text}, status=status, dumps=_dumps)
+            response.force_close()
+            return response
+
+    class JsonErrorServer(web.Server):
+        fastmdl_counts = None
+
+        def __call__(self):
+            try:  # what web.Server.__call__ does, with the subclass
+                protocol = JsonErrorProtocol(self, loop=self._loop, **self._kwargs)
+            except (AttributeError, TypeError):  # another aiohttp: its own handler
+                return super().__call__()
+            protocol.fastmdl_counts = self.fastmdl_counts
+            return protocol
+
+    class JsonErrorRunner(web.AppRunner):
+        async def _make_server(self):
+            server = await super()._make_server()
+            server.__class__ = JsonErrorServer  # same state, our protocol factory
+            server.fastmdl_counts = _STATUS_COUNTS.get(self.app)
+            return server
+
+    return JsonErrorRunner
+
+
+def _one_line(text: str, n: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _may_hold_booleans(body: bytes) -> bool:
+    """Whether the JSON ``body`` has a ``true`` or ``false`` anywhere (also in a
+    string: a cheap over-approximation). json.loads also reads UTF-16 and UTF-32
+    bodies: those are scanned decoded."""
+    encoding = json.detect_encoding(body)
+    if encoding != "utf-8":
+        body = body.decode(encoding, "replace").encode()
+    return b"true" in body or b"false" in body
+
+
+def _first_boolean(image: list) -> Optional[Tuple[str, bool]]:
+    """(where, value) of a boolean in the nested list ``image``, or None."""
+    stack: List[Tuple[str, list]] = [("image", image)]
+    while stack:
+        where, values = stack.pop()
+        for i, v in enumerate(values):
+            if type(v) is bool:
+                return f"{where}[{i}]", v
+        stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(values)))
+                     if isinstance(v, list))
+    return None
 
 
 def _kept_headers(e) -> Dict[str, str]:
@@ -367,6 +534,9 @@ def _prometheus(m: dict) -> str:
            [((("size", str(k)),), v) for k, v in m["batch_sizes"].items()])
     family("fastmdl_http_requests_total", "counter", "HTTP requests answered, by status code.",
            [((("code", k),), v) for k, v in m["http_requests"].items()])
+    family("fastmdl_http_client_disconnects_total", "counter",
+           "Clients that disconnected before their request body arrived (not answered).",
+           [((), m["client_disconnects"])])
     family("fastmdl_uptime_seconds", "gauge", "Seconds since the server started.",
            [((), m["uptime_s"])])
     return "\n".join(lines) + "\n"
@@ -380,7 +550,8 @@ def _number(v) -> str:
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, *,
           device: Optional[str] = None, max_batch_size: int = 64, max_delay_ms: float = 2.0,
-          max_queue: int = 4096, max_body_bytes: Optional[int] = None) -> None:
+          max_queue: int = 4096, max_body_bytes: Optional[int] = None,
+          body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
     """Serve the model saved at ``model_path`` (by :func:`fastmdl.save`) on
     ``http://host:port`` until SIGINT or SIGTERM.
 
@@ -390,9 +561,9 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, *,
     request already accepted, then closes the engine.
 
     The remaining arguments go to :class:`fastmdl.serve.Engine` (``device`` default:
-    CPU) and :func:`make_app`. Raises ``ImportError`` without aiohttp, ``OSError`` or
-    ``ValueError`` for a missing or invalid model file, a bad device or a port
-    that cannot be bound.
+    CPU) and :func:`make_app`; the app runs under :func:`make_runner`. Raises
+    ``ImportError`` without aiohttp, ``OSError`` or ``ValueError`` for a missing or
+    invalid model file, a bad device or a port that cannot be bound.
     """
     from .serialize import load
 
@@ -408,14 +579,14 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, *,
     engine = Engine(model, device=device, max_batch_size=max_batch_size,
                     max_delay_ms=max_delay_ms, max_queue=max_queue)
     try:
-        app = make_app(engine, max_body_bytes=max_body_bytes)
+        app = make_app(engine, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
         asyncio.run(_run(web, app, model_path, host, port))
     finally:
         engine.close()
 
 
 async def _run(web, app, model_path: str, host: str, port: int) -> None:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
+    runner = make_runner(app, access_log=None, shutdown_timeout=30.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -263,7 +263,7 @@ def test_a_model_without_a_row_per_request_fails_only_that_batch(mode):
     model.mode = mode
     with Engine(model, max_batch_size=1, max_delay_ms=0) as engine:
         broken = engine.submit(torch.ones(3, 4, 4), 2)
-        with pytest.raises(RuntimeError, match="a row for each"):
+        with pytest.raises(RuntimeError, match="one row per request"):
             broken.result(timeout=30)
         # The runner lives on: every later request is answered.
         assert [engine.submit(torch.ones(3, 4, 4), d).result(timeout=30).tolist()

@@ -48,10 +48,12 @@ def pruned():
 
 
 class LiveServer:
-    """An app from make_app on 127.0.0.1:<free port>, its event loop on a thread."""
+    """An app from make_app on 127.0.0.1:<free port>, its event loop on a thread,
+    run as ``fastmdl serve`` runs it (make_runner), or with ``plain=True`` under
+    aiohttp's own AppRunner."""
 
-    def __init__(self, web, engine, **kwargs):
-        from fastmdl.server import make_app
+    def __init__(self, web, engine, plain=False, **kwargs):
+        from fastmdl.server import make_app, make_runner
 
         self.engine = engine
         self.loop = asyncio.new_event_loop()
@@ -59,7 +61,8 @@ class LiveServer:
         self.thread.start()
 
         async def start():
-            self.runner = web.AppRunner(make_app(engine, **kwargs), access_log=None)
+            runner = web.AppRunner if plain else make_runner
+            self.runner = runner(make_app(engine, **kwargs), access_log=None)
             await self.runner.setup()
             await web.TCPSite(self.runner, "127.0.0.1", 0).start()
             return self.runner.addresses[0][1]
@@ -215,6 +218,15 @@ BAD = {
     "string pixel": ("POST", "/v1/predict",
                      _json({"domain": 0, "image": [[["0.5"] * 8] * 8] * 3}), JSON, 400,
                      '"image[0][0][0]" must be a number'),
+    "boolean pixel": ("POST", "/v1/predict",
+                      _json({"domain": 0, "image": [[[0.5] * 8] * 8,
+                                                    [[0.5] * 3 + [True] + [0.5] * 4]
+                                                    + [[0.5] * 8] * 7,
+                                                    [[0.5] * 8] * 8]}),
+                      JSON, 400, '"image[1][0][3]" must be a number, got a boolean true'),
+    "false pixel": ("POST", "/v1/predict",
+                    _json({"domain": 0, "image": [[[False] * 8] * 8] * 3}), JSON, 400,
+                    '"image[0][0][0]" must be a number, got a boolean false'),
     "wrong shape": ("POST", "/v1/predict",
                     _json({"domain": 0, "image": image(1)[:, :7].tolist()}), JSON, 422,
                     "shape (C, H, W) = (3, 8, 8), got (3, 7, 8)"),
