@@ -7,7 +7,7 @@ bench:
 bench-pytest:
 	bash scripts/bootstrap.sh && .venv/bin/pytest benchmarks/test_cpu_op.py --benchmark-only
 info:
-	.venv/bin/python -m fastmdl info
+	bash scripts/bootstrap.sh && .venv/bin/fastmdl info   # the console script: the checkout cannot shadow the install
 
 demo:
 	bash scripts/demo.sh

@@ -1,4 +1,4 @@
-"""Basis scaling and double pruning on target domains (issue 8, method 3 of DESIGN.md).
+"""Basis scaling and double pruning on target domains (Wong et al., arXiv 2108.02893).
 
     python benchmarks/basis_experiment.py --smoke            # random tensors, seconds
     python benchmarks/basis_experiment.py [--epochs 3] [--ratios 0.5,0.7,0.8,0.9]

@@ -69,7 +69,10 @@ def main(argv=None) -> int:
     rows = []
     try:
         from tqdm import tqdm
-        it = tqdm(layers, desc="layers", leave=False)
+        # On stderr, and only on a terminal: in a log that merges both streams its
+        # carriage-return frames would run into the table's first line.
+        it = tqdm(layers, desc="layers", leave=False, file=sys.stderr,
+                  disable=not sys.stderr.isatty())
     except ImportError:
         it = layers
     for (label, c_in, c_out, hw, k, s, pad) in it:

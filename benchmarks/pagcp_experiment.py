@@ -1,4 +1,4 @@
-"""PAGCP on the built-in multi-domain benchmark (issue 7, method 2 of DESIGN.md).
+"""PAGCP on the built-in multi-domain benchmark (Ye et al., TPAMI 2023).
 
     python benchmarks/pagcp_experiment.py --smoke          # random tensors, seconds
     python benchmarks/pagcp_experiment.py [--epochs 3] [--finetune-steps 50,200]

@@ -129,6 +129,33 @@ def extension() -> str:
     return f"loaded; kernels: CPU (domain_conv2d_cpu) only; no CUDA kernel: {why_not}"
 
 
+def unbuilt_source_tree() -> str:
+    """A warning when fastmdl is imported from a source checkout that was never
+    built in place (no ``fastmdl.kernels``, which setup.py maps from ``kernels/``,
+    and no compiled extension), '' otherwise. That is what ``python -m fastmdl``
+    imports when run from the checkout's root, whatever is installed."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(package)
+    checkout = (os.path.isfile(os.path.join(root, "setup.py"))
+                and os.path.isdir(os.path.join(root, "kernels")))
+    if not checkout:
+        return ""
+    try:
+        import importlib.util
+        has_kernels = importlib.util.find_spec("fastmdl.kernels") is not None
+    except (ImportError, ValueError):
+        has_kernels = False
+    has_ext = any(name.startswith("_C.") for name in os.listdir(package))
+    if has_kernels and has_ext:
+        return ""
+    return (f"NOTE: this is the unbuilt source tree at {root}, not an installed fastmdl "
+            "(python puts the current directory first on its path). Its compiled "
+            "extension and fastmdl.kernels exist only once built, so the rows below "
+            "describe this tree, not your install. Run `fastmdl info` (the console "
+            "script), run python from another directory, or build the checkout in place "
+            "with `python -m pip install --no-build-isolation -e .`.")
+
+
 def report() -> str:
     """The text ``fastmdl info`` prints."""
     try:
@@ -144,6 +171,11 @@ def report() -> str:
         f"triton   {triton_version}",
         f"threads  {torch.get_num_threads()}",
         f"_C       {extension()}",
+    ]
+    note = unbuilt_source_tree()
+    if note:
+        lines = [note, ""] + lines
+    lines += [
         "",
         f"{'backend':<10} {'device':<7} usable",
         f"{'-' * 10} {'-' * 7} {'-' * 50}",

@@ -3,7 +3,7 @@
 Requests are handed one by one to a :class:`fastmdl.serve.Engine`, which batches
 whatever arrives together into one pass of the model, so many concurrent clients
 cost about what one batch costs. aiohttp is an optional dependency
-(``pip install 'fastmdl[serve]'``); it is imported only when a server is built.
+(``pip install aiohttp``); it is imported only when a server is built.
 
 Endpoints
 ---------
@@ -74,7 +74,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["make_app", "make_runner", "serve", "default_max_body_bytes", "require_aiohttp",
            "INSTALL_HINT", "DEFAULT_BODY_TIMEOUT_S"]
 
-INSTALL_HINT = "pip install 'fastmdl[serve]'"
+# fastmdl is not on PyPI, so its [serve] extra is only reachable from a checkout.
+INSTALL_HINT = "pip install aiohttp (or pip install '.[serve]' in fastmdl's checkout)"
 PREDICT, HEALTH, METRICS = "/v1/predict", "/health", "/metrics"
 _ENDPOINTS = f"POST {PREDICT}, GET {HEALTH}, GET {METRICS}"
 # Decoding a large JSON image takes milliseconds of pure Python; beyond this size

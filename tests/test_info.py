@@ -82,3 +82,29 @@ except RuntimeError as e:
     out = _run(code)
     assert out.returncode == 0, out.stderr
     assert "TRITON_INTERPRET=1" in out.stdout or "not importable" in out.stdout
+
+
+def test_info_from_an_unbuilt_source_tree_says_so(tmp_path):
+    """`python -m fastmdl info` run from a checkout's root imports the source tree
+    (no extension, no fastmdl.kernels): info must say that is what it looks at."""
+    import fastmdl
+    package = os.path.dirname(fastmdl.__file__)
+    root = os.path.dirname(package)
+    if not os.path.isfile(os.path.join(root, "setup.py")):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copytree(os.path.join(root, "fastmdl"), tmp_path / "fastmdl",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__", "kernels"))
+    shutil.copytree(os.path.join(root, "kernels"), tmp_path / "kernels",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(root, "setup.py"), tmp_path / "setup.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "fastmdl", "info"], capture_output=True,
+                         text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("NOTE: this is the unbuilt source tree at"), out.stdout[:300]
+    assert str(tmp_path) in out.stdout
+
+
+def test_info_of_the_install_has_no_source_tree_note():
+    out = _run(["fastmdl", "info"], module=True)
+    assert out.returncode == 0 and "unbuilt source tree" not in out.stdout, out.stdout[:300]

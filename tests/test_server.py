@@ -459,7 +459,7 @@ def test_fastmdl_serve_without_aiohttp(tmp_path, capsys, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
     assert cli.main(["serve", str(tmp_path / "model.fmdl")]) == 2
     err = capsys.readouterr().err
-    assert "pip install 'fastmdl[serve]'" in err and err.count("\n") == 1
+    assert "pip install aiohttp" in err and err.count("\n") == 1
 
 
 def test_import_fastmdl_does_not_need_aiohttp():
