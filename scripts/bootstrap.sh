@@ -39,9 +39,10 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${FASHION_MNIST_DIR:-}" ]
   fi
 fi
 
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+[ -x "$VENV/bin/python" ] || { echo "fastmdl: creating the virtual environment $VENV"; "$PYTHON" -m venv "$VENV"; }
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 torch_spec=${FASTMDL_TORCH:-torch==2.13.0}
+echo "fastmdl: [1/4] $torch_spec (a first install downloads a few hundred MB; later runs only check it)"
 if [ -n "${FASTMDL_TORCH_INDEX:-}" ]; then
   $PIP install "$torch_spec" --index-url "$FASTMDL_TORCH_INDEX"
 else
@@ -49,7 +50,10 @@ else
 fi
 # Build tools first: the extension is built against the torch above (no build
 # isolation, which would fetch another torch).
+echo "fastmdl: [2/4] build tools (setuptools, wheel, ninja, numpy)"
 $PIP install setuptools wheel ninja numpy
+echo "fastmdl: [3/4] test, data and serving tools (pytest, triton, scikit-learn, scikit-image, aiohttp, matplotlib)"
 $PIP install pytest pytest-benchmark triton tqdm aiohttp scikit-learn scikit-image matplotlib pillow
+echo "fastmdl: [4/4] fastmdl with its C++ extension (compiling takes a minute or two the first time)"
 $PIP install --no-build-isolation .
 echo "fastmdl: environment ready in $VENV"
