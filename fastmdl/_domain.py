@@ -68,6 +68,24 @@ def check_values(domain: torch.Tensor, num_domains: int) -> None:
         raise ValueError(f"domain id {bad} is out of range [0, {num_domains})")
 
 
+@torch.library.custom_op("fastmdl::checked_domain", mutates_args=())
+def checked_domain(domain: torch.Tensor, num_domains: int) -> torch.Tensor:
+    """A copy of the int64 ids ``domain`` once :func:`check_values` passed on them:
+    how a graph compiled by torch.compile checks the ids each time it runs (tracing
+    cannot read them, and an out-of-range id would otherwise index past the
+    per-domain tables silently). The copy is what the graph then uses, so the
+    compiler cannot drop the check. Under CUDA graph capture, and on its replays,
+    nothing can read the ids and none are checked."""
+    if domain.numel() and can_read_values():
+        check_values(domain, num_domains)
+    return domain.clone()
+
+
+@checked_domain.register_fake
+def _checked_domain_fake(domain: torch.Tensor, num_domains: int) -> torch.Tensor:
+    return torch.empty_like(domain)
+
+
 def run(module, x: torch.Tensor, domain, num_domains: int):
     """``module(x)`` with ``domain`` checked and made current for the fastmdl layers
     inside it (how a wrapper runs an unmodified ``forward(x)`` per domain)."""

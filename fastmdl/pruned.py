@@ -386,12 +386,15 @@ class PrunedModel(nn.Module):
     """
 
     def __init__(self, net: fx.GraphModule, num_domains: int, num_classes: Sequence[int],
-                 input_size: Sequence[int], baseline: Dict[str, List[float]]):
+                 input_size: Sequence[int], baseline: Dict[str, List[float]],
+                 input_size_source: str = "given"):
         super().__init__()
         self.net = net
         self.num_domains = num_domains
         self.num_classes = list(num_classes)
         self.input_size = tuple(input_size)
+        # Where input_size comes from: "given", "trained" or "assumed" (see convert).
+        self.input_size_source = input_size_source
         self.baseline = {k: [float(v) for v in vs] for k, vs in baseline.items()}
         self._layout = "auto"
         self._storage = "auto"
@@ -489,6 +492,9 @@ class PrunedModel(nn.Module):
                                       read_values=False)
         # The ids' values: checked once, where each path reads them cheapest.
         read = isinstance(domain, torch.Tensor) and x.shape[0] > 0 and _domain.can_read_values()
+        if isinstance(domain, torch.Tensor) and torch.compiler.is_compiling():
+            # Tracing cannot read them: the compiled graph checks them when it runs.
+            domain = _domain.checked_domain(domain, self.num_domains)
         if self._layout != "union":
             why = self._compact_reason(x)
             plan = None

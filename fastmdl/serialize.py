@@ -9,7 +9,8 @@ File format (version 1): ``torch.save`` of a plain dict, read back with
 
 The spec is a JSON object:
 
-- ``num_domains``, ``num_classes``, ``input_size``, ``baseline``: the model's attributes;
+- ``num_domains``, ``num_classes``, ``input_size``, ``input_size_source``, ``baseline``: the
+  model's attributes;
 - ``class_name``: the graph module's class name (shown in its repr);
 - ``modules``: ``[{"name": "layer1.0.conv1", "type": "fastmdl.PrunedConv2d", "config": {...}}]``
   in ``named_modules`` order: every layer of ``net``, the type from an allowlist
@@ -25,29 +26,44 @@ The spec is a JSON object:
 - ``tensors``: ``{name: {"dtype", "shape", "sha256"}}``, the digest over the
   tensor's bytes (C order).
 
-Loading verifies both digests, resolves every name through the allowlists (an
-unknown one is an error, never a lookup), checks each layer's tensors against
-each other, and rebuilds the graph module from the node list.
+Loading reads only a regular file holding torch's zip layout with every record
+stored uncompressed (so that what torch.load allocates is bounded by the file's
+size), refuses any tensor that is not stored as exactly its elements in C order
+(a stride-0 expansion of one element to 10^9 would cost nothing on disk),
+verifies both digests, resolves every name through the allowlists (an unknown
+one is an error, never a lookup), checks each layer's configuration and tensors
+against each other, bounds the per-domain tables and packed weights the model
+will build by the file's size, rebuilds the graph module from the node list, and
+runs it once on fake tensors (shapes only) at the recorded input size: layers
+that do not chain, or values far larger than the input, are refused at load,
+naming the layer, instead of failing at the first request.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import inspect
 import io
 import json
 import keyword
+import logging
+import math
 import operator
 import os
 import re
+import stat
+import zipfile
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses import FakeTensorMode
 from torch.fx.immutable_collections import immutable_dict, immutable_list
+from torch.utils import _pytree
 
 from . import _shapes, ops
 from ._io import write_atomic_bytes
@@ -81,6 +97,33 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # of the graph module ("training", "forward", "_modules") would replace that attribute.
 _NAME_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
 _RESERVED = frozenset(dir(fx.GraphModule(nn.Module(), fx.Graph())))
+# The dtypes fastmdl.save writes: the model's floating point tensors, int64 index
+# lists and uint8 masks.
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.uint8)}
+
+# What a file may make fastmdl.load (and the first request) cost. A file spends a
+# few bytes per domain, per configuration value and per node, and nothing on a
+# tensor with a zero-sized dimension; without these bounds a file of kilobytes
+# could claim gigabytes.
+_INT_LIMIT = 2**31 - 1  # any size, stride, padding, dilation or group count in a config
+# The per-domain tables (channel masks, logit columns) and the compact network's
+# weights, packed once per domain, that the loaded model builds: at most this many
+# bytes per byte of the file, plus _TABLE_FLOOR. A model of up to 256 domains
+# always fits, as its packed weights take at most num_domains times the file.
+_TABLE_BYTES_PER_FILE_BYTE = 1024
+_TABLE_FLOOR = 1 << 30
+# The shape pass: a batch of _SHAPE_ROWS at the recorded input size, which may hold
+# at most _MAX_INPUT values per sample. No value of the network may hold more than
+# _MAX_GROWTH times the input's values per sample (VGG's first layer holds 21
+# times, 64 channels at full resolution from 3), or _VALUE_FLOOR for tiny inputs:
+# beyond it a padding, pooling size or expand count was chosen to exhaust memory.
+_SHAPE_ROWS = 2
+_MAX_INPUT = 1 << 26
+_MAX_GROWTH = 4096
+_VALUE_FLOOR = 1 << 20
+_NOT_READABLE = ("not a readable fastmdl model file (truncated, corrupted or not written "
+                 "by fastmdl.save)")
 
 PathArg = Union[str, "os.PathLike[str]"]
 
@@ -107,10 +150,36 @@ def load(path: PathArg, map_location: Union[None, str, torch.device] = None) -> 
     """Read a model written by :func:`save`: a :class:`PrunedModel` in eval mode on
     ``map_location`` (default CPU), with backend "auto".
 
-    Nothing in the file runs as code. Raises ``ValueError`` naming ``path`` and the
-    problem if the file is not a fastmdl model, has another version, is truncated or
-    corrupted (a checksum differs) or describes something the format does not allow."""
+    Nothing in the file runs as code, and what loading costs in memory and time is
+    bounded by the file's size. Raises ``ValueError`` naming ``path`` and the
+    problem if it is not a regular file, not a fastmdl model, has another version,
+    is truncated or corrupted (a checksum differs) or describes something the
+    format does not allow (a layer whose configuration does not fit its tensors,
+    layers that do not chain at the recorded input size); ``ValueError`` too for a
+    ``map_location`` this torch cannot use (a CUDA device without CUDA)."""
     path = _check_path(path)
+    device = _target_device(map_location)
+    with _open_regular_file(path) as f:  # a missing or unreadable file stays an OSError
+        size = os.fstat(f.fileno()).st_size
+        data = _read_archive(f, path, size)
+    try:
+        spec, tensors = _verified(data, size)
+        model = _build(spec, tensors, size)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    except Exception as e:  # a well-formed JSON spec of the wrong shape
+        raise ValueError(f"{path}: malformed model spec: {type(e).__name__}: {e}") from e
+    try:
+        model = model.to(device).eval()
+    except (AssertionError, RuntimeError) as e:  # torch asserts on devices it lacks
+        raise ValueError(f"map_location {map_location!r}: cannot place the model on "
+                         f"{device}: {_first_line(e)}") from None
+    model.compact_plan()  # pack each domain's weights now, not at the first request
+    return model
+
+
+def _target_device(map_location) -> torch.device:
+    """``map_location`` as a device this torch can place a model on."""
     if map_location is not None and not isinstance(map_location, (str, torch.device)):
         raise TypeError(f"map_location must be None, a str or a torch.device, "
                         f"got {type(map_location).__name__}")
@@ -118,32 +187,116 @@ def load(path: PathArg, map_location: Union[None, str, torch.device] = None) -> 
         device = torch.device("cpu" if map_location is None else map_location)
     except RuntimeError as e:
         raise ValueError(f"map_location {map_location!r} is not a device: {e}") from None
-    with open(path, "rb") as f:  # a missing or unreadable file stays an OSError
-        try:
-            data = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path}: not a readable fastmdl model file (truncated, corrupted "
-                             f"or not written by fastmdl.save): {_reason(e)}") from e
+    if device.type == "cuda":
+        # Checked here: torch itself fails late, with a bare AssertionError.
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"map_location {map_location!r}: this torch {torch.__version__} "
+                             f"was built without CUDA; use 'cpu' or a CUDA build of torch")
+        if not torch.cuda.is_available():
+            raise ValueError(f"map_location {map_location!r}: no CUDA device is available "
+                             f"(driver missing or CUDA_VISIBLE_DEVICES empty); use 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"map_location {map_location!r}: there are only "
+                             f"{torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def _open_regular_file(path: str):
+    """``path`` opened for binary reading, refused unless it is a regular file: a FIFO
+    would block the read forever, a device would never end."""
+    _expect_regular(path, os.stat(path).st_mode)
+    # O_NONBLOCK: if the path was swapped for a FIFO since the stat, opening it
+    # returns at once instead of waiting for a writer; fstat then refuses it.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
     try:
-        spec, tensors = _verified(data)
-        model = _build(spec, tensors)
+        _expect_regular(path, os.fstat(fd).st_mode)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _expect_regular(path: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((k for test, k in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                                        (stat.S_ISSOCK, "a socket"),
+                                        (stat.S_ISCHR, "a character device"),
+                                        (stat.S_ISBLK, "a block device")) if test(mode)),
+                    "not a regular file")
+        raise ValueError(f"{path}: is {kind}; fastmdl.load reads regular files only")
+
+
+def _read_archive(f, path: str, size: int):
+    """What ``torch.load(weights_only=True)`` reads from ``f``, once its zip layout is
+    checked; every failure is a ValueError naming ``path``."""
+    try:
+        _check_archive(f, size)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
-    except Exception as e:  # a well-formed JSON spec of the wrong shape
-        raise ValueError(f"{path}: malformed model spec: {type(e).__name__}: {e}") from e
-    model = model.to(device).eval()
-    model.compact_plan()  # pack each domain's weights now, not at the first request
-    return model
+        raise ValueError(f"{path}: {_NOT_READABLE}: {e}") from None
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        refused = _refusal(e)
+        if refused is not None:
+            # torch's message (and so the chained exception) advises loading with
+            # weights_only=False, that is running the file's code: give neither.
+            raise ValueError(f"{path}: {_NOT_READABLE}: {refused}") from None
+        raise ValueError(f"{path}: {_NOT_READABLE}: {_reason(e)}") from e
+
+
+def _check_archive(f, size: int) -> None:
+    """``f`` holds a zip archive, as torch.save writes, whose records are all stored
+    uncompressed: a compressed record (or a legacy, non-zip torch file, whose
+    storages are allocated at the sizes its pickle claims) could make torch.load
+    allocate far more than the file holds. Leaves ``f`` at its start."""
+    try:
+        if f.read(4) != b"PK\x03\x04":
+            raise ValueError("not a zip archive (fastmdl.save writes torch's zip format)")
+        f.seek(0)
+        try:
+            with zipfile.ZipFile(f) as archive:
+                records = archive.infolist()
+        except Exception as e:  # any parser failure on untrusted bytes
+            raise ValueError(f"a damaged zip archive ({type(e).__name__}: {e})") from None
+        for r in records:
+            if r.compress_type != zipfile.ZIP_STORED or r.compress_size != r.file_size:
+                raise ValueError(f"record {r.filename!r} is compressed ({r.compress_size} "
+                                 f"bytes expanding to {r.file_size}); fastmdl.save stores "
+                                 f"every record as it is")
+        if sum(r.file_size for r in records) > size:
+            raise ValueError(f"its records claim more bytes than the file's {size}")
+    finally:
+        f.seek(0)
+
+
+def _refusal(e: Exception) -> Optional[str]:
+    """The reason, in fastmdl's words, when the weights-only unpickler refused the
+    file's contents; None for any other failure."""
+    text = str(e)
+    if "WeightsUnpickler" not in text and "Weights only load failed" not in text:
+        return None
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    if found:
+        what = f"it references the Python object {found.group(1)}"
+    else:
+        detail = re.search(r"WeightsUnpickler error:\s*(.*)", text, re.S)
+        detail = _first_line(detail.group(1)).split(". Please")[0] if detail else ""
+        what = "it holds pickled objects other than tensors and plain values" + (
+            f" ({detail})" if detail and "weights_only" not in detail else "")
+    return (f"{what}, which fastmdl model files never contain; refused for safety, and "
+            f"nothing in the file was run")
 
 
 def _reason(e: Exception) -> str:
-    text = str(e)
-    # torch's refusal of a non-tensor object advises weights_only=False, that is running
-    # the file's code: keep only the reason itself.
-    refused = re.search(r"WeightsUnpickler error:\s*(.*)", text, re.S)
-    if refused:
-        text = "refused by the weights-only unpickler: " + refused.group(1)
-    return f"{type(e).__name__}: {(text.splitlines() or [''])[0].split('. Please')[0]}"
+    text = _first_line(e).split(". Please")[0]
+    if "not resizable" in text:  # torch.load's own bound on a tensor's storage
+        text += " (a tensor claims more elements than its stored data holds)"
+    return f"{type(e).__name__}: {text}"
+
+
+def _first_line(e: Any) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def _check_path(path) -> str:
@@ -174,6 +327,11 @@ def _describe(model: PrunedModel) -> Tuple[dict, Dict[str, torch.Tensor]]:
         if layer_type in _TORCH_LAYERS:
             # Fail now, not at load, if it cannot be rebuilt.
             _torch_layer(layer_type, _decode_config(name, config))
+        elif isinstance(m, PrunedConv2d):  # nor if load would refuse its padding
+            try:
+                _check_conv_padding(name, config, tuple(m.weight.shape[2:]))
+            except ValueError as e:
+                raise ValueError(f"cannot save {e}") from None
         modules.append({"name": name, "type": layer_type, "config": config})
         owned.update(f"{name}.{k}" for k in m.state_dict())
     state = net.state_dict()
@@ -183,6 +341,7 @@ def _describe(model: PrunedModel) -> Tuple[dict, Dict[str, torch.Tensor]]:
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in state.items()}
     spec = {"class_name": type(net).__name__, "num_domains": model.num_domains,
             "num_classes": list(model.num_classes), "input_size": list(model.input_size),
+            "input_size_source": getattr(model, "input_size_source", "given"),
             "baseline": model.baseline, "modules": modules,
             "nodes": [_node_spec(n) for n in net.graph.nodes],
             "tensors": {k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
@@ -246,8 +405,9 @@ def _digest(t: torch.Tensor) -> str:
 # ---------------------------------------------------------------------------- loading
 
 
-def _verified(data) -> Tuple[dict, Dict[str, torch.Tensor]]:
-    """The spec and tensors of a loaded file, once its format, version and digests check."""
+def _verified(data, file_size: int) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """The spec and tensors of a loaded file, once its format, version, tensor
+    layouts and digests check."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"not a fastmdl pruned-model file (no format {FORMAT!r} marker; a "
                          f"plain state_dict or another torch.save file?)")
@@ -264,15 +424,49 @@ def _verified(data) -> Tuple[dict, Dict[str, torch.Tensor]]:
     if set(table) != set(tensors):
         raise ValueError(f"the spec lists tensors {sorted(set(table) ^ set(tensors))} that the "
                          f"file lacks, or the other way round")
+    # Every layout first, so that no digest below reads (or copies) more than the file holds.
+    held, owners = 0, {}
     for name, t in tensors.items():
         meta = table[name]
-        if not isinstance(t, torch.Tensor):
+        if type(t) is not torch.Tensor:
             raise ValueError(f"entry {name!r} is not a tensor")
-        if str(t.dtype).removeprefix("torch.") != meta["dtype"] or list(t.shape) != meta["shape"]:
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in _DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {dtype}; fastmdl files hold only "
+                             f"{sorted(_DTYPES)}")
+        if dtype != meta["dtype"] or list(t.shape) != meta["shape"]:
             raise ValueError(f"tensor {name!r} is {t.dtype} {tuple(t.shape)} but the spec says "
                              f"{meta['dtype']} {tuple(meta['shape'])}")
-        _verify_digest(name, t, meta["sha256"])
+        _check_stored_layout(name, t)
+        held += t.numel() * t.element_size()
+        if t.numel():  # one stored record read as several tensors would multiply it
+            owner = owners.setdefault(t.untyped_storage().data_ptr(), name)
+            _expect(owner == name, f"tensors {owner!r} and {name!r} share one storage, "
+                                   f"which fastmdl.save never writes")
+    _expect(held <= file_size, f"the tensors hold {held} bytes, more than the file's "
+                               f"{file_size}")
+    for name, t in tensors.items():
+        _verify_digest(name, t, table[name]["sha256"])
     return spec, tensors
+
+
+def _check_stored_layout(name: str, t: torch.Tensor) -> None:
+    """``t`` must be stored as fastmdl.save writes it: a dense CPU tensor whose own
+    storage holds exactly its elements, in C order. Anything else (a stride-0
+    expansion of one stored element, a view into a larger or shared storage) is
+    refused before any step reads or copies it, as the copy could be far larger than
+    the file."""
+    if t.layout != torch.strided or t.device.type != "cpu":
+        raise ValueError(f"tensor {name!r} is a {t.layout} tensor on {t.device}; fastmdl "
+                         f"files hold dense CPU tensors")
+    nbytes = t.numel() * t.element_size()
+    if t.storage_offset() != 0 or not t.is_contiguous() or \
+            t.untyped_storage().nbytes() != nbytes:
+        raise ValueError(
+            f"tensor {name!r} is not stored as its elements in C order: shape "
+            f"{tuple(t.shape)}, strides {t.stride()}, storage offset {t.storage_offset()}, "
+            f"{t.untyped_storage().nbytes()} bytes of storage for {nbytes} bytes of elements "
+            f"(fastmdl.save writes each tensor contiguous, in a storage of its own)")
 
 
 def _verify_digest(name: str, t: torch.Tensor, expected: str) -> None:
@@ -280,20 +474,26 @@ def _verify_digest(name: str, t: torch.Tensor, expected: str) -> None:
         raise ValueError(f"tensor {name!r} is corrupted (its sha256 checksum differs)")
 
 
-def _build(spec: dict, tensors: Dict[str, torch.Tensor]) -> PrunedModel:
+def _build(spec: dict, tensors: Dict[str, torch.Tensor], file_size: int) -> PrunedModel:
     num_domains = spec["num_domains"]
     _expect(_is_int(num_domains) and num_domains >= 1, f"bad num_domains {num_domains!r}")
+    num_classes, input_size, baseline = spec["num_classes"], spec["input_size"], spec["baseline"]
+    _check_model_values(num_domains, num_classes, input_size, baseline)
+    budget = _TableBudget(file_size)
     modules: Dict[str, nn.Module] = {}
     for entry in spec["modules"]:
         name, layer_type, config = entry["name"], entry["type"], entry["config"]
         _check_module_name(name)
         _expect(name not in modules, f"layer {name!r} appears twice")
         if layer_type in _TORCH_LAYERS:
-            modules[name] = _torch_layer(layer_type, _decode_config(name, config))
+            try:
+                modules[name] = _torch_layer(layer_type, _decode_config(name, config))
+            except (TypeError, ValueError) as e:  # torch's own checks of the arguments
+                raise ValueError(f"layer {name!r}: {e}") from None
         elif layer_type in _PRUNED_LAYERS:
             local = {k[len(name) + 1:]: t for k, t in tensors.items() if k.startswith(name + ".")}
             modules[name] = _pruned_layer(layer_type, name, _decode_config(name, config),
-                                          local, num_domains)
+                                          local, num_domains, budget)
         else:
             raise ValueError(f"layer {name!r} has type {layer_type!r}, which is not in the "
                              f"allowlist {sorted(_LAYER_NAMES.values())}")
@@ -332,19 +532,177 @@ def _build(spec: dict, tensors: Dict[str, torch.Tensor]) -> PrunedModel:
     # Copy the stored bytes exactly (a constructor may have recomputed, e.g. -0.0 as 0.0).
     net.load_state_dict(tensors, strict=True)
 
-    num_classes, input_size, baseline = spec["num_classes"], spec["input_size"], spec["baseline"]
-    _expect(isinstance(num_classes, list) and len(num_classes) == num_domains
-            and all(_is_int(k) and k > 0 for k in num_classes), f"bad num_classes {num_classes!r}")
-    _expect(isinstance(input_size, list) and len(input_size) == 3
-            and all(_is_int(k) and k > 0 for k in input_size), f"bad input_size {input_size!r}")
-    _expect(isinstance(baseline, dict) and all(
-        isinstance(v, list) and all(type(x) in (int, float) for x in v) for v in baseline.values()),
-        "bad baseline costs")
     for name, m in modules.items():
         if isinstance(m, PrunedHeads):
             _expect(m.num_classes == num_classes, f"layer {name!r} has num_classes "
                     f"{m.num_classes}, the model {num_classes}")
-    return PrunedModel(net, num_domains, num_classes, input_size, baseline)
+    _check_graph(net, num_domains, num_classes, input_size)
+    # Files written before the source was recorded had a given or trained size.
+    source = spec.get("input_size_source", "given")
+    _expect(source in ("given", "trained", "assumed"),
+            f"bad input_size_source {source!r}: expected 'given', 'trained' or 'assumed'")
+    return PrunedModel(net, num_domains, num_classes, input_size, baseline, source)
+
+
+def _check_model_values(num_domains: int, num_classes, input_size, baseline) -> None:
+    _expect(isinstance(num_classes, list) and len(num_classes) == num_domains
+            and all(_is_int(k) and 0 < k <= _INT_LIMIT for k in num_classes),
+            f"bad num_classes {num_classes!r}: expected {num_domains} positive ints")
+    _expect(isinstance(input_size, list) and len(input_size) == 3
+            and all(_is_int(k) and 0 < k <= _INT_LIMIT for k in input_size),
+            f"bad input_size {input_size!r}: expected [C, H, W], 3 positive ints")
+    _expect(math.prod(input_size) <= _MAX_INPUT,
+            f"input_size {input_size} holds {math.prod(input_size)} values per sample, more "
+            f"than the {_MAX_INPUT} fastmdl files allow")
+    _expect(isinstance(baseline, dict) and all(
+        isinstance(v, list) and all(type(x) in (int, float) for x in v) for v in baseline.values()),
+        "bad baseline costs")
+
+
+class _TableBudget:
+    """Counts, layer by layer and before each is built, the bytes of the per-domain
+    tables and packed weights the loaded model will hold, and refuses a file that
+    claims more than its size allows (see _TABLE_BYTES_PER_FILE_BYTE): these grow
+    with the number of domains and channels a config claims, not with the bytes
+    the file stores."""
+
+    def __init__(self, file_size: int):
+        self.file_size, self.used = file_size, 0
+        self.limit = _TABLE_BYTES_PER_FILE_BYTE * file_size + _TABLE_FLOOR
+
+    def spend(self, name: str, nbytes: int, what: str) -> None:
+        self.used += nbytes
+        _expect(self.used <= self.limit,
+                f"layer {name!r}: its {what} ({nbytes} bytes) bring the per-domain tables "
+                f"and packed weights of the model to {self.used} bytes, more than a "
+                f"{self.file_size}-byte file may claim ({_TABLE_BYTES_PER_FILE_BYTE} times its "
+                f"size + {_TABLE_FLOOR})")
+
+
+class _ShapeCheck(fx.Interpreter):
+    """Runs the graph on fake tensors (shapes and dtypes only: no data, no memory)
+    and refuses, naming the node, any step that fails, a pruned layer whose input
+    does not have the width its tensors take, and any value larger than
+    ``limit`` values per sample."""
+
+    def __init__(self, net: fx.GraphModule, limit: int, input_size):
+        super().__init__(net)
+        self.extra_traceback = False  # our messages name the node already
+        self.limit, self.input_size = limit, tuple(input_size)
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            out = super().run_node(n)
+        except _LayerMismatch:
+            raise
+        except Exception as e:
+            raise ValueError(f"{_node_label(n)} fails at the recorded input size "
+                             f"{self.input_size}: {type(e).__name__}: {_first_line(e)}") from None
+        for t in _pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() > self.limit * _SHAPE_ROWS:
+                raise _LayerMismatch(
+                    f"{_node_label(n)} makes a value of shape {tuple(t.shape)} for a batch of "
+                    f"{_SHAPE_ROWS} at the recorded input size {self.input_size}: "
+                    f"{t.numel() // _SHAPE_ROWS} values per sample, more than {self.limit} "
+                    f"({_MAX_GROWTH} times the input's, at least {_VALUE_FLOOR})")
+        return out
+
+    def call_module(self, target, args, kwargs) -> Any:
+        m = self.fetch_attr(target)
+        _check_layer_input(target, m, args)
+        out = super().call_module(target, args, kwargs)
+        residual = kwargs.get("residual", args[2] if len(args) > 2 else None)
+        if isinstance(m, PrunedConv2d) and residual is not None:
+            _expect_layer(isinstance(residual, torch.Tensor) and residual.shape == out.shape,
+                          f"layer {target!r} adds a residual of shape "
+                          f"{_shape_of(residual)} to its output of shape {tuple(out.shape)}")
+        return out
+
+
+class _LayerMismatch(ValueError):
+    """A problem _ShapeCheck found and already described."""
+
+
+def _expect_layer(ok: bool, message: str) -> None:
+    if not ok:
+        raise _LayerMismatch(message)
+
+
+def _shape_of(v: Any) -> Any:
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+def _node_label(n: fx.Node) -> str:
+    if n.op == "call_module":
+        return f"layer {n.target!r} (graph node {n.name!r})"
+    what = _FUNCTION_NAMES.get(n.target, n.target) if n.op == "call_function" else \
+        f"Tensor.{n.target}" if n.op == "call_method" else n.op
+    return f"graph node {n.name!r} ({what})"
+
+
+def _check_layer_input(name: str, m: nn.Module, args: tuple) -> None:
+    """A pruned layer's input must have the channels (features) its tensors take,
+    and the domain ids as its second argument: nothing else checks either before
+    a kernel trusts them."""
+    if isinstance(m, PrunedConv2d):
+        dims, axis, width = 4, 1, m.weight.shape[1] * m.groups
+    elif isinstance(m, PrunedBatchNorm2d):
+        dims, axis, width = 4, 1, m.scale.shape[1]
+    elif isinstance(m, PrunedHeads):
+        dims, axis, width = 2, 1, m.weight.shape[1]
+    elif isinstance(m, PrunedLinear):
+        dims, axis, width = None, -1, m.weight.shape[1]
+    else:
+        return
+    x = args[0] if args else None
+    ok = isinstance(x, torch.Tensor) and x.dim() >= 1 and (dims is None or x.dim() == dims)
+    _expect_layer(ok and x.shape[axis] == width,
+                  f"layer {name!r} takes {f'{dims}-D input' if dims else 'input'} with {width} "
+                  f"{'features' if dims != 4 else 'channels'}, got {_shape_of(x)}")
+    if not isinstance(m, PrunedLinear):
+        domain = args[1] if len(args) > 1 else None
+        _expect_layer(isinstance(domain, torch.Tensor) and domain.dtype == torch.int64
+                      and domain.dim() == 1 and domain.shape[0] == x.shape[0],
+                      f"layer {name!r} must get the domain ids as its second argument, got "
+                      f"{_shape_of(domain)}")
+
+
+def _check_graph(net: fx.GraphModule, num_domains: int, num_classes: List[int],
+                 input_size: List[int]) -> None:
+    """Run ``net`` once on fake tensors at the recorded input size (see _ShapeCheck):
+    its layers must chain, and it must return (N, max(num_classes)) logits."""
+    placeholders = [n for n in net.graph.nodes if n.op == "placeholder"]
+    _expect(len(placeholders) == 2, f"the graph must take (x, domain), got "
+                                    f"{len(placeholders)} inputs")
+    params = list(net.parameters())
+    _expect(bool(params), "the network has no parameters")
+    numel = math.prod(input_size)
+    limit = max(_MAX_GROWTH * numel, _VALUE_FLOOR)
+    # The layers' real tensors enter the fake pass as fakes of themselves (no copy).
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), \
+            _silenced(logging.getLogger("torch._subclasses.fake_tensor")):
+        x = torch.empty((_SHAPE_ROWS, *input_size), dtype=params[0].dtype)
+        domain = torch.arange(_SHAPE_ROWS) % num_domains
+        out = _ShapeCheck(net, limit, input_size).run(x, domain)
+    want = (_SHAPE_ROWS, max(num_classes))
+    _expect(isinstance(out, torch.Tensor) and tuple(out.shape) == want
+            and out.is_floating_point(),
+            f"the network returns {_shape_of(out)} for a batch of {_SHAPE_ROWS} at the recorded "
+            f"input size {tuple(input_size)}, not logits of shape {want}")
+
+
+@contextlib.contextmanager
+def _silenced(logger: logging.Logger):
+    """Drop ``logger``'s records within the block: FakeTensorMode logs every meta
+    kernel that fails, with a traceback, and failing is what the shape pass expects
+    of a crafted file (its ValueError says what failed)."""
+    def drop(record) -> bool:
+        return False
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _place(net: fx.GraphModule, modules: Dict[str, nn.Module], order: List[str]) -> None:
@@ -406,7 +764,7 @@ def _torch_layer(layer_type: str, config: dict) -> nn.Module:
 
 
 def _pruned_layer(layer_type: str, name: str, config: dict, t: Dict[str, torch.Tensor],
-                  num_domains: int) -> nn.Module:
+                  num_domains: int, budget: "_TableBudget") -> nn.Module:
     """One of fastmdl's pruned layers from its config and tensors, each tensor checked
     against the others, since the kernels trust these shapes and index lists."""
     def take(key: str, dims: int, dtype: Optional[torch.dtype] = None, optional: bool = False):
@@ -428,36 +786,7 @@ def _pruned_layer(layer_type: str, name: str, config: dict, t: Dict[str, torch.T
 
     D = num_domains
     if layer_type == "fastmdl.PrunedConv2d":
-        stats = _take_stats(name, config, take, shaped)
-        _expect(set(config) == {"stride", "padding", "dilation", "groups", "padding_mode", "relu"}
-                and all(_is_pair(config[k], lo) for k, lo in (("stride", 1), ("padding", 0),
-                                                                ("dilation", 1)))
-                and _is_int(config["groups"]) and config["groups"] >= 1
-                and config["padding_mode"] in _PADDING_MODES and type(config["relu"]) is bool,
-                f"layer {name!r} has a bad PrunedConv2d config {config!r}")
-        w = take("weight", 4)
-        c_in, c_out = w.shape[1] * config["groups"], w.shape[0]
-        _expect(c_out % config["groups"] == 0, f"layer {name!r}: groups do not divide C_out")
-        scale, shift = take("scale", 2, optional=True), take("shift", 2, optional=True)
-        shaped("scale", scale, (D, c_out), w.dtype)
-        shaped("shift", shift, (D, c_out), w.dtype)
-        _expect(stats is None or (scale is not None and shift is not None),
-                f"layer {name!r} has BatchNorm statistics but no scale and shift")
-        if stats is not None:
-            shaped("bn_mean", stats[0], (D, c_out), stats[0].dtype)
-        lists = {k: take(k, 1, torch.int64) for k in ("in_index", "in_offsets", "out_index",
-                                                      "out_offsets")}
-        _expect(lists["in_offsets"].numel() == D + 1 and lists["out_offsets"].numel() == D + 1,
-                f"layer {name!r}: index offsets need D + 1 = {D + 1} entries")
-        # The op's own check of the index lists: out-of-range entries would make the
-        # kernels read out of bounds.
-        ops._check_values(torch.zeros(0, dtype=torch.int64), D, lists["in_index"],
-                          lists["in_offsets"], c_in, lists["out_index"], lists["out_offsets"],
-                          c_out)
-        in_masks = _shapes.domain_masks(lists["in_index"], lists["in_offsets"], c_in, torch.float32)
-        out_masks = _shapes.domain_masks(lists["out_index"], lists["out_offsets"], c_out,
-                                         torch.float32)
-        return PrunedConv2d(w, in_masks, out_masks, scale, shift, bn_stats=stats, **config)
+        return _pruned_conv(name, config, take, shaped, D, budget)
     if layer_type == "fastmdl.PrunedBatchNorm2d":
         stats = _take_stats(name, config, take, shaped)
         _expect(config == {}, f"layer {name!r} has config {config!r}, expected {{}} or "
@@ -483,7 +812,76 @@ def _pruned_layer(layer_type: str, name: str, config: dict, t: Dict[str, torch.T
             and sum(classes) == w.shape[0],
             f"layer {name!r}: num_classes {classes!r} must be {D} counts adding up to "
             f"{w.shape[0]} rows")
+    budget.spend(name, D * max(classes) * 8, "table of each domain's logit columns")
     return PrunedHeads(w, b, classes, in_masks)
+
+
+def _pruned_conv(name: str, config: dict, take, shaped, D: int,
+                 budget: "_TableBudget") -> PrunedConv2d:
+    stats = _take_stats(name, config, take, shaped)
+    _check_conv_config(name, config)
+    w = take("weight", 4)
+    c_out, groups, kernel = w.shape[0], config["groups"], tuple(w.shape[2:])
+    _expect(min(kernel) >= 1, f"layer {name!r}: kernel size {kernel} must be at least 1x1")
+    # A convolution without filters stores no weights whatever its input width, and
+    # C_in = weight.shape[1] * groups: groups is bounded by the filters it splits.
+    _expect(c_out % groups == 0 and groups <= max(c_out, 1),
+            f"layer {name!r}: groups={groups} must divide its {c_out} filters and be at most "
+            f"their number (1 for a convolution without filters)")
+    _check_conv_padding(name, config, kernel)
+    c_in = w.shape[1] * groups
+    scale, shift = take("scale", 2, optional=True), take("shift", 2, optional=True)
+    shaped("scale", scale, (D, c_out), w.dtype)
+    shaped("shift", shift, (D, c_out), w.dtype)
+    _expect(stats is None or (scale is not None and shift is not None),
+            f"layer {name!r} has BatchNorm statistics but no scale and shift")
+    if stats is not None:
+        shaped("bn_mean", stats[0], (D, c_out), stats[0].dtype)
+    lists = {k: take(k, 1, torch.int64) for k in ("in_index", "in_offsets", "out_index",
+                                                  "out_offsets")}
+    _expect(lists["in_offsets"].numel() == D + 1 and lists["out_offsets"].numel() == D + 1,
+            f"layer {name!r}: index offsets need D + 1 = {D + 1} entries")
+    # The op's own check of the index lists: out-of-range entries would make the
+    # kernels read out of bounds.
+    ops._check_values(torch.zeros(0, dtype=torch.int64), D, lists["in_index"],
+                      lists["in_offsets"], c_in, lists["out_index"], lists["out_offsets"], c_out)
+    # Before the (D, C) tables below are built, and the compact network packs the
+    # weights once per domain.
+    budget.spend(name, D * ((c_in + c_out) * 4 + w.numel() * w.element_size()),
+                 "channel tables and weights packed per domain")
+    in_masks = _shapes.domain_masks(lists["in_index"], lists["in_offsets"], c_in, torch.float32)
+    out_masks = _shapes.domain_masks(lists["out_index"], lists["out_offsets"], c_out,
+                                     torch.float32)
+    return PrunedConv2d(w, in_masks, out_masks, scale, shift, bn_stats=stats, **config)
+
+
+def _check_conv_config(name: str, config: dict) -> None:
+    keys = {"stride", "padding", "dilation", "groups", "padding_mode", "relu"}
+    _expect(set(config) == keys, f"layer {name!r}: a PrunedConv2d config has the keys "
+                                 f"{sorted(keys)} (and bn_eps), got {config!r}")
+    for key, lo in (("stride", 1), ("padding", 0), ("dilation", 1)):
+        _expect(_is_pair(config[key], lo), f"layer {name!r}: {key} must be a list of 2 ints "
+                                           f"in [{lo}, {_INT_LIMIT}], got {config[key]!r}")
+    groups = config["groups"]
+    _expect(_is_int(groups) and 1 <= groups <= _INT_LIMIT,
+            f"layer {name!r}: groups must be an int in [1, {_INT_LIMIT}], got {groups!r}")
+    _expect(config["padding_mode"] in _PADDING_MODES,
+            f"layer {name!r}: padding_mode must be one of {_PADDING_MODES}, "
+            f"got {config['padding_mode']!r}")
+    _expect(type(config["relu"]) is bool,
+            f"layer {name!r}: relu must be a bool, got {config['relu']!r}")
+
+
+def _check_conv_padding(name: str, config: dict, kernel: Tuple[int, int]) -> None:
+    """Padding at most half the kernel's extent, the bound PyTorch sets for pooling:
+    a convolution then never outgrows its input by more than a pixel, whatever
+    size the input has. More only adds output computed mostly from padding, which
+    no trained network needs, and lets a file claim an output of any size."""
+    for axis, p, d, k in zip("HW", config["padding"], config["dilation"], kernel):
+        extent = d * (k - 1) + 1
+        _expect(2 * p <= extent,
+                f"layer {name!r}: padding {config['padding']} exceeds half the kernel's extent "
+                f"along {axis} (dilation * (kernel - 1) + 1 = {extent}); at most {extent // 2}")
 
 
 def _take_stats(name: str, config: dict, take, shaped):
@@ -493,7 +891,8 @@ def _take_stats(name: str, config: dict, take, shaped):
     mean, var = take("bn_mean", 2, optional=True), take("bn_var", 2, optional=True)
     if eps is None and mean is None and var is None:
         return None
-    _expect(type(eps) in (int, float) and eps > 0 and mean is not None and var is not None,
+    _expect(type(eps) in (int, float) and 0 < eps < math.inf and mean is not None
+            and var is not None,
             f"layer {name!r}: a config bn_eps > 0 and the tensors bn_mean and bn_var come "
             f"together, got bn_eps {eps!r}, bn_mean {'present' if mean is not None else 'absent'}"
             f", bn_var {'present' if var is not None else 'absent'}")
@@ -551,7 +950,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_pair(v: Any, lo: int) -> bool:
-    return type(v) is list and len(v) == 2 and all(_is_int(x) and x >= lo for x in v)
+    return type(v) is list and len(v) == 2 and all(_is_int(x) and lo <= x <= _INT_LIMIT
+                                                   for x in v)
 
 
 def _expect(ok: bool, message: str) -> None:
