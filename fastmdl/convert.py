@@ -27,17 +27,34 @@ class MultiDomainModel(nn.Module):
     """
 
     def __init__(self, module: nn.Module, num_domains: int, num_classes: Sequence[int],
-                 input_size: Tuple[int, int, int], channel_graph: graph.ChannelGraph):
+                 input_size: Tuple[int, int, int], channel_graph: graph.ChannelGraph,
+                 input_size_source: str = "given"):
         super().__init__()
         self.module = module
         self.num_domains = num_domains
         self.num_classes = list(num_classes)
         self.input_size = tuple(input_size)
+        # "given" (by the user), "trained" (read off the training data by `train`)
+        # or "assumed" (neither: the (C, 224, 224) convert traced at).
+        self.input_size_source = _check_source(input_size_source)
         self._graph = channel_graph
         self._groups = _wire_masks(module, channel_graph)
 
     def forward(self, x: torch.Tensor, domain: _domain.Domain) -> torch.Tensor:
         return _domain.run(self.module, x, domain, self.num_domains)
+
+    def set_input_size(self, input_size: Tuple[int, int, int], source: str = "given") -> None:
+        """Cost the model (and later serve its pruned network) at ``input_size`` =
+        (C, H, W); ``source`` says where the size comes from ("given", "trained").
+        The channel graph is re-traced at that size; the masks are unchanged."""
+        size = _check_input_size(input_size, self.input_size[0])
+        if size[0] != self.input_size[0]:
+            raise ValueError(f"input_size must keep the model's {self.input_size[0]} input "
+                             f"channels, got {size}")
+        if size != self.input_size:
+            self._graph = analyse_at(self, size)
+            self.input_size = size
+        self.input_size_source = _check_source(source)
 
     def mask_groups(self) -> List[MaskGroup]:
         """The prunable groups: filters tied by the graph share one (D, C) ``scores``."""
@@ -64,8 +81,11 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
     ``nn.Linear`` whose output is the model's output) becomes
     :class:`fastmdl.DomainHeads` with ``num_classes[d]`` classes for domain d
     (default: the original classifier's, for every domain). The model is traced
-    with torch.fx at ``input_size`` = (C, H, W) (default (C_in, 224, 224)) to find
-    the filters tied together, which then share one mask.
+    with torch.fx at ``input_size`` = (C, H, W) to find the filters tied together,
+    which then share one mask; costs are counted, and the pruned network served,
+    at that size. Without ``input_size``, :func:`fastmdl.train` takes the size of
+    the training images; until then the model is traced at (C_in, 224, 224) and
+    ``input_size_source`` is "assumed", which :func:`fastmdl.cost_report` says.
 
     ``score_init`` starts every mask score at that number, or with "magnitude"
     (the default) at each filter's L1 norm (summed over the group's
@@ -83,6 +103,7 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
     if not convs:
         raise ValueError(f"model ({type(model).__name__}) has no nn.Conv2d: fastmdl prunes "
                          "convolution filters, so there is nothing to convert")
+    source = "assumed" if input_size is None else "given"
     input_size = _check_input_size(input_size, convs[0].in_channels)
     if num_classes is not None:
         num_classes = _check_classes(num_classes)
@@ -118,7 +139,7 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
             raise ValueError(f"the model's DomainHeads has num_classes {head.num_classes}, "
                              f"not {list(num_classes)}")
         classes = head.num_classes
-    model = MultiDomainModel(inner, num_domains, classes, input_size, graph.analyse(gm))
+    model = MultiDomainModel(inner, num_domains, classes, input_size, graph.analyse(gm), source)
     if score_init == "magnitude":
         with torch.no_grad():
             for g in model.mask_groups():
@@ -170,6 +191,15 @@ def _find_head(gm: fx.GraphModule) -> Optional[str]:
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+INPUT_SIZE_SOURCES = ("given", "trained", "assumed")
+
+
+def _check_source(source: str) -> str:
+    if source not in INPUT_SIZE_SOURCES:
+        raise ValueError(f"input_size_source must be one of {INPUT_SIZE_SOURCES}, got {source!r}")
+    return source
 
 
 def _check_input_size(input_size, channels: int) -> Tuple[int, int, int]:

@@ -181,13 +181,17 @@ class CostReport:
     union: Dict[str, float] = field(default_factory=dict)
     baseline: Dict[str, float] = field(default_factory=dict)
     input_size: Tuple[int, ...] = ()
+    # True when nobody gave the size and no training data showed it (convert's
+    # (C, 224, 224) default): the figures may not describe the images served.
+    input_size_assumed: bool = False
     #: A pruned model's compact layout: weight bytes packed per domain and the
     #: union's, the layers run as union islands, or why it cannot run compact.
     compact: Dict[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"domains": self.domains, "union": self.union, "baseline": self.baseline,
-                "input_size": list(self.input_size), "compact": self.compact}
+                "input_size": list(self.input_size),
+                "input_size_assumed": self.input_size_assumed, "compact": self.compact}
 
     def __str__(self) -> str:
         head = ["", "params", "% of baseline", "FLOPs", "% of baseline"]
@@ -210,6 +214,10 @@ class CostReport:
         lines.insert(1, "-+-".join("-" * w for w in widths))
         text = (f"cost at input size {tuple(self.input_size)} (FLOPs = multiply-adds per "
                 f"sample; union FLOPs = a dense pass over the kept channels)\n" + "\n".join(lines))
+        if self.input_size_assumed:
+            text = (f"NOTE: input size {tuple(self.input_size)} is assumed: it was not given to "
+                    "fastmdl.convert(input_size=...) and the model has not been trained on "
+                    "images it could read it from.\n" + text)
         c = self.compact
         if c.get("error"):
             text += f"\ncompact layout: unavailable ({c['error']}); inference runs the union layout"
@@ -260,7 +268,8 @@ def cost_report(model, input_size: Optional[Tuple[int, int, int]] = None) -> Cos
     else:
         raise TypeError(f"model must be a fastmdl.MultiDomainModel or PrunedModel, got "
                         f"{type(model).__name__}")
-    report = CostReport(input_size=size)
+    report = CostReport(input_size=size, input_size_assumed=input_size is None and getattr(
+        model, "input_size_source", "given") == "assumed")
     for d in range(len(base_p)):
         report.domains.append({"domain": d, "params": float(params.per_domain[d]),
                                "flops": float(flops.per_domain[d]),

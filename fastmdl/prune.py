@@ -106,7 +106,8 @@ def prune(model: MultiDomainModel, *, fuse: bool = True) -> PrunedModel:
     net.delete_all_unused_submodules()
     net.recompile()
     pruned = PrunedModel(net, model.num_domains, model.num_classes, model.input_size,
-                         baseline_costs(model)).eval()
+                         baseline_costs(model),
+                         getattr(model, "input_size_source", "given")).eval()
     pruned.compact_plan()  # each domain's weights packed once, here
     return pruned
 

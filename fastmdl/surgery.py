@@ -234,7 +234,8 @@ class Network:
                               dtype=self.example_input.dtype)
         gm = _traced(model.module, example, model.input_size)
         new = MultiDomainModel(model.module, model.num_domains, model.num_classes,
-                               model.input_size, graph.analyse(gm))
+                               model.input_size, graph.analyse(gm),
+                               getattr(model, "input_size_source", "given"))
         return new.train(model.training)
 
 

@@ -89,6 +89,7 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
+    _adopt_training_size(model, train_loaders, log)
     loss_fn = BudgetLoss(model, budget, metric, sharing, sharing_weight,
                          budget_weight=budget_weight, dual_lr=dual_lr).to(device)
 
@@ -480,3 +481,31 @@ def _load_checkpoint(path, model, optimizer, loss_fn):
         raise ValueError(f"checkpoint {os.fspath(path)} does not match this model or these "
                          f"settings: {e}") from e
     return int(state["epoch"]), list(state["history"])
+
+
+def _adopt_training_size(model: MultiDomainModel, loaders: Sequence, log) -> None:
+    """A model converted without ``input_size`` is costed (and its pruned network
+    served) at the size of the images it trains on: read (C, H, W) off the first
+    loader's dataset, without drawing a batch (a loader may be a one-shot iterable).
+    Several sizes among the domains, or no dataset to look at, leave the size
+    assumed, and the log says so."""
+    if model.input_size_source != "assumed":
+        return
+    sizes = set()
+    for loader in loaders:
+        dataset = getattr(loader, "dataset", None)
+        try:
+            item = dataset[0]
+            image = item[0] if isinstance(item, (tuple, list)) else item
+            sizes.add(tuple(image.shape))
+        except Exception:  # any indexable Dataset will do; anything else tells us nothing
+            sizes.add(None)
+    if len(sizes) == 1 and None not in sizes:
+        size = sizes.pop()
+        if len(size) == 3 and size[0] == model.input_size[0]:
+            model.set_input_size(size, "trained")
+            return
+    if log:
+        log(f"note: costs are counted at the assumed input size {model.input_size}; the "
+            "training images' size could not be read off the loaders' datasets (pass "
+            "input_size= to fastmdl.convert)")
