@@ -72,13 +72,33 @@ from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear, 
 FORMAT = "fastmdl.pruned"
 VERSION = 1
 
+def _stochastic_depth(input: torch.Tensor, p: float, mode: str, training: bool = True):
+    """torchvision.ops.stochastic_depth, rewritten so files that use it load without
+    torchvision: with probability p, zero a whole sample ("row") or the whole batch
+    ("batch") and scale the survivors by 1 / (1 - p); the identity when not training."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"stochastic depth probability must be in [0, 1], got {p}")
+    if mode not in ("batch", "row"):
+        raise ValueError(f"stochastic depth mode must be 'batch' or 'row', got {mode!r}")
+    if not training or p == 0.0:
+        return input
+    shape = [input.shape[0]] + [1] * (input.ndim - 1) if mode == "row" else [1] * input.ndim
+    keep = torch.empty(shape, dtype=input.dtype, device=input.device).bernoulli_(1.0 - p)
+    return input * (keep / (1.0 - p) if p < 1.0 else keep)
+
+
 _FUNCTIONS = {f"{mod.__name__}.{name}": getattr(mod, name)
-              for mod, names in ((operator, "add iadd sub mul getitem"),
+              for mod, names in ((operator, "add iadd sub mul truediv floordiv getitem"),
                                  (builtins, "getattr"),
-                                 (torch, "flatten cat relu add mean"),
-                                 (F, "relu relu6 gelu silu hardswish leaky_relu dropout max_pool2d "
-                                     "avg_pool2d adaptive_avg_pool2d adaptive_max_pool2d"))
+                                 (torch, "flatten cat relu add mean sigmoid"),
+                                 (F, "relu relu6 gelu silu hardswish hardsigmoid sigmoid mish "
+                                     "leaky_relu dropout max_pool2d avg_pool2d "
+                                     "adaptive_avg_pool2d adaptive_max_pool2d"))
               for name in names.split()}
+# Functions of other libraries, known by their qualified name (the library need not
+# be importable to save or load them) and run by fastmdl's own implementation.
+_FOREIGN_FUNCTIONS = {"torchvision.ops.stochastic_depth.stochastic_depth": _stochastic_depth}
+_FUNCTIONS.update(_FOREIGN_FUNCTIONS)
 _FUNCTION_NAMES = {fn: name for name, fn in _FUNCTIONS.items()}
 _GETATTR_NAMES = {"shape", "ndim", "dtype", "device"}
 _METHODS = set("""view reshape size dim flatten mean sum amax relu relu_ sigmoid tanh contiguous
@@ -88,6 +108,7 @@ _PRUNED_LAYERS = {f"fastmdl.{c.__name__}": c
                   for c in (PrunedConv2d, PrunedBatchNorm2d, PrunedHeads, PrunedLinear)}
 _TORCH_LAYERS = {f"torch.nn.{c.__name__}": c
                  for c in (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish,
+                           nn.Hardsigmoid, nn.Mish, nn.ELU, nn.SELU, nn.Hardtanh,
                            nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten,
                            nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)}
 _LAYER_NAMES = {c: name for name, c in {**_PRUNED_LAYERS, **_TORCH_LAYERS}.items()}
@@ -95,7 +116,9 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # Names reach the graph module's generated Python source; anything beyond plain
 # identifiers and indices could inject code there. A layer named like an attribute
 # of the graph module ("training", "forward", "_modules") would replace that attribute.
-_NAME_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
+# A hyphen is allowed inside a part (torchvision's RegNet names blocks "block1-0"):
+# fx reaches such a layer through getattr(self, "block1-0"), never as code.
+_NAME_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:-[A-Za-z0-9_]+)*|[0-9]+")
 _RESERVED = frozenset(dir(fx.GraphModule(nn.Module(), fx.Graph())))
 # The dtypes fastmdl.save writes: the model's floating point tensors, int64 index
 # lists and uint8 masks.
@@ -355,6 +378,8 @@ def _node_spec(node: fx.Node) -> dict:
         target = node.target
     elif node.op == "call_function":
         target = _FUNCTION_NAMES.get(node.target)
+        if target is None and _qualname(node.target) in _FOREIGN_FUNCTIONS:
+            target = _qualname(node.target)
         if target is None:
             raise ValueError(f"cannot save {where}: function {_qualname(node.target)} is not "
                              f"in the allowlist {sorted(_FUNCTIONS)}")
