@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -55,6 +56,35 @@ class MultiDomainModel(nn.Module):
             self._graph = analyse_at(self, size)
             self.input_size = size
         self.input_size_source = _check_source(source)
+
+    def frozen_layers(self) -> Dict[str, object]:
+        """The convolutions whose filters the channel analysis had to keep whole.
+
+        Returns ``{"layers": [(name, weights), ...], "held": h, "unprunable": f}``:
+        each convolution whose output channels are frozen (an op the analysis
+        cannot follow reads or writes them) with its weight count; the fraction h
+        of all convolution weights those layers hold (only their input channels
+        can still be pruned); and the fraction f that no mask can remove, i.e. the
+        weights whose filter AND input channel are both frozen. The image's
+        channels are frozen by nature, so a first convolution counts only through
+        its filters."""
+        g = self._graph
+        layers, stuck, total = [], 0.0, 0
+        for info in g.layers.values():
+            if info.kind != "conv":
+                continue
+            n = info.module.weight.numel()
+            total += n
+            if not g.is_frozen(info.out_space):
+                continue
+            layers.append((info.name, n))
+            width = info.in_axis.width if info.in_axis is not None else 0
+            frozen_in = (sum(w for sp, w in info.in_axis.segments if g.is_frozen(sp))
+                         if info.in_axis is not None else 0)
+            stuck += n * (frozen_in / width if width else 1.0)
+        held = sum(n for _, n in layers)
+        return {"layers": layers, "held": held / total if total else 0.0,
+                "unprunable": stuck / total if total else 0.0}
 
     def mask_groups(self) -> List[MaskGroup]:
         """The prunable groups: filters tied by the graph share one (D, C) ``scores``."""
@@ -140,6 +170,7 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
                              f"not {list(num_classes)}")
         classes = head.num_classes
     model = MultiDomainModel(inner, num_domains, classes, input_size, graph.analyse(gm), source)
+    _warn_frozen(model)
     if score_init == "magnitude":
         with torch.no_grad():
             for g in model.mask_groups():
@@ -186,6 +217,26 @@ def _find_head(gm: fx.GraphModule) -> Optional[str]:
             return None
         node = node.args[0]
     return None
+
+
+def _warn_frozen(model: MultiDomainModel) -> None:
+    """Say which convolutions keep all their filters, and what that costs: a
+    network converted with half of it frozen is a different product from one
+    fully prunable, and the user should not learn it from the pruned size."""
+    report = model.frozen_layers()
+    layers = report["layers"]
+    if not layers:
+        return
+    names = ", ".join(name for name, _ in layers[:8]) + (", ..." if len(layers) > 8 else "")
+    convs = sum(1 for i in model.layer_infos().values() if i.kind == "conv")
+    warnings.warn(
+        f"fastmdl.convert: {len(layers)} of {convs} convolutions keep all their filters "
+        f"(frozen: an op the channel analysis cannot follow, or the model's output, uses "
+        f"their channels): {names}. They hold {100 * report['held']:.1f}% of the "
+        f"convolution weights, prunable only through their input channels; "
+        f"{100 * report['unprunable']:.1f}% cannot be pruned at all. "
+        f"model.frozen_layers() lists them.",
+        UserWarning, stacklevel=3)
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
