@@ -41,11 +41,17 @@ _BNS = (BatchNorm2d, nn.BatchNorm2d, PrunedBatchNorm2d)
 _HEADS = (DomainHeads, PrunedHeads)
 
 
+# Classes of users' own layers kept whole (fastmdl.serialize.register_layer adds
+# them): the channel analysis treats them as unknown ops, and save/load rebuild them.
+USER_LEAVES: set = set()
+
+
 class Tracer(fx.Tracer):
-    """torch.fx tracer that keeps fastmdl's layers as leaves."""
+    """torch.fx tracer that keeps fastmdl's layers and registered user layers as leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, LEAVES) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, LEAVES) or type(m) in USER_LEAVES
+                or super().is_leaf_module(m, qualname))
 
 
 def trace(module: nn.Module) -> fx.GraphModule:

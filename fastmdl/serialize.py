@@ -55,7 +55,7 @@ import os
 import re
 import stat
 import zipfile
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -111,6 +111,13 @@ _TORCH_LAYERS = {f"torch.nn.{c.__name__}": c
                            nn.Hardsigmoid, nn.Mish, nn.ELU, nn.SELU, nn.Hardtanh,
                            nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten,
                            nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)}
+# Layers with tensors: their sizes come from the config, so the config is checked
+# against the stored tensors before the constructor allocates anything.
+_TORCH_LAYERS.update({f"torch.nn.{c.__name__}": c for c in (nn.LayerNorm, nn.GroupNorm)})
+# Settings a constructor takes that __constants__ does not list.
+_EXTRA_CONFIG = {nn.LayerNorm: {"bias": lambda m: m.bias is not None}}
+# Layers and functions a user registered (register_layer, register_function).
+_USER_LAYERS: Dict[str, Tuple[type, Any, Any]] = {}
 _LAYER_NAMES = {c: name for name, c in {**_PRUNED_LAYERS, **_TORCH_LAYERS}.items()}
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # Names reach the graph module's generated Python source; anything beyond plain
@@ -345,7 +352,15 @@ def _describe(model: PrunedModel) -> Tuple[dict, Dict[str, torch.Tensor]]:
                              f"{type(m).__qualname__}: only fastmdl's pruned layers and "
                              f"{sorted(_TORCH_LAYERS)} are supported")
         _check_module_name(name)
-        config = m.config() if layer_type in _PRUNED_LAYERS else _torch_layer_config(m)
+        if layer_type in _PRUNED_LAYERS:
+            config = m.config()
+        elif layer_type in _USER_LAYERS:
+            config = _USER_LAYERS[layer_type][1](m)
+            if not isinstance(config, dict):
+                raise TypeError(f"the config function registered for {layer_type!r} must "
+                                f"return a dict, got {type(config).__name__}")
+        else:
+            config = _torch_layer_config(m)
         config = {k: _encode(v, f"layer {name!r}") for k, v in config.items()}
         if layer_type in _TORCH_LAYERS:
             # Fail now, not at load, if it cannot be rebuilt.
@@ -415,7 +430,79 @@ def _encode(value: Any, where: str) -> Any:
 
 
 def _torch_layer_config(m: nn.Module) -> dict:
-    return {c: getattr(m, c) for c in getattr(type(m), "__constants__", [])}
+    config = {c: getattr(m, c) for c in getattr(type(m), "__constants__", [])}
+    config.update({k: f(m) for k, f in _EXTRA_CONFIG.get(type(m), {}).items()})
+    return config
+
+
+def register_layer(name: str, cls: type, *, config: Optional[Callable[[nn.Module], dict]] = None,
+                   build: Optional[Callable[[dict], nn.Module]] = None) -> None:
+    """Let :func:`save` and :func:`load` handle layers of your own class ``cls``.
+
+    ``save`` writes such a layer as the type ``name`` with ``config(layer)`` (a
+    dict of JSON-like values: numbers, strings, bools, None, lists, tuples;
+    default ``{}``) and its ``state_dict`` tensors. ``load`` rebuilds it with
+    ``build(config)`` (default ``cls(**config)``), then loads the stored tensors,
+    which must match the rebuilt layer's names, shapes and dtypes exactly. The
+    file only names the layer: the code that runs is what you registered in this
+    process, so loading still never unpickles code. ``build`` runs on values from
+    the file: check them before allocating anything their size depends on.
+    Register before :func:`fastmdl.convert`: from then on the tracer keeps the
+    class whole (one call in the graph, its tensors its own), and the channel
+    analysis treats it as an op it does not know, so the channels it reads and
+    writes are kept whole (``convert``'s warning says which)."""
+    if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
+        raise ValueError(f"name must be a dotted Python identifier, e.g. 'mylib.Swish', "
+                         f"got {name!r}")
+    if name in _PRUNED_LAYERS or name in _TORCH_LAYERS:
+        raise ValueError(f"name {name!r} is fastmdl's own; choose another")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"cls must be a torch.nn.Module subclass, got {cls!r}")
+    for arg, fn in (("config", config), ("build", build)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{arg} must be callable, got {type(fn).__name__}")
+    if cls in _LAYER_NAMES and _LAYER_NAMES[cls] != name:
+        raise ValueError(f"{cls.__qualname__} is already saved as {_LAYER_NAMES[cls]!r}")
+    _USER_LAYERS[name] = (cls, config or (lambda m: {}), build or (lambda c: cls(**c)))
+    _LAYER_NAMES[cls] = name
+    from .graph import USER_LEAVES
+    USER_LEAVES.add(cls)  # traced as one call, so its tensors stay its own
+
+
+def register_function(name: str, fn: Callable) -> None:
+    """Let :func:`save` and :func:`load` handle graph calls of your function ``fn``
+    (one fx keeps whole, e.g. with ``torch.fx.wrap``): saved as ``name``, run as
+    ``fn`` after ``load``. As with :func:`register_layer`, the file names the
+    function and never carries its code."""
+    if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
+        raise ValueError(f"name must be a dotted Python identifier, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if name in _FUNCTIONS and _FUNCTIONS[name] is not fn:
+        raise ValueError(f"name {name!r} already names {_qualname(_FUNCTIONS[name])}")
+    _FUNCTIONS[name] = fn
+    _FUNCTION_NAMES[fn] = name
+
+
+def _check_torch_layer_sizes(name: str, layer_type: str, config: dict,
+                             t: Dict[str, torch.Tensor]) -> None:
+    """A norm layer's constructor allocates what its config claims: the claim must
+    be what the stored tensors hold (or, without them, a bounded size)."""
+    if layer_type == "torch.nn.LayerNorm":
+        shape = config.get("normalized_shape")
+        _expect(isinstance(shape, (list, tuple)) and 0 < len(shape) <= 8
+                and all(_is_int(k) and 0 < k <= _INT_LIMIT for k in shape),
+                f"layer {name!r}: bad normalized_shape {shape!r}")
+        if config.get("elementwise_affine"):
+            _expect("weight" in t and tuple(t["weight"].shape) == tuple(shape),
+                    f"layer {name!r}: normalized_shape {tuple(shape)} does not match its weight")
+    elif layer_type == "torch.nn.GroupNorm":
+        c, g = config.get("num_channels"), config.get("num_groups")
+        _expect(_is_int(c) and _is_int(g) and 0 < g <= c <= _INT_LIMIT and c % g == 0,
+                f"layer {name!r}: bad num_channels/num_groups {c!r}/{g!r}")
+        if config.get("affine"):
+            _expect("weight" in t and tuple(t["weight"].shape) == (c,),
+                    f"layer {name!r}: num_channels {c} does not match its weight")
 
 
 def _qualname(fn) -> str:
@@ -510,13 +597,23 @@ def _build(spec: dict, tensors: Dict[str, torch.Tensor], file_size: int) -> Prun
         name, layer_type, config = entry["name"], entry["type"], entry["config"]
         _check_module_name(name)
         _expect(name not in modules, f"layer {name!r} appears twice")
+        local = {k[len(name) + 1:]: t for k, t in tensors.items() if k.startswith(name + ".")}
         if layer_type in _TORCH_LAYERS:
+            decoded = _decode_config(name, config)
+            _check_torch_layer_sizes(name, layer_type, decoded, local)
             try:
-                modules[name] = _torch_layer(layer_type, _decode_config(name, config))
+                modules[name] = _torch_layer(layer_type, decoded, local)
             except (TypeError, ValueError) as e:  # torch's own checks of the arguments
                 raise ValueError(f"layer {name!r}: {e}") from None
+        elif layer_type in _USER_LAYERS:
+            try:
+                m = _USER_LAYERS[layer_type][2](_decode_config(name, config))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"layer {name!r} ({layer_type}): {e}") from None
+            _expect(isinstance(m, nn.Module), f"the build function registered for "
+                                              f"{layer_type!r} returned {type(m).__name__}")
+            modules[name] = _as_stored_dtype(m, local).eval()
         elif layer_type in _PRUNED_LAYERS:
-            local = {k[len(name) + 1:]: t for k, t in tensors.items() if k.startswith(name + ".")}
             modules[name] = _pruned_layer(layer_type, name, _decode_config(name, config),
                                           local, num_domains, budget)
         else:
@@ -776,16 +873,27 @@ def _decode_config(name: str, config: Any) -> dict:
     return {k: _decode(v, {}) for k, v in config.items()}
 
 
-def _torch_layer(layer_type: str, config: dict) -> nn.Module:
+def _torch_layer(layer_type: str, config: dict,
+                 tensors: Optional[Dict[str, torch.Tensor]] = None) -> nn.Module:
     cls = _TORCH_LAYERS[layer_type]
-    constants = getattr(cls, "__constants__", [])
+    constants = list(getattr(cls, "__constants__", [])) + list(_EXTRA_CONFIG.get(cls, {}))
     _expect(set(config) == set(constants),
             f"{layer_type} needs the config keys {constants}, got {config!r}")
     accepted = inspect.signature(cls).parameters
     m = cls(**{k: v for k, v in config.items() if k in accepted})
     for k, v in config.items():  # constants its constructor fixes (ReLU6's max_val)
-        _expect(getattr(m, k) == v, f"{layer_type} cannot be rebuilt with {k}={v!r}")
-    return m.eval()
+        got = _EXTRA_CONFIG[cls][k](m) if k in _EXTRA_CONFIG.get(cls, {}) else getattr(m, k)
+        if isinstance(got, tuple) and isinstance(v, list):
+            v = tuple(v)
+        _expect(got == v, f"{layer_type} cannot be rebuilt with {k}={v!r}")
+    return _as_stored_dtype(m, tensors or {}).eval()
+
+
+def _as_stored_dtype(m: nn.Module, tensors: Dict[str, torch.Tensor]) -> nn.Module:
+    """A rebuilt layer in the floating dtype its stored tensors have (constructors
+    make float32; the strict load afterwards checks every tensor's dtype)."""
+    floating = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    return m.to(floating.pop()) if len(floating) == 1 else m
 
 
 def _pruned_layer(layer_type: str, name: str, config: dict, t: Dict[str, torch.Tensor],

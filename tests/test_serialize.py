@@ -188,7 +188,9 @@ def test_every_torch_layer_rebuilds(layer_type):
          "torch.nn.LeakyReLU": lambda: cls(0.3),
          "torch.nn.GELU": lambda: cls("tanh"),
          "torch.nn.Dropout": lambda: cls(0.25),
-         "torch.nn.Flatten": lambda: cls(2, -1)}.get(layer_type, cls)()
+         "torch.nn.Flatten": lambda: cls(2, -1),
+         "torch.nn.LayerNorm": lambda: cls((4, 5), eps=1e-6, bias=False),
+         "torch.nn.GroupNorm": lambda: cls(2, 6, affine=False)}.get(layer_type, cls)()
     config = serialize._torch_layer_config(m)
     spec = json.loads(json.dumps({k: serialize._encode(v, "test") for k, v in config.items()}))
     rebuilt = serialize._torch_layer(layer_type, serialize._decode_config("m", spec))

@@ -3,6 +3,7 @@ convert -> prune -> save -> load: Hardsigmoid (MobileNetV3), stochastic depth
 (EfficientNet; a look-alike module path, as torchvision does not import here),
 floor division of sizes (ShuffleNet), hyphenated layer names (RegNet)."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -68,3 +69,105 @@ def test_torchvision_style_ops_save_and_load(tmp_path):
     targets = {getattr(n.target, "__module__", None) for n in back.net.graph.nodes
                if n.op == "call_function"}
     assert "fastmdl.serialize" in targets  # the stochastic depth node, run by fastmdl
+
+
+class ChannelsLastNorm(nn.Module):
+    """ConvNeXt's LayerNorm over channels: permute, normalise the last axis, permute back."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class Swish(nn.Module):
+    """A user's own layer with a learnt parameter."""
+
+    def __init__(self, channels: int, beta: float = 1.0):
+        super().__init__()
+        self.channels = channels
+        self.beta = nn.Parameter(torch.full((channels, 1, 1), beta))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.beta * x)
+
+
+def shift_channels(x):
+    """A user's own function, kept whole by fx."""
+    return torch.roll(x, 1, dims=1)
+
+
+torch.fx.wrap("shift_channels")
+
+
+# Registered before any convert, as the docs ask (the tracer then keeps Swish whole).
+fastmdl.serialize.register_layer("tests.Swish", Swish, config=lambda m: {"channels": m.channels},
+                                 build=lambda c: Swish(int(c["channels"])))
+fastmdl.serialize.register_function("tests.shift_channels", shift_channels)
+
+
+class Normed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = ChannelsLastNorm(8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.act = Swish(8, 0.7)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.act(self.gn(self.norm(self.conv1(x))))
+        x = shift_channels(x)
+        return self.head(self.conv2(x).mean((2, 3)))
+
+
+def test_layernorm_groupnorm_and_registered_user_layers_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model = fastmdl.convert(Normed(), 2, [4, 3], input_size=(3, 8, 8)).eval()
+    with torch.no_grad():  # trained-looking norm parameters, not the constructor's
+        for m in model.modules():
+            if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    pruned = fastmdl.prune(model)
+    fastmdl.save(pruned, tmp_path / "n.fmdl")
+    back = fastmdl.load(tmp_path / "n.fmdl")
+    x, d = torch.randn(5, 3, 8, 8), torch.tensor([1, 0, 0, 1, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, d), model(x, d), rtol=1e-4, atol=1e-4)
+    kinds = {type(m).__name__ for m in back.net.modules()}
+    assert {"LayerNorm", "GroupNorm", "Swish"} <= kinds
+
+
+def test_register_layer_checks_its_arguments():
+    from fastmdl import serialize
+
+    with pytest.raises(ValueError, match="name must be a dotted Python identifier"):
+        serialize.register_layer("my lib.Swish", Swish)
+    with pytest.raises(ValueError, match="fastmdl's own"):
+        serialize.register_layer("torch.nn.ReLU", Swish)
+    with pytest.raises(TypeError, match="cls must be a torch.nn.Module subclass"):
+        serialize.register_layer("tests.NotAModule", int)
+    with pytest.raises(TypeError, match="fn must be callable"):
+        serialize.register_function("tests.nothing", 3)
+
+
+def test_a_layernorm_whose_config_claims_more_than_its_tensors_is_refused(tmp_path):
+    """The constructor would allocate what normalized_shape claims: checked first,
+    on a file crafted with every checksum recomputed."""
+    from test_serialize import _rewrite
+
+    model = fastmdl.convert(Normed(), 2, [4, 3], input_size=(3, 8, 8)).eval()
+    path = tmp_path / "n.fmdl"
+    fastmdl.save(fastmdl.prune(model), path)
+
+    def claim(spec):
+        layer = next(m for m in spec["modules"] if m["type"] == "torch.nn.LayerNorm")
+        layer["config"]["normalized_shape"] = {"tuple": [10**9]}
+
+    _rewrite(path, claim)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        fastmdl.load(path)
