@@ -113,9 +113,11 @@ _TORCH_LAYERS = {f"torch.nn.{c.__name__}": c
                            nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)}
 # Layers with tensors: their sizes come from the config, so the config is checked
 # against the stored tensors before the constructor allocates anything.
-_TORCH_LAYERS.update({f"torch.nn.{c.__name__}": c for c in (nn.LayerNorm, nn.GroupNorm)})
+_TORCH_LAYERS.update({f"torch.nn.{c.__name__}": c for c in (nn.LayerNorm, nn.GroupNorm,
+                                                               nn.Linear)})
 # Settings a constructor takes that __constants__ does not list.
-_EXTRA_CONFIG = {nn.LayerNorm: {"bias": lambda m: m.bias is not None}}
+_EXTRA_CONFIG = {nn.LayerNorm: {"bias": lambda m: m.bias is not None},
+                 nn.Linear: {"bias": lambda m: m.bias is not None}}
 # Layers and functions a user registered (register_layer, register_function).
 _USER_LAYERS: Dict[str, Tuple[type, Any, Any]] = {}
 _LAYER_NAMES = {c: name for name, c in {**_PRUNED_LAYERS, **_TORCH_LAYERS}.items()}
@@ -372,6 +374,9 @@ def _describe(model: PrunedModel) -> Tuple[dict, Dict[str, torch.Tensor]]:
                 raise ValueError(f"cannot save {e}") from None
         modules.append({"name": name, "type": layer_type, "config": config})
         owned.update(f"{name}.{k}" for k in m.state_dict())
+    # Tensors the graph reads directly (get_attr), e.g. ConvNeXt's layer scale.
+    attributes = _graph_tensors(net)
+    owned.update(attributes)
     state = net.state_dict()
     stray = sorted(set(state) - owned)
     if stray:
@@ -380,16 +385,33 @@ def _describe(model: PrunedModel) -> Tuple[dict, Dict[str, torch.Tensor]]:
     spec = {"class_name": type(net).__name__, "num_domains": model.num_domains,
             "num_classes": list(model.num_classes), "input_size": list(model.input_size),
             "input_size_source": getattr(model, "input_size_source", "given"),
-            "baseline": model.baseline, "modules": modules,
+            "baseline": model.baseline, "modules": modules, "attributes": attributes,
             "nodes": [_node_spec(n) for n in net.graph.nodes],
             "tensors": {k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
                             "sha256": _digest(t)} for k, t in tensors.items()}}
     return spec, tensors
 
 
+def _graph_tensors(net: fx.GraphModule) -> List[str]:
+    """The parameters and buffers the graph reads with get_attr, in graph order;
+    any other attribute (a module, a Python value) cannot be saved."""
+    tensors = dict(net.named_parameters())
+    tensors.update(net.named_buffers())
+    found: List[str] = []
+    for node in net.graph.nodes:
+        if node.op != "get_attr" or node.target in found:
+            continue
+        if node.target not in tensors:
+            raise ValueError(f"cannot save graph node {node.name!r}: it reads {node.target!r}, "
+                             "which is not a parameter or buffer of the network")
+        _check_module_name(node.target)
+        found.append(node.target)
+    return found
+
+
 def _node_spec(node: fx.Node) -> dict:
     where = f"graph node {node.name!r}"
-    if node.op in ("placeholder", "output", "call_module"):
+    if node.op in ("placeholder", "output", "call_module", "get_attr"):
         target = node.target
     elif node.op == "call_function":
         target = _FUNCTION_NAMES.get(node.target)
@@ -496,6 +518,11 @@ def _check_torch_layer_sizes(name: str, layer_type: str, config: dict,
         if config.get("elementwise_affine"):
             _expect("weight" in t and tuple(t["weight"].shape) == tuple(shape),
                     f"layer {name!r}: normalized_shape {tuple(shape)} does not match its weight")
+    elif layer_type == "torch.nn.Linear":
+        # A linear layer the channel analysis kept whole (ConvNeXt's channels-last MLP).
+        i, o = config.get("in_features"), config.get("out_features")
+        _expect("weight" in t and tuple(t["weight"].shape) == (o, i),
+                f"layer {name!r}: in_features/out_features {i!r}/{o!r} do not match its weight")
     elif layer_type == "torch.nn.GroupNorm":
         c, g = config.get("num_channels"), config.get("num_groups")
         _expect(_is_int(c) and _is_int(g) and 0 < g <= c <= _INT_LIMIT and c % g == 0,
@@ -623,12 +650,25 @@ def _build(spec: dict, tensors: Dict[str, torch.Tensor], file_size: int) -> Prun
         _expect(not any(other.startswith(name + ".") for other in modules),
                 f"layer {name!r} contains another layer")
 
+    attributes = spec.get("attributes", [])
+    _expect(isinstance(attributes, list) and len(set(map(str, attributes))) == len(attributes),
+            "malformed list of graph tensors")
+    graph_tensors = {}
+    for attr in attributes:
+        _check_module_name(attr)
+        _expect(attr in tensors, f"graph tensor {attr!r} is not among the file's tensors")
+        _expect(not any(attr == m or attr.startswith(m + ".") for m in modules),
+                f"graph tensor {attr!r} lies inside layer of the same name")
+        graph_tensors[attr] = nn.Parameter(tensors[attr].clone())
+
     graph, env = fx.Graph(), {}
     for entry in spec["nodes"]:
         _check_node(entry)
         op, name, target = entry["op"], entry["name"], entry["target"]
         _expect(op != "call_module" or target in modules,
                 f"graph node {name!r} calls layer {target!r}, which the file does not define")
+        _expect(op != "get_attr" or target in graph_tensors,
+                f"graph node {name!r} reads {target!r}, which the file does not list")
         if op == "call_function":
             target = _FUNCTIONS[target]
         args = tuple(_decode(entry["args"], env))
@@ -642,7 +682,7 @@ def _build(spec: dict, tensors: Dict[str, torch.Tensor], file_size: int) -> Prun
 
     class_name = spec["class_name"]
     _expect(_is_identifier(class_name), f"bad class name {class_name!r}")
-    net = fx.GraphModule(modules, graph, class_name)
+    net = fx.GraphModule({**modules, **graph_tensors}, graph, class_name)
     _place(net, modules, list(tensors))
 
     expected = net.state_dict()
@@ -1055,7 +1095,7 @@ def _check_node(entry: Any) -> None:
         _expect(_is_identifier(target), f"graph input {target!r} is not an identifier")
     elif op == "output":
         _expect(target == "output", f"output node {name!r} has target {target!r}")
-    elif op == "call_module":
+    elif op in ("call_module", "get_attr"):
         _check_module_name(target)
     elif op == "call_function":
         _expect(target in _FUNCTIONS, f"graph node {name!r} calls function {target!r}, which is "

@@ -190,7 +190,8 @@ def test_every_torch_layer_rebuilds(layer_type):
          "torch.nn.Dropout": lambda: cls(0.25),
          "torch.nn.Flatten": lambda: cls(2, -1),
          "torch.nn.LayerNorm": lambda: cls((4, 5), eps=1e-6, bias=False),
-         "torch.nn.GroupNorm": lambda: cls(2, 6, affine=False)}.get(layer_type, cls)()
+         "torch.nn.GroupNorm": lambda: cls(2, 6, affine=False),
+         "torch.nn.Linear": lambda: cls(5, 3, bias=False)}.get(layer_type, cls)()
     config = serialize._torch_layer_config(m)
     spec = json.loads(json.dumps({k: serialize._encode(v, "test") for k, v in config.items()}))
     rebuilt = serialize._torch_layer(layer_type, serialize._decode_config("m", spec))
@@ -351,7 +352,9 @@ CRAFTED = {
                                       args=[{"node": "avgpool"}, "__class__"]), None, "getattr"),
     "method outside allowlist": (_set_node(_flatten, op="call_method", target="register_hook"),
                                  None, "register_hook"),
-    "unknown op": (_set_node(_flatten, op="get_attr"), None, "get_attr"),
+    "unknown op": (_set_node(_flatten, op="call_anything"), None, "not supported"),
+    "get_attr of a tensor the file does not list": (_set_node(_flatten, op="get_attr"), None,
+                                                    "does not list"),
     "layer named like an attribute": (_set_module(lambda m: m["name"] == "avgpool",
                                                   name="training"), None, "layer name"),
     "layer type outside allowlist": (_set_module(lambda m: m["name"] == "avgpool",
