@@ -4,8 +4,9 @@ Requests arrive one at a time from any number of threads, each an image tensor
 and a domain id. Threads of the engine do the work:
 
 - a *collector* waits for a first request, then for up to ``max_delay_ms`` or
-  until its share of the queue (see below) is there, and stacks the requests
-  into one batch (on CUDA into pinned memory, copied to the GPU on a side stream);
+  until its share of the queue (see below) is there, and stacks the requests (of
+  one shape, see below) into one batch (on CUDA into pinned memory, copied to the
+  GPU on a side stream);
 - the *runners* run each batch in one pass of the model and hand every request
   its output row (a view of one tensor that holds the batch's outputs).
 
@@ -19,14 +20,28 @@ runners; when none is free it keeps growing until one is. Measured
 OpenMP's spin-waiting, and its many small parallel regions then cost 2.3x;
 single-threaded runners avoid them and keep every core busy on its own batch.
 
+Requests may have any size the model runs: an image of shape (C, H, W) with the
+model's channel count C and any H, W (the model is what decides whether it runs a
+size; one that it raises on fails those requests alone, see below). A batch is one
+tensor, so it holds requests of one shape only: the collector takes the requests
+of the shape of the oldest waiting request, and those of other shapes keep their
+places in the queue for the next batches. So every batch that runs before a
+request is led by an older one (none is starved), and with one shape the queue is
+plain first-in first-out. A batch is cut when the queue as a whole holds its share
+(or the delay is up): in traffic of mixed shapes the batches are smaller, never
+later.
+
 The engine's own cost per request is kept to a few microseconds of Python and
 one wake-up (of the client): ``submit`` wakes the collector only when it has
 something to do, and each batch costs O(1) tensor operations outside the model
 (every operation releases and retakes the GIL, which under many client threads
 costs far more than the operation; benchmarks/NOTES.md, "per-request overhead").
 
-On CUDA, batches are padded to a few fixed sizes (``buckets``) whose forward
-passes are captured once as CUDA graphs, so a batch costs one graph replay.
+On CUDA, batches of the model's own input size (``input_shape``) are padded to a
+few fixed sizes (``buckets``) whose forward passes are captured once as CUDA
+graphs, so such a batch costs one graph replay. Batches of other sizes run
+eagerly, unpadded: graphs for every size clients send would cost a capture, and
+its memory, per size, for a set of sizes the clients choose.
 
 Failures stay with the requests they belong to:
 
@@ -98,7 +113,7 @@ class _Request:
     x: torch.Tensor
     domain: int
     future: Future
-    arrived: float
+    arrived: float  # also the request's place in the queue across shapes
 
 
 @dataclass
@@ -121,7 +136,11 @@ class Engine:
         max_delay_ms: how long the first request of a batch may wait for others.
         max_queue: the most accepted requests not yet batched; beyond it
             ``submit`` raises :class:`Overloaded`.
-        input_shape: (C, H, W) of one request (default: ``model.input_size``).
+        input_shape: when given, the (C, H, W) of every request: the only shape
+            accepted. By default requests may be of any shape (C, H, W) with
+            H, W >= 1 and C the model's channels, ``model.input_size[0]`` (for a
+            model without ``input_size``: the channels of the first
+            well-formed request); see "Input sizes" below.
         num_domains: valid domain ids are [0, num_domains) (default: the model's).
         cuda_graphs: capture fixed batch-size buckets as CUDA graphs (CUDA only).
         workers: runner threads (default: one per intra-op thread on the CPU, one on CUDA).
@@ -136,6 +155,17 @@ class Engine:
     4*ceil(log2(n)) of them (enough for two such requests), after which the
     requests of the halves that still raise fail with their half's exception.
     ``stats()["retried_forwards"]`` counts these passes.
+
+    Input sizes: a batch holds requests of one shape, that of the oldest request
+    waiting; the others keep their places (see the module docstring). The
+    attributes say what is accepted: ``input_shape`` is the nominal (C, H, W), the
+    explicit ``input_shape`` or else ``model.input_size`` (None for a model
+    without one), the size CUDA graphs are captured for; ``channels`` is the C
+    every request must have (None until the first request, for a model without
+    ``input_size``); ``fixed_shape`` is True when ``input_shape`` was given, and
+    then only that shape is accepted. A size the model raises on (smaller than a
+    kernel, or not the size a flatten expects) fails its requests with the
+    model's own exception, as any request the model fails on.
 
     ``failure`` is None while the engine works, else why it stopped (see
     :class:`EngineFailed`).
@@ -158,11 +188,8 @@ class Engine:
             param.device if param is not None else torch.device("cpu"))
         self.dtype = param.dtype if param is not None else torch.float32
         self.model = model.eval().to(self.device)
-        shape = input_shape if input_shape is not None else getattr(model, "input_size", None)
-        if shape is None or len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
-            raise ValueError(f"input_shape must be (C, H, W) (the model has no input_size), "
-                             f"got {shape!r}")
-        self.input_shape = tuple(shape)
+        self.input_shape, self.fixed_shape = _nominal_shape(model, input_shape)
+        self.channels: Optional[int] = None if self.input_shape is None else self.input_shape[0]
         self.num_domains = num_domains if num_domains is not None else getattr(
             model, "num_domains", None)
         _positive_int(self.num_domains, "num_domains")
@@ -186,7 +213,11 @@ class Engine:
         # CPU runners on their way back to collect (done with a batch, or starting):
         # while one is, submit wakes no idle runner (a wake-up costs more than the wait).
         self._returning = workers if self._turns else 0
-        self._pending: collections.deque = collections.deque()
+        # The queue: one deque per shape, in order of arrival; a shape other than
+        # the nominal one has a deque only while requests of it wait. _queued
+        # counts them all.
+        self._queues: Dict[Tuple[int, ...], collections.deque] = {}
+        self._queued = 0
         self._handoff: "queue.Queue[Optional[_Batch]]" = queue.Queue(maxsize=workers + 1)
         self._closed = False
         self._failure: Optional[EngineFailed] = None
@@ -207,7 +238,7 @@ class Engine:
         self._graphs: Dict[int, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor,
                                       torch.Tensor]] = {}
         self.graph_error: Optional[str] = None
-        if self._cuda and cuda_graphs:
+        if self._cuda and cuda_graphs and self.input_shape is not None:
             self._capture_graphs()
 
         self._batcher = None if self._turns else threading.Thread(
@@ -237,13 +268,14 @@ class Engine:
         return None if failure is None else str(failure)
 
     def submit(self, x: torch.Tensor, domain: int) -> Future:
-        """Queue one request: ``x`` of shape ``input_shape``, ``domain`` an int.
+        """Queue one request: ``x`` one image (C, H, W) of an accepted shape (see
+        :class:`Engine`), ``domain`` an int.
         Returns a Future of the model's output row for it. A malformed request
         gets an already-failed Future; a full queue raises :class:`Overloaded`, a
         closed engine :class:`EngineClosed` (:class:`EngineFailed` if it stopped
         because a thread of it died)."""
         future: Future = Future()
-        problem = self._check(x, domain)
+        problem, shape = self._check(x, domain)
         if problem is not None:
             future.set_exception(problem)
             with self._stats_lock:
@@ -257,12 +289,15 @@ class Engine:
                 if self._failure is not None:
                     raise EngineFailed(str(self._failure))
                 raise EngineClosed("the engine is closed")
-            pending = self._pending
-            if len(pending) >= self.max_queue:
+            if self._queued >= self.max_queue:
                 raise Overloaded(f"the queue holds max_queue={self.max_queue} requests")
             if self._first_arrival is None:
                 self._first_arrival = request.arrived
-            pending.append(request)
+            waiting = self._queues.get(shape)
+            if waiting is None:
+                waiting = self._queues[shape] = collections.deque()
+            waiting.append(request)
+            self._queued += 1
             # Wake a thread only when it has something to do: not the collector on
             # every request while a batch fills, nor an idle runner when a busy one
             # is about to come back.
@@ -270,7 +305,7 @@ class Engine:
                 if not self._returning:
                     self._summon()
             elif self._waits_for == _FIRST or (
-                    self._waits_for == _FILL and len(pending) >= self._target()):
+                    self._waits_for == _FILL and self._queued >= self._target()):
                 self._waits_for = _NOTHING
                 self._cv.notify()
         return future
@@ -322,7 +357,7 @@ class Engine:
         def pct(q):
             return 1e3 * lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
 
-        return {"served": served, "failed": failed, "queued": len(self._pending),
+        return {"served": served, "failed": failed, "queued": self._queued,
                 "throughput": served / span if span > 0 else 0.0,
                 "latency_ms": {"p50": pct(0.50), "p99": pct(0.99)},
                 "batch_sizes": hist, "retried_forwards": retried,
@@ -331,20 +366,48 @@ class Engine:
 
     # -- checks -------------------------------------------------------------------------
 
-    def _check(self, x, domain) -> Optional[Exception]:
+    def _check(self, x, domain) -> Tuple[Optional[Exception], Optional[Tuple[int, ...]]]:
+        """(what is wrong with the request or None, the shape of ``x``)."""
         if not isinstance(x, torch.Tensor):
-            return TypeError(f"x must be a torch.Tensor of shape {self.input_shape}, "
-                             f"got {type(x).__name__}")
-        if tuple(x.shape) != self.input_shape:
-            return ValueError(f"x must have shape {self.input_shape} (one image), "
-                              f"got {tuple(x.shape)}")
+            return TypeError(f"x must be a torch.Tensor of shape {self._accepted()}, "
+                             f"got {type(x).__name__}"), None
+        shape = tuple(x.shape)
+        if shape != self.input_shape and not self._accepts(shape):  # (the usual case first)
+            return ValueError(f"x must have shape {self._accepted()} (one image), "
+                              f"got {shape}"), shape
         if x.dtype != self.dtype:
-            return TypeError(f"x must have dtype {self.dtype}, got {x.dtype}")
+            return TypeError(f"x must have dtype {self.dtype}, got {x.dtype}"), shape
         if isinstance(domain, bool) or not isinstance(domain, int):
-            return TypeError(f"domain must be an int, got {type(domain).__name__}")
+            return TypeError(f"domain must be an int, got {type(domain).__name__}"), shape
         if not 0 <= domain < self.num_domains:
-            return ValueError(f"domain {domain} is out of range [0, {self.num_domains})")
-        return None
+            return ValueError(f"domain {domain} is out of range [0, {self.num_domains})"), shape
+        if self.channels is None and not self._adopt_channels(shape[0]):
+            return ValueError(f"x must have shape {self._accepted()} (one image), "
+                              f"got {shape}"), shape
+        return None, shape
+
+    def _accepts(self, shape: Tuple[int, ...]) -> bool:
+        """Whether requests of ``shape`` are accepted (the channels aside while
+        they are not known yet)."""
+        if self.fixed_shape:
+            return shape == self.input_shape
+        return len(shape) == 3 and min(shape) >= 1 and (
+            self.channels is None or shape[0] == self.channels)
+
+    def _accepted(self) -> str:
+        """The accepted shapes, for error messages."""
+        if self.fixed_shape:
+            return str(self.input_shape)
+        c = "C" if self.channels is None else f"C={self.channels}"
+        return f"({c}, H, W) with any H, W >= 1"
+
+    def _adopt_channels(self, channels: int) -> bool:
+        """For a model without ``input_size``: the first request accepted fixes the
+        channels of all. Whether ``channels`` are (now) those."""
+        with self._lock:
+            if self.channels is None:
+                self.channels = channels
+            return self.channels == channels
 
     # -- collecting a batch ---------------------------------------------------------------
 
@@ -366,22 +429,27 @@ class Engine:
                     self._collector = _NONE
                     if self._closed:
                         self._idle.notify_all()  # to drain the queue, then stop
-                    elif self._pending and not self._returning:
+                    elif self._queued and not self._returning:
                         self._summon()  # what is left goes to the next free runner
 
     def _collect(self) -> Optional[List[_Request]]:
         # Holds self._lock. Sets _waits_for before each wait, so that submit and
         # _finished wake this thread exactly when the condition it waits on holds.
-        while not self._pending and not self._closed:
+        while not self._queued and not self._closed:
             self._waits_for = _FIRST
             self._cv.wait()
-        if not self._pending:
+        if not self._queued:
             return None  # closed and drained
+        # The batch's shape: that of the oldest request. It stays the oldest while
+        # this thread waits (newer requests come behind it, and only this thread
+        # takes requests off the queue).
+        shape = self._oldest_shape()
+        deadline = self._queues[shape][0].arrived + self.max_delay
         # Aim for the batch that splits everything outstanding evenly between the
         # runners: waiting for a full max_batch_size would stall a closed loop of
-        # fewer clients, sending whatever is queued would fragment it.
-        deadline = self._pending[0].arrived + self.max_delay
-        while not self._closed and len(self._pending) < self._target():
+        # fewer clients, sending whatever is queued would fragment it. (Counted
+        # over all shapes: with several, the batch is smaller, not later.)
+        while not self._closed and self._queued < self._target():
             left = deadline - time.perf_counter()
             if left <= 0:
                 break
@@ -393,13 +461,34 @@ class Engine:
             self._waits_for = _RUNNER
             self._cv.wait()
         self._waits_for = _NOTHING
-        if not self._pending:
+        if not self._queued:
             return None  # a thread died meanwhile and _crashed failed the queue
-        n = min(len(self._pending), self._target())
+        return self._take(shape)
+
+    def _oldest_shape(self) -> Tuple[int, ...]:
+        # Holds self._lock, with requests queued: the shape of the oldest request
+        # waiting, which the next batch takes (no shape waits behind newer ones).
+        queues = self._queues
+        if len(queues) == 1:
+            return next(iter(queues))
+        return min((shape for shape, waiting in queues.items() if waiting),
+                   key=lambda shape: queues[shape][0].arrived)
+
+    def _take(self, shape) -> List[_Request]:
+        # Holds self._lock: the next batch, the oldest requests of ``shape``, off
+        # the queue; those of other shapes stay queued in their order.
+        waiting = self._queues[shape]
+        n = min(len(waiting), self._target())
         self._in_flight += 1
         self._in_flight_requests += n
-        popleft = self._pending.popleft
-        return [popleft() for _ in range(n)]
+        self._queued -= n
+        popleft = waiting.popleft
+        requests = [popleft() for _ in range(n)]
+        if not waiting and shape != self.input_shape:
+            # Sizes seen once leave nothing behind; the nominal one keeps its deque
+            # (the usual traffic: no deque made and dropped per batch).
+            del self._queues[shape]
+        return requests
 
     def _summon(self) -> None:
         # Holds self._lock: let one idle runner (if any) take its turn to collect.
@@ -407,7 +496,7 @@ class Engine:
         self._idle.notify()
 
     def _target(self) -> int:
-        outstanding = len(self._pending) + self._in_flight_requests
+        outstanding = self._queued + self._in_flight_requests
         return max(1, min(self.max_batch_size, -(-outstanding // self.workers)))
 
     def _prepare(self, requests: List[_Request]) -> Optional[_Batch]:
@@ -448,8 +537,11 @@ class Engine:
             x = torch.stack([r.x for r in requests])
             domain = torch.tensor([r.domain for r in requests], dtype=torch.int64)
             return _Batch(requests, x, domain)
-        size = next((b for b in self._buckets if b >= n), n)
-        x = torch.empty((size,) + self.input_shape, dtype=self.dtype, pin_memory=self._cuda)
+        shape = requests[0].x.shape
+        # Only batches of the nominal shape are padded to the buckets (its CUDA
+        # graphs' batch sizes); other shapes run eagerly, so padding buys nothing.
+        size = next((b for b in self._buckets if b >= n), n) if shape == self.input_shape else n
+        x = torch.empty((size,) + tuple(shape), dtype=self.dtype, pin_memory=self._cuda)
         torch.stack([r.x for r in requests], out=x[:n])
         if size > n:
             x[n:].zero_()  # padding rows: any valid input, their outputs are dropped
@@ -504,8 +596,9 @@ class Engine:
                                              f"of {type(error).__name__}: {error}")
             failure = self._failure
             self._closed = True
-            dropped = list(self._pending)
-            self._pending.clear()
+            dropped = [r for waiting in self._queues.values() for r in waiting]
+            self._queues.clear()
+            self._queued = 0
             self._cv.notify_all()
             self._idle.notify_all()
         if first:
@@ -634,7 +727,8 @@ class Engine:
             batch.x.record_stream(stream)
             batch.domain.record_stream(stream)
             size = batch.x.shape[0]
-            if size in self._graphs:
+            # The graphs were captured for the nominal shape only.
+            if size in self._graphs and batch.x.shape[1:] == self.input_shape:
                 graph, sx, sd, sy = self._graphs[size]
                 sx.copy_(batch.x)
                 sd.copy_(batch.domain)
@@ -657,7 +751,7 @@ class Engine:
             # A runner is free and the target batch is smaller: the collector may be
             # waiting for either.
             if self._waits_for == _RUNNER or (
-                    self._waits_for == _FILL and len(self._pending) >= self._target()):
+                    self._waits_for == _FILL and self._queued >= self._target()):
                 self._waits_for = _NOTHING
                 self._cv.notify()
 
@@ -702,6 +796,32 @@ def _rows(out, n: int, rows: int) -> Tuple[torch.Tensor, ...]:
     if rows != n:
         out = out[:n]
     return (out.to("cpu") if out.device.type != "cpu" else out.clone()).unbind(0)
+
+
+def _nominal_shape(model: nn.Module, input_shape) -> Tuple[Optional[Tuple[int, int, int]], bool]:
+    """(the engine's nominal (C, H, W) or None, whether it is the only shape
+    accepted): ``input_shape`` when given (fixed), else ``model.input_size``."""
+    size = getattr(model, "input_size", None)
+    if input_shape is None:
+        if size is None:
+            return None, False  # the channels come with the first request
+        if not _is_shape(size):
+            raise ValueError(f"the model's input_size must be (C, H, W), three positive ints, "
+                             f"got {size!r}; or pass input_shape=(C, H, W)")
+        return tuple(size), False
+    if not _is_shape(input_shape):
+        raise ValueError(f"input_shape must be (C, H, W), three positive ints, "
+                         f"got {input_shape!r}")
+    shape = tuple(input_shape)
+    if size is not None and _is_shape(size) and size[0] != shape[0]:
+        raise ValueError(f"input_shape {shape} has {shape[0]} channels, the model's "
+                         f"input_size {tuple(size)} has {size[0]}")
+    return shape, True
+
+
+def _is_shape(v) -> bool:
+    return isinstance(v, (tuple, list, torch.Size)) and len(v) == 3 and all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v)
 
 
 def _buckets(max_batch_size: int) -> List[int]:

@@ -15,17 +15,28 @@ Endpoints
              -d '{"domain": 1, "image": [[[0.1, 0.2, ...], ...], ...]}'
         {"domain": 1, "logits": [0.53, -1.2], "class": 0}
 
-    The JSON ``image`` is a nested list of numbers of shape (C, H, W), the model's
-    ``input_size``. The image may instead be sent as raw little-endian float32
-    bytes in C order, with the domain in the query string::
+    The JSON ``image`` is a nested list of numbers of shape (C, H, W): C the
+    model's input channels, H and W any size >= 1 (the model's ``input_size``, which
+    ``/health`` reports, is the size it was trained at; a size the model cannot run,
+    e.g. smaller than a kernel, is answered 500 with the model's error). Requests
+    of one size are batched together. The image may instead be sent as raw
+    little-endian float32 bytes in C order, with the domain in the query string,
+    and its height and width too when they are not the model's ``input_size``::
 
-        curl -s 'localhost:8000/v1/predict?domain=1' \\
+        curl -s 'localhost:8000/v1/predict?domain=1&height=32&width=32' \\
              -H 'Content-Type: application/octet-stream' --data-binary @image.f32
+
+    An image of any size is accepted as long as its body is within
+    ``max_body_bytes`` (by default room for the model's ``input_size`` as JSON,
+    plus 1 MiB; raise it with ``--max-body-mb``, or :func:`make_app`'s
+    ``max_body_bytes``). An engine built with an explicit ``input_shape`` accepts
+    that shape only.
 
     Errors carry ``{"error": "<what is wrong and what was expected>"}``: 400 for a
     body that is not the expected JSON or a field of the wrong type (a boolean
     pixel included), 422 for a well-formed request the model cannot take (image
-    shape, domain out of range, NaN or infinite pixels), 413 for a body over
+    not (C, H, W) or of another channel count, which the error names; domain out
+    of range; NaN or infinite pixels), 413 for a body over
     ``max_body_bytes``, 408 for a body that does not arrive within
     ``body_timeout_s``, 503 with ``Retry-After`` when the engine's queue is full or
     it is shutting down (503 without it once the engine has failed), 500 when the
@@ -38,7 +49,9 @@ Endpoints
 
 ``GET /health``
     ``{"status": "ok", "num_domains": 3, "num_classes": [5, 2, 7], "input_shape":
-    [3, 8, 8], ...}``: ``curl -s localhost:8000/health``. Once the engine has
+    [3, 8, 8], "channels": 3, "fixed_input_shape": false, ...}``: ``input_shape``
+    is the model's nominal input size; images of other sizes are accepted unless
+    ``fixed_input_shape``. ``curl -s localhost:8000/health``. Once the engine has
     failed (a thread of it died), 503 ``{"status": "failed", "error": ...}``.
 
 ``GET /metrics``
@@ -131,18 +144,30 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None,
         engine: a running :class:`fastmdl.serve.Engine`; the caller owns it (the app
             never closes it) and must keep it open while the app serves.
         max_body_bytes: the largest request body accepted, larger ones get 413
-            (default :func:`default_max_body_bytes` of the engine's input shape).
+            (default :func:`default_max_body_bytes` of the engine's nominal input
+            shape; raise it to serve images much larger than that).
         body_timeout_s: seconds a request's body may take to arrive, counted from
             when the handler starts reading it; a slower one gets 408 and its
             connection is not kept alive (default :data:`DEFAULT_BODY_TIMEOUT_S`).
 
-    The endpoints are described in this module's docstring. Run the app with
+    The endpoints are described in this module's docstring: images of any H, W
+    with the engine's channels are accepted, or only ``engine.input_shape`` when
+    the engine was built with it (``engine.fixed_shape``). Run the app with
     :func:`make_runner` to have requests aiohttp cannot parse answered in JSON too.
+    Raises ValueError for an engine with no nominal input shape (a model without
+    ``input_size``, and no ``input_shape``): the server needs its channels.
     """
     web = require_aiohttp()
     if not isinstance(engine, Engine):
         raise TypeError(f"engine must be a fastmdl.serve.Engine, got {type(engine).__name__}")
+    if engine.input_shape is None:
+        raise ValueError("engine must know its input shape: its model has no input_size; "
+                         "build the Engine with input_shape=(C, H, W)")
     shape = tuple(engine.input_shape)
+    channels, fixed = shape[0], engine.fixed_shape
+    # What "image" must be, for the error messages.
+    expected = (f"(C, H, W) = {shape}" if fixed
+                else f"(C, H, W) with C = {channels} channels and any H, W >= 1")
     if max_body_bytes is None:
         max_body_bytes = default_max_body_bytes(shape)
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) \
@@ -154,10 +179,12 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None,
     num_domains = engine.num_domains
     classes = getattr(engine.model, "num_classes", None)
     num_classes = [int(k) for k in classes] if classes is not None else None
-    binary_bytes = 4 * math.prod(shape)
+    binary_bytes = 4 * math.prod(shape)  # at the nominal shape
+    binary_form = (f"{binary_bytes} bytes of little-endian float32 (shape {shape}"
+                   + (")" if fixed else "; another H, W with ?height=H&width=W)"))
     domains = f"an int in [0, {num_domains})"
     json_form = (f'{{"domain": <int in [0, {num_domains})>, "image": <nested list of numbers '
-                 f'of shape (C, H, W) = {shape}>}}')
+                 f'of shape {expected}>}}')
     status_counts: collections.Counter = collections.Counter()
     disconnects = [0]  # clients gone before their body arrived: never answered
     started = time.time()
@@ -201,7 +228,7 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None,
             return f"method {request.method} is not allowed on {request.path}; use {allowed}"
         if e.status == 413:
             return (f"request body is larger than max_body_bytes={max_body_bytes} bytes; send "
-                    f"one image (binary float32: {binary_bytes} bytes)")
+                    f"one image (as binary: {binary_form})")
         return e.reason if not e.text or e.text.startswith(f"{e.status}:") else e.text
 
     async def read_body(request) -> bytes:
@@ -233,8 +260,7 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None,
         if found is not None:
             where, value = found
             raise _Reject(400, f'"{where}" must be a number, got a boolean {_short(value)}; '
-                               f'"image" is a nested list of numbers of shape (C, H, W) = '
-                               f'{shape}')
+                               f'"image" is a nested list of numbers of shape {expected}')
 
     def decode_json(body: bytes) -> Tuple[torch.Tensor, int]:
         try:
@@ -244,8 +270,8 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None,
                 if isinstance(e, json.JSONDecodeError) else ""
             raise _Reject(400, f"body is not valid JSON{where}: send {json_form} with "
                                f"Content-Type: application/json, or the image as "
-                               f"{binary_bytes} bytes of little-endian float32 with "
-                               f"Content-Type: application/octet-stream and ?domain=K")
+                               f"{binary_form} with Content-Type: application/octet-stream "
+                               f"and ?domain=K")
         if not isinstance(data, dict):
             raise _Reject(400, f"body must be a JSON object {json_form}, "
                                f"got {_json_type(data)}")
@@ -257,16 +283,16 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None,
                                f'{_short(domain)}')
         if "image" not in data:
             raise _Reject(400, f'"image" is missing: expected a nested list of numbers of '
-                               f'shape (C, H, W) = {shape}')
+                               f'shape {expected}')
         image = data["image"]
         if not isinstance(image, list):
-            raise _Reject(400, f'"image" must be a nested list of numbers of shape (C, H, W) = '
-                               f'{shape}, got {_json_type(image)}')
+            raise _Reject(400, f'"image" must be a nested list of numbers of shape {expected}, '
+                               f'got {_json_type(image)}')
         refuse_booleans(body, image)
         try:
             x = torch.tensor(image, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-            raise _image_problem(image, shape, e) from None
+            raise _image_problem(image, expected, e) from None
         return x, domain
 
     def decode_binary(request, body: bytes) -> Tuple[torch.Tensor, int]:
@@ -279,12 +305,39 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None,
         except ValueError:
             raise _Reject(400, f'query parameter "domain" must be {domains}, '
                                f'got {_short(raw)}') from None
-        if len(body) != binary_bytes:
-            raise _Reject(422, f"binary body must be {binary_bytes} bytes (little-endian float32 "
-                               f"of shape (C, H, W) = {shape}, C order), got {len(body)} bytes")
+        # The image's size: the model's own unless the query says otherwise.
+        size = (channels, query_size(request, "height", shape[1]),
+                query_size(request, "width", shape[2]))
+        want = 4 * math.prod(size)
+        if len(body) != want:
+            sizes = "" if fixed else f"; H and W from ?height=H&width=W, default {shape[1:]}"
+            raise _Reject(422, f"binary body must be {want} bytes (little-endian float32 "
+                               f"of shape (C, H, W) = {size}, C order{sizes}), "
+                               f"got {len(body)} bytes")
         # "<f4" reads little-endian on any host; astype copies into a writable array.
-        x = torch.from_numpy(np.frombuffer(body, dtype="<f4").astype(np.float32)).reshape(shape)
+        x = torch.from_numpy(np.frombuffer(body, dtype="<f4").astype(np.float32)).reshape(size)
         return x, domain
+
+    def query_size(request, name: str, default: int) -> int:
+        raw = request.query.get(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw, 10)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise _Reject(400, f'query parameter "{name}" must be a positive int, '
+                               f'got {_short(raw)}')
+        return value
+
+    def check_shape(x: torch.Tensor) -> None:
+        got = tuple(x.shape)
+        if len(got) == 3 and got[0] != channels:  # the likeliest mistake: say it plainly
+            raise _Reject(422, f'"image" must have {channels} channels, got {got[0]} '
+                               f'(its shape is {got}; expected {expected})')
+        if (got != shape) if fixed else (len(got) != 3 or min(got) < 1):
+            raise _Reject(422, f'"image" must have shape {expected}, got {got}')
 
     def decode(request, body: bytes) -> Tuple[torch.Tensor, int]:
         # Binary only when declared: aiohttp reports a missing Content-Type as
@@ -296,9 +349,7 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None,
             x, domain = decode_json(body)
         if not 0 <= domain < num_domains:
             raise _Reject(422, f'"domain" {domain} is out of range: expected {domains}')
-        if tuple(x.shape) != shape:
-            raise _Reject(422, f'"image" must have shape (C, H, W) = {shape}, '
-                               f'got {tuple(x.shape)}')
+        check_shape(x)
         x = x.to(engine.dtype)
         bad = int((~torch.isfinite(x)).sum())
         if bad:
@@ -346,7 +397,8 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None,
         if failure is not None:
             return reply({"status": "failed", "error": failure}, 503)
         return reply({"status": "ok", "num_domains": num_domains, "num_classes": num_classes,
-                      "input_shape": list(shape), "dtype": str(engine.dtype),
+                      "input_shape": list(shape), "channels": channels,
+                      "fixed_input_shape": fixed, "dtype": str(engine.dtype),
                       "device": str(engine.device), "max_batch_size": engine.max_batch_size,
                       "max_body_bytes": max_body_bytes})
 
@@ -482,9 +534,10 @@ def _short(v: Any, n: int = 40) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
-def _image_problem(image: list, shape: Tuple[int, ...], error: Exception) -> _Reject:
+def _image_problem(image: list, expected: str, error: Exception) -> _Reject:
     """Why torch could not read ``image``: the first value that is not a number
-    (400), else the first place where it is ragged (422)."""
+    (400), else the first place where it is ragged (422). ``expected`` says what
+    shape the image must have."""
     stack: List[Tuple[str, Any]] = [("image", image)]
     seen_shape: Dict[int, Tuple[str, int]] = {}
     while stack:
@@ -493,16 +546,14 @@ def _image_problem(image: list, shape: Tuple[int, ...], error: Exception) -> _Re
         if isinstance(v, list):
             if depth in seen_shape and seen_shape[depth][1] != len(v):
                 other, n = seen_shape[depth]
-                return _Reject(422, f'"image" must have shape (C, H, W) = {shape}, but it is '
+                return _Reject(422, f'"image" must have shape {expected}, but it is '
                                     f'ragged: {where} has {len(v)} entries and {other} has {n}')
             seen_shape.setdefault(depth, (where, len(v)))
             stack.extend((f"{where}[{i}]", u) for i, u in reversed(list(enumerate(v))))
         elif type(v) not in (int, float):
             return _Reject(400, f'"{where}" must be a number, got {_json_type(v)} {_short(v)}; '
-                                f'"image" is a nested list of numbers of shape (C, H, W) = '
-                                f'{shape}')
-    return _Reject(422, f'"image" cannot be read as float32 of shape (C, H, W) = {shape}: '
-                        f'{error}')
+                                f'"image" is a nested list of numbers of shape {expected}')
+    return _Reject(422, f'"image" cannot be read as float32 of shape {expected}: {error}')
 
 
 def _prometheus(m: dict) -> str:

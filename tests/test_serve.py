@@ -84,7 +84,9 @@ def test_bad_requests_fail_alone(pruned):
     with Engine(pruned, max_batch_size=8, max_delay_ms=20) as engine:
         good = [engine.submit(torch.randn(3, 8, 8), d) for d in (0, 1, 2)]
         bad = {
-            "shape": engine.submit(torch.randn(3, 9, 8), 0),
+            "channels": engine.submit(torch.randn(1, 8, 8), 0),
+            "empty": engine.submit(torch.randn(3, 0, 8), 0),
+            "a batch": engine.submit(torch.randn(2, 3, 8, 8), 0),
             "dtype": engine.submit(torch.randn(3, 8, 8).double(), 0),
             "domain": engine.submit(torch.randn(3, 8, 8), 3),
             "domain type": engine.submit(torch.randn(3, 8, 8), 1.0),
@@ -93,8 +95,11 @@ def test_bad_requests_fail_alone(pruned):
         more = [engine.submit(torch.randn(3, 8, 8), d) for d in (2, 1)]
         for f in good + more:
             assert f.result(timeout=30).shape == (7,)
-    with pytest.raises(ValueError, match="shape"):
-        bad["shape"].result()
+    with pytest.raises(ValueError, match=r"shape \(C=3, H, W\) with any H, W >= 1"):
+        bad["channels"].result()
+    for name in ("empty", "a batch"):
+        with pytest.raises(ValueError, match="shape"):
+            bad[name].result()
     with pytest.raises(TypeError, match="dtype"):
         bad["dtype"].result()
     with pytest.raises(ValueError, match="out of range"):
@@ -172,7 +177,11 @@ def test_bad_arguments(pruned):
     with pytest.raises(TypeError, match="nn.Module"):
         Engine(lambda x, d: x)
     with pytest.raises(ValueError, match="input_shape"):
-        Engine(nn.Linear(2, 2), num_domains=2)
+        Engine(nn.Linear(2, 2), num_domains=2, input_shape=(3, 8))
+    with pytest.raises(ValueError, match="input_shape"):
+        Engine(nn.Linear(2, 2), num_domains=2, input_shape=(3, 0, 8))
+    with pytest.raises(ValueError, match="input_shape .* has 1 channels"):
+        Engine(pruned, input_shape=(1, 8, 8))
 
 
 def test_cancelled_requests_are_skipped():

@@ -181,6 +181,67 @@ def test_concurrent_requests_each_get_their_own_answer(server, pruned):
         check_answer(pruned, x, d, status, payload)
 
 
+# ------------------------------------------------------------------ images of other sizes
+
+
+def predict_sized(port, x, d, binary):
+    """A prediction for an image of any size: binary bodies name it in the query."""
+    if not binary:
+        return predict_json(port, x, d)
+    return call(port, "POST", f"/v1/predict?domain={d}&height={x.shape[1]}&width={x.shape[2]}",
+                x.numpy().astype("<f4").tobytes(), {"Content-Type": "application/octet-stream"})
+
+
+def test_one_server_answers_images_of_several_sizes(web, pruned):
+    # The default body limit: room for a JSON image of the model's size + 1 MiB.
+    live = LiveServer(web, Engine(pruned, max_batch_size=16, max_delay_ms=2))
+    results, lock = [], threading.Lock()
+
+    def client(seed):
+        g = torch.Generator().manual_seed(seed)
+        for i in range(4):
+            size = (24, 32)[(seed + i) % 2]
+            x, d = torch.randn(3, size, size, generator=g), (seed + i) % 3
+            status, _, payload = predict_sized(live.port, x, d, binary=bool(i % 2))
+            with lock:
+                results.append((x, d, status, payload))
+
+    try:
+        threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(4 * TIMEOUT)
+        assert len(results) == 16
+        assert {tuple(x.shape) for x, *_ in results} == {(3, 24, 24), (3, 32, 32)}
+        for x, d, status, payload in results:
+            check_answer(pruned, x, d, status, payload)
+        # The model's own size still needs no height and width.
+        x = image(77)
+        status, _, payload = predict_binary(live.port, x, 1)
+        check_answer(pruned, x, 1, status, payload)
+        status, _, payload = predict_json(live.port, torch.randn(2, 24, 24), 0)
+        assert status == 422 and '"image" must have 3 channels, got 2' in payload["error"]
+    finally:
+        live.close()
+
+
+def test_an_engine_with_an_explicit_input_shape_refuses_other_sizes(web, pruned):
+    live = LiveServer(web, Engine(pruned, input_shape=SHAPE, max_delay_ms=1))
+    try:
+        x = image(5)
+        status, _, payload = predict_json(live.port, x, 0)
+        check_answer(pruned, x, 0, status, payload)
+        for binary in (False, True):
+            status, _, payload = predict_sized(live.port, torch.randn(3, 24, 24), 0, binary)
+            assert status == 422, payload
+            assert "must have shape (C, H, W) = (3, 8, 8), got (3, 24, 24)" in payload["error"]
+        status, _, payload = call(live.port, "GET", "/health")
+        assert payload["fixed_input_shape"] is True and payload["input_shape"] == list(SHAPE)
+    finally:
+        live.close()
+
+
 # ------------------------------------------------------------------ bad requests
 
 
@@ -227,9 +288,11 @@ BAD = {
     "false pixel": ("POST", "/v1/predict",
                     _json({"domain": 0, "image": [[[False] * 8] * 8] * 3}), JSON, 400,
                     '"image[0][0][0]" must be a number, got a boolean false'),
-    "wrong shape": ("POST", "/v1/predict",
-                    _json({"domain": 0, "image": image(1)[:, :7].tolist()}), JSON, 422,
-                    "shape (C, H, W) = (3, 8, 8), got (3, 7, 8)"),
+    "wrong channels": ("POST", "/v1/predict",
+                       _json({"domain": 0, "image": image(1)[:2].tolist()}), JSON, 422,
+                       '"image" must have 3 channels, got 2'),
+    "empty rows": ("POST", "/v1/predict", _json({"domain": 0, "image": [[[]] * 8] * 3}), JSON,
+                   422, "with C = 3 channels and any H, W >= 1, got (3, 8, 0)"),
     "flat image": ("POST", "/v1/predict",
                    _json({"domain": 0, "image": image(1).flatten().tolist()}), JSON, 422,
                    "got (192,)"),
@@ -252,6 +315,14 @@ BAD = {
                    BINARY, 422, "non-finite"),
     "binary wrong length": ("POST", "/v1/predict?domain=0", b"\0" * 100, BINARY, 422,
                             "must be 768 bytes"),
+    "binary wrong size": ("POST", "/v1/predict?domain=0&height=24&width=24",
+                          image(2).numpy().tobytes(), BINARY, 422,
+                          "must be 6912 bytes (little-endian float32 of shape (C, H, W) = "
+                          "(3, 24, 24)"),
+    "binary zero height": ("POST", "/v1/predict?domain=0&height=0", image(2).numpy().tobytes(),
+                           BINARY, 400, 'query parameter "height" must be a positive int'),
+    "binary string width": ("POST", "/v1/predict?domain=0&width=w", image(2).numpy().tobytes(),
+                            BINARY, 400, 'query parameter "width" must be a positive int'),
     "binary no domain": ("POST", "/v1/predict", image(2).numpy().tobytes(), BINARY, 400,
                          'query parameter "domain" is missing'),
     "binary string domain": ("POST", "/v1/predict?domain=cat", image(2).numpy().tobytes(),
@@ -344,6 +415,7 @@ def test_health(server):
     assert status == 200 and payload["status"] == "ok"
     assert payload["num_domains"] == 3 and payload["num_classes"] == NUM_CLASSES
     assert payload["input_shape"] == list(SHAPE) and payload["max_body_bytes"] == MAX_BODY
+    assert payload["channels"] == 3 and payload["fixed_input_shape"] is False
 
 
 def _prometheus_value(text, sample):
@@ -393,6 +465,16 @@ def test_make_app_arguments(web, pruned):
         with pytest.raises(ValueError, match="max_body_bytes"):
             make_app(engine, max_body_bytes=0)
         assert make_app(engine) is not None  # the default limit: default_max_body_bytes
+
+    class NoInputSize(torch.nn.Module):
+        num_domains = 2
+
+        def forward(self, x, domain):
+            return x.mean((1, 2, 3))[:, None]
+
+    with Engine(NoInputSize()) as engine:
+        with pytest.raises(ValueError, match=r"engine must know its input shape"):
+            make_app(engine)
     from fastmdl.server import default_max_body_bytes
     assert default_max_body_bytes(SHAPE) > 32 * math.prod(SHAPE)
 
