@@ -41,7 +41,12 @@ def pretrained_backbone(*, size: int = 32, width: float = 0.25, epochs: int = 2,
                 "batch_size": batch_size, "lr": lr, "seed": seed}
     key = "resnet26-fashion-" + "-".join(f"{k}{v}" for k, v in settings.items()) + ".pt"
     path = os.path.join(directory or cache_dir(), key)
-    model = resnet26(num_classes=10, width=width, in_channels=1)
+    # The starting weights are a function of `seed` alone (the cache key), not of the
+    # caller's random state: otherwise whoever trains first decides what the cache
+    # holds for everyone with the same key. The caller's generator is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = resnet26(num_classes=10, width=width, in_channels=1)
     if os.path.exists(path):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
