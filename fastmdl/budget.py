@@ -43,11 +43,16 @@ class BudgetLoss(nn.Module):
         S_{J} = 1 - C_\cap / C_\cup
 
     (each 0 when every domain keeps the same filters). The loss is
-    ``budget_weight`` * :math:`L_{budget}` + w * S. A float ``sharing_weight`` is w;
-    ``"learnable"`` learns :math:`w = e^{-s}` by adding :math:`w S + s`
-    (uncertainty weighting: w settles at 1/S), capped at 10. Call it with no
-    arguments; add its parameters to the optimiser when w is learnable.
-    ``parts()`` gives the last call's terms for logging.
+    :math:`L_{budget} + w S` (``budget_weight`` enters through the multipliers).
+    A float ``sharing_weight`` is w; ``"learnable"`` learns w by adding
+    :math:`w S - \ln w` (uncertainty weighting), whose minimum over w is at
+    :math:`w = 1/S`. w is :math:`10\,\sigma(u)` for a parameter u
+    (``sharing_param``, starting at w = 1): bounded by 10 without a clamp, so its
+    gradient :math:`(S - 1/w)\,dw/du` never vanishes and w follows S wherever it
+    goes; where 1/S > 10 it stays just under the bound. Call it with no arguments;
+    add ``sharing_param`` to the optimiser when w is learnable, with its own step
+    size (:func:`fastmdl.train`'s ``sharing_lr``): at the task weights' 1e-3, w
+    would move 0.1% a step. ``parts()`` gives the last call's terms for logging.
     """
 
     def __init__(self, model, budget: float, metric: str = "flops",
@@ -80,11 +85,12 @@ class BudgetLoss(nn.Module):
         self.input_size = input_size
         self._model = [model]  # not a submodule: its parameters are not ours
         if sharing_weight == "learnable":
-            self.log_sharing_weight = nn.Parameter(torch.zeros(()))
+            # w = 10 sigmoid(u) = 1 at u = -ln 9.
+            self.sharing_param = nn.Parameter(torch.tensor(-math.log(_MAX_LEARNED_WEIGHT - 1)))
             self.fixed_weight = None
         elif isinstance(sharing_weight, (int, float)) and not isinstance(sharing_weight, bool) \
                 and sharing_weight >= 0:
-            self.log_sharing_weight = None
+            self.sharing_param = None
             self.fixed_weight = float(sharing_weight)
         else:
             raise ValueError(f"sharing_weight must be 'learnable' or a number >= 0, "
@@ -93,10 +99,9 @@ class BudgetLoss(nn.Module):
 
     def sharing_weight(self) -> torch.Tensor:
         """The current weight w of the sharing term."""
-        if self.log_sharing_weight is None:
+        if self.sharing_param is None:
             return torch.tensor(self.fixed_weight)
-        s = self.log_sharing_weight.clamp(min=-math.log(_MAX_LEARNED_WEIGHT))
-        return torch.exp(-s)
+        return _MAX_LEARNED_WEIGHT * torch.sigmoid(self.sharing_param)
 
     def forward(self) -> torch.Tensor:
         model = self._model[0]
@@ -124,8 +129,8 @@ class BudgetLoss(nn.Module):
         w = self.sharing_weight().to(total.device)
         if self.sharing is not None:
             total = total + w * sharing
-            if self.log_sharing_weight is not None:
-                total = total + self.log_sharing_weight.clamp(min=-math.log(_MAX_LEARNED_WEIGHT))
+            if self.sharing_param is not None:
+                total = total - torch.log(w)
         base = c.baseline.mean()
         self._parts = {
             "cost": ratio.detach().cpu().tolist(),

@@ -23,7 +23,7 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
           *, budget: float = 1.0, epochs: int = 1, metric: str = "flops",
           sharing: Optional[str] = None, sharing_weight: Union[str, float] = "learnable",
           budget_weight: float = 1.0, dual_lr: float = 0.01, lr: float = 1e-3,
-          mask_lr: float = 1e-2,
+          mask_lr: float = 1e-2, sharing_lr: float = 0.05,
           train_weights: bool = False, device: Union[str, torch.device, None] = None,
           checkpoint: Union[str, os.PathLike, None] = None, resume: bool = True,
           progress: bool = True, log: Optional[Callable[[str], None]] = print,
@@ -39,7 +39,9 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
     The budget the loss enforces falls linearly from 1 to ``budget`` over the
     first ``anneal`` fraction of the steps (0: the full budget from the start),
     with plain SGD on the mask scores (step ``mask_lr`` / c, c the cost of a
-    typical filter as a fraction of the baseline) and Adam at ``lr`` on the rest.
+    typical filter as a fraction of the baseline) and Adam at ``lr`` on the rest,
+    except a learnable sharing weight, which Adam steps at ``sharing_lr`` (its
+    optimum 1/S moves as the masks do; at ``lr`` it would barely move).
     The budget loss's gradient on each group's scores is rescaled by c over the
     cost of one of that group's filters (see :func:`filter_costs`), so the budget
     pulls every filter down at the same pace and the task gradient decides which
@@ -86,6 +88,9 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
         _check_loaders(val_loaders, "val_loaders", num_domains)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if isinstance(sharing_lr, bool) or not isinstance(sharing_lr, (int, float)) \
+            or not sharing_lr > 0:
+        raise ValueError(f"sharing_lr must be a positive number, got {sharing_lr!r}")
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
@@ -114,8 +119,8 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
         progress, log = False, None
     rest = [p for p in model.parameters() if id(p) not in scores and
             (train_weights or id(p) not in shared_ids)]
-    if loss_fn.log_sharing_weight is not None:
-        rest.append(loss_fn.log_sharing_weight)
+    sharing_group = ([{"params": [loss_fn.sharing_param], "lr": sharing_lr}]
+                     if loss_fn.sharing_param is not None else [])
     group_scores = [g.scores for g in model.mask_groups()]
     cost_each = filter_costs(model, metric)
     widths = [g.width for g in model.mask_groups()]
@@ -124,7 +129,7 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
     # cost, so every filter is pulled down at the pace of a typical one.
     precondition = [typical / c for c in cost_each]
     optimizer = _Optimizers(torch.optim.SGD(group_scores, lr=mask_lr / typical),
-                            torch.optim.Adam(rest, lr=lr))
+                            torch.optim.Adam([{"params": rest}] + sharing_group, lr=lr))
 
     history: List[Dict] = []
     start = 0
@@ -163,7 +168,7 @@ def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optiona
             optimizer.zero_grad(set_to_none=True)
             task.backward()
             penalty = loss_fn()
-            extra = [loss_fn.log_sharing_weight] if loss_fn.log_sharing_weight is not None else []
+            extra = [loss_fn.sharing_param] if loss_fn.sharing_param is not None else []
             grads = torch.autograd.grad(penalty, group_scores + extra, allow_unused=True)
             for p, g, k in zip(group_scores + extra, grads, precondition + [1.0] * len(extra)):
                 if g is not None:

@@ -81,7 +81,7 @@ def test_sharing_is_zero_when_domains_agree_and_positive_when_they_differ(sharin
 def test_learnable_sharing_weight_is_a_parameter():
     m = model(2)
     loss = fastmdl.BudgetLoss(m, 0.5, sharing="jaccard")
-    assert [n for n, _ in loss.named_parameters()] == ["log_sharing_weight"]
+    assert [n for n, _ in loss.named_parameters()] == ["sharing_param"]
     assert float(loss.sharing_weight().detach()) == pytest.approx(1.0)
 
 
@@ -114,3 +114,56 @@ def test_multipliers_fall_back_once_under_budget_and_stay_put_in_eval():
     before = loss.multipliers.clone()
     loss()
     assert torch.equal(loss.multipliers, before)
+
+
+@pytest.mark.parametrize("steps", [64, 192])
+@pytest.mark.parametrize("case", ["jaccard, w* > 1", "union, w* < 1"])
+def test_the_learnable_sharing_weight_reaches_its_optimum_one_over_s(steps, case):
+    """With the masks held (S fixed), w minimises w S - ln w at 1/S; stepped as
+    train steps it (Adam at sharing_lr), it gets there within the experiment's
+    step counts, from w = 1, above 1 or below."""
+    if case.startswith("jaccard"):  # domain 0 keeps odd filters, 1 keeps 0, 1 mod 4
+        m = model(2, TinyVGG)
+        for group in m.mask_groups():
+            group.scores.data[0, ::2] = -1.0
+            group.scores.data[1, 2::4] = -1.0
+            group.scores.data[1, 3::4] = -1.0
+    else:  # three domains on disjoint thirds: the union costs several times the mean
+        m = model(3, TinyVGG)
+        for group in m.mask_groups():
+            for d in range(3):
+                keep = torch.zeros(group.scores.shape[1], dtype=torch.bool)
+                keep[d::3] = True
+                group.scores.data[d, ~keep] = -1.0
+    loss = fastmdl.BudgetLoss(m, 1.0, sharing=case.split(",")[0])
+    opt = torch.optim.Adam([loss.sharing_param], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    S = loss.parts()["sharing"]
+    w = float(loss.sharing_weight().detach())
+    assert (1 / S > 1.2) if "> 1" in case else (1 / S < 0.8), S
+    assert w == pytest.approx(1 / S, rel=0.1), (S, w)
+
+
+def test_the_sharing_weight_still_learns_after_sitting_at_its_bound():
+    """The old clamp passed no gradient below its cap: w froze at 10 for good. Here
+    w near the bound comes back when S grows (S = 5 wants w = 0.2)."""
+    m = model(2, TinyVGG)
+    loss = fastmdl.BudgetLoss(m, 1.0, sharing="union")
+    with torch.no_grad():
+        loss.sharing_param.fill_(6.0)  # w = 10 sigmoid(6) = 9.98
+    for group in m.mask_groups():
+        group.scores.data[0, ::2] = -1.0
+        group.scores.data[1, 1::2] = -1.0
+    loss()
+    assert loss.parts()["sharing"] > 0.5
+    opt = torch.optim.Adam([loss.sharing_param], lr=0.05)
+    w0 = float(loss.sharing_weight().detach())
+    for _ in range(64):
+        opt.zero_grad()
+        loss().backward()
+        assert loss.sharing_param.grad.abs() > 0
+        opt.step()
+    assert float(loss.sharing_weight().detach()) < w0 - 1.0
