@@ -4,14 +4,18 @@ multi-domain networks (Ye et al., TPAMI 2023, "PAGCP").
 Over the prunable channel groups g_0 .. g_{n-1} (coupled channels, see
 ``fastmdl/graph.py``):
 
-1. saliency of channel c: :math:`\sum_{m \in g} \lVert W^{(m)}_c \rVert_1` over the
-   convolutions m that write the group;
+1. saliency of channel c: :math:`\sum_{m \in g} \mathrm{mean}\,|W^{(m)}_c|` over the
+   convolutions m that write the group (each member's mean absolute weight over
+   its fan-in, as the authors' code does; raw L1 sums let the members of large
+   fan-in decide alone);
 2. each group is trial-pruned by 30% (its lowest-saliency channels; the FLOPs are
    those of the cost model, what a pruned copy would have) and the FLOPs saved are
    recorded; groups are visited by FLOPs saved, the largest first
    when the thresholds shrink (lambda <= 1) and last when they grow, so the
    groups that save most always get the loosest bounds (as the authors' code does);
-3. the i-th visited group gets the threshold :math:`d_i = d_0 \lambda^i`;
+3. a visited group gets the threshold :math:`d_i = d_0 \lambda^i`, i the number of
+   groups cut before it (i advances only when a group loses channels, as in the
+   authors' code: a group that cannot be cut leaves the next one its allowance);
    ``initial_rate`` is d_0 and ``initial_threshold`` the bound T on the whole
    schedule, :math:`\prod_{i<n} (1 + d_i) = T`, solved for lambda (lambda = 1
    without ``exponential``): no task's loss can grow more than T-fold along the pass;
@@ -238,11 +242,12 @@ def pagcp(model: nn.Module, tasks: Mapping[str, Callable[[nn.Module], float]], *
 
     kept: Kept = {}
     flops_now = report.flops_before
+    cuts = 0  # d_i's index: groups cut so far
     for i, grp in enumerate(order):
-        res = GroupResult(grp.name, list(grp.members), i, thresholds[i], grp.width, grp.width,
+        d_i = thresholds[cuts]
+        res = GroupResult(grp.name, list(grp.members), i, d_i, grp.width, grp.width,
                           loss_before=dict(base), loss_after=dict(base),
-                          bound={t: (1 + thresholds[i]) * max(b, floors[t])
-                                 for t, b in base.items()},
+                          bound={t: (1 + d_i) * max(b, floors[t]) for t, b in base.items()},
                           trial_flops_saved=trial[grp.root])
         ranked = _ranked(net, current, grp, kept, importance)
         accepted, tried = None, 0
@@ -263,6 +268,7 @@ def pagcp(model: nn.Module, tasks: Mapping[str, Callable[[nn.Module], float]], *
         if accepted is not None:
             res.ratio, keep, res.loss_after, current = accepted
             kept[grp.root] = keep
+            cuts += 1
             res.kept = len(keep)
             flops_after = net.flops(kept)
             res.flops_removed, flops_now = flops_now - flops_after, flops_after

@@ -149,6 +149,7 @@ class Network:
                 layer.out_masks = self.masks[r][:, self.kept_or_all(kept, r)]
                 layer.kernel = math.prod(m.weight.shape[2:])
                 layer.groups, layer.pixels = m.groups, math.prod(info.out_hw)
+                layer.in_per_group = m.weight.shape[1] if m.groups > 1 else 0
                 # A pruned conv's bias went into its shift; cost_report counts none.
                 layer.bias = not isinstance(m, PrunedConv2d) and m.bias is not None
             elif info.kind == "linear":
@@ -169,13 +170,17 @@ class Network:
 
     def saliency(self, model: nn.Module, group: Group, kept: Kept, importance: str) -> torch.Tensor:
         r"""Per channel of ``group`` in ``model`` (the network ``kept`` describes):
-        :math:`\sum_{m \in members} \lVert W^{(m)}_c \rVert_p` (p = 1 for "l1", 2 for
-        "l2"), times 0 for channels no domain uses (removing those is free)."""
+        the sum over the member convolutions m of the mean of :math:`|W^{(m)}_c|`
+        over its fan-in ("l1", as the PAGCP authors' code does) or the root mean
+        square ("l2"), times 0 for channels no domain uses (removing those is
+        free). Means, not sums: with sums the members of large fan-in (3x3 layers
+        of many channels) drown out the others, a stem of 27 weights per filter
+        counting for almost nothing."""
         root = _root(model, self.kind)
         total = 0
         for name in group.members:
             w = root.get_submodule(name).weight.detach().flatten(1).float()
-            total = total + (w.abs().sum(1) if importance == "l1" else w.norm(dim=1))
+            total = total + (w.abs().mean(1) if importance == "l1" else w.pow(2).mean(1).sqrt())
         used = self.masks[group.root][:, self.kept_or_all(kept, group.root)].amax(dim=0)
         return total.cpu() * used
 
@@ -209,7 +214,7 @@ class Network:
             rep = info.in_axis.repeat
             feat = (chan[:, None] * rep + torch.arange(rep)).flatten() if rep > 1 else chan
             if info.kind == "conv":
-                if m.groups != 1:
+                if m.groups != 1 and not graph.is_depthwise(m):
                     raise RuntimeError(f"internal error: grouped convolution {name} was cut")
                 _slice_conv(m, out, chan if cut else None)
                 if out is not None and isinstance(m, Conv2d):
@@ -251,10 +256,15 @@ def _rows(t: Optional[torch.Tensor], idx: Optional[torch.Tensor], dim: int):
 
 
 def _slice_conv(m: nn.Module, out: Optional[torch.Tensor], chan: Optional[torch.Tensor]) -> None:
-    """Keep filters ``out`` and input channels ``chan`` (None: all)."""
+    """Keep filters ``out`` and input channels ``chan`` (None: all). A depthwise
+    convolution reads and writes one space, so ``out`` is ``chan``: it keeps those
+    filters, one group each."""
+    depthwise = graph.is_depthwise(m)
     if isinstance(m, PrunedConv2d):
         in_masks, out_masks = m.masks()  # before the slice: they read the weight's shape
-    m.weight = _param(m.weight, _rows(_rows(m.weight, out, 0), chan, 1))
+    m.weight = _param(m.weight, _rows(_rows(m.weight, out, 0), None if depthwise else chan, 1))
+    if depthwise:
+        m.groups = m.weight.shape[0]
     if isinstance(m, PrunedConv2d):
         for attr in ("scale", "shift"):
             if getattr(m, attr) is not None:
@@ -266,7 +276,7 @@ def _slice_conv(m: nn.Module, out: Optional[torch.Tensor], chan: Optional[torch.
         return
     if m.bias is not None and out is not None:
         m.bias = _param(m.bias, _rows(m.bias, out, 0))
-    m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1]
+    m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
 
 
 def _slice_stats(m: nn.Module, chan: Optional[torch.Tensor]) -> None:

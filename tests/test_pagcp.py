@@ -111,9 +111,11 @@ def check_bounds(report, floors=None):
     baselines only moving up."""
     floors = floors or {}
     prev = None
+    cuts = 0  # d_i advances only after a group lost channels (the authors' schedule)
     for i, r in enumerate(report.groups):
         assert r.order == i
-        assert r.threshold == pytest.approx(report.initial_rate * report.lam ** i)
+        assert r.threshold == pytest.approx(report.initial_rate * report.lam ** cuts)
+        cuts += r.kept < r.width
         for t, before in r.loss_before.items():
             assert r.bound[t] == pytest.approx((1 + r.threshold) * max(before,
                                                                       floors.get(t, 0.0)))
@@ -478,3 +480,38 @@ def test_experiment_smoke_mode_runs(tmp_path):
     for bad in ("digits,mnist", "digits,digits", ""):
         with pytest.raises(SystemExit):
             pagcp_experiment.main(["--smoke", "--domains", bad, "--out", str(tmp_path)])
+
+
+# -- the authors' saliency and schedule ----------------------------------------------------
+
+@pytest.mark.parametrize("importance", ["l1", "l2"])
+def test_group_saliency_sums_each_members_mean_over_its_fan_in(importance):
+    """A residual group's members have fan-ins of very different sizes; each
+    counts through its mean, so none drowns the others (the authors' code)."""
+    m = masked_model(TinyResNet, keep=1.1)  # every channel used
+    net = surgery.Network(m)
+    grp = max(net.groups, key=lambda g: len(g.members))
+    assert len(grp.members) >= 2
+    got = net.saliency(m, grp, {}, importance)
+    want = 0
+    for name in grp.members:
+        w = m.module.get_submodule(name).weight.detach().flatten(1).float()
+        want = want + (w.abs().mean(1) if importance == "l1" else w.pow(2).mean(1).sqrt())
+    torch.testing.assert_close(got, want)
+    fan_ins = {m.module.get_submodule(n).weight[0].numel() for n in grp.members}
+    assert len(fan_ins) > 1  # the case where sums and means rank differently
+
+
+def test_the_allowance_advances_only_after_a_cut():
+    """A group that cannot be cut leaves its d_i to the next group visited."""
+    model, tasks, x = plain_model_and_tasks(seed=3)
+    size = sum(p.numel() for p in model.parameters())
+    # A task that refuses any change: every cut fails.
+    def picky(m):
+        return 1.0 + 10.0 * (1 - sum(p.numel() for p in m.parameters()) / size)
+
+    _, report = fastmdl.pagcp(model, {**tasks, "picky": picky}, initial_threshold=3.0,
+                              ratios=FEW_RATIOS, example_input=x[:1])
+    check_bounds(report)
+    assert all(r.kept == r.width for r in report.groups)  # nothing cut ...
+    assert {r.threshold for r in report.groups} == {report.initial_rate}  # ... d_0 throughout
