@@ -346,6 +346,7 @@ def per_domain_networks(model) -> List[torch.nn.Module]:
     from torch import nn
 
     import fastmdl
+    from fastmdl import graph
     from fastmdl.cost import multidomain_layers
 
     layers = {layer.name: layer for layer in multidomain_layers(model, hard=True)}
@@ -359,10 +360,14 @@ def per_domain_networks(model) -> List[torch.nn.Module]:
             keep_in = (info.in_masks[d] > 0).nonzero().squeeze(1)
             if isinstance(m, fastmdl.Conv2d):
                 keep_out = (info.out_masks[d] > 0).nonzero().squeeze(1)
-                if m.groups != 1:  # fastmdl keeps a grouped conv whole; so does the user
+                groups = m.groups
+                if graph.is_depthwise(m):  # filter c reads channel c: one group per kept filter
+                    keep_in = torch.arange(1 if keep_out.numel() else 0)
+                    groups = max(1, keep_out.numel())
+                elif m.groups != 1:  # fastmdl keeps a grouped conv whole; so does the user
                     keep_in = torch.arange(m.in_channels // m.groups)
-                new = nn.Conv2d(keep_in.numel() * m.groups, keep_out.numel(), m.kernel_size,
-                                m.stride, m.padding, m.dilation, m.groups, m.bias is not None,
+                new = nn.Conv2d(keep_in.numel() * groups, keep_out.numel(), m.kernel_size,
+                                m.stride, m.padding, m.dilation, groups, m.bias is not None,
                                 m.padding_mode)
                 with torch.no_grad():
                     new.weight.copy_(m.weight[keep_out][:, keep_in])

@@ -156,6 +156,14 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
     gm = _traced(inner, example, input_size)
     head_name = _find_head(gm)
     if head_name is None:
+        conv = _conv_classifier(gm)
+        if conv is not None:
+            raise ValueError(
+                f"no linear classifier head: the model's output comes from the convolution "
+                f"{conv!r} through pooling, flatten, ReLU or dropout (a convolutional "
+                "classifier, as in SqueezeNet); fastmdl's per-domain heads "
+                "are linear, and convolutional heads are not supported yet. Replace the "
+                "classifier by global pooling, flatten and an nn.Linear, then convert")
         raise ValueError("could not find the classifier head: the model's output must come "
                          "from an nn.Linear (possibly through dropout), or be a "
                          "fastmdl.DomainHeads")
@@ -219,6 +227,29 @@ def _find_head(gm: fx.GraphModule) -> Optional[str]:
     return None
 
 
+def _conv_classifier(gm: fx.GraphModule) -> Optional[str]:
+    """The convolution the model's output comes from through pooling, flatten,
+    ReLU or dropout (SqueezeNet's classifier), or None."""
+    modules = dict(gm.named_modules())
+    node = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    through = (nn.ReLU, nn.Dropout, nn.Identity, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+               nn.Flatten, nn.AvgPool2d)
+    functions = {torch.flatten, torch.relu, torch.nn.functional.relu,
+                 torch.nn.functional.dropout, torch.nn.functional.adaptive_avg_pool2d}
+    while isinstance(node, fx.Node):
+        if node.op == "call_module":
+            m = modules[node.target]
+            if isinstance(m, nn.Conv2d):
+                return node.target
+            if not isinstance(m, through):
+                return None
+        elif not ((node.op == "call_function" and node.target in functions)
+                  or (node.op == "call_method" and node.target in ("flatten", "mean", "view"))):
+            return None
+        node = node.args[0]
+    return None
+
+
 def _warn_frozen(model: MultiDomainModel) -> None:
     """Say which convolutions keep all their filters, and what that costs: a
     network converted with half of it frozen is a different product from one
@@ -266,13 +297,20 @@ def _check_input_size(input_size, channels: int) -> Tuple[int, int, int]:
 def _wire_masks(module: nn.Module, g: graph.ChannelGraph) -> List[MaskGroup]:
     """Tie the scores of each group's convolutions to one Parameter, mark the
     convolutions of frozen spaces unprunable, and give each BatchNorm the masks of
-    its channels."""
+    its channels. A group's members are every convolution writing its channels:
+    those a residual add ties, a depthwise convolution over them (its filter c is
+    kept exactly where channel c is) and a squeeze-and-excitation gate's last
+    convolution (its gate c multiplies channel c)."""
     groups = []
     scores_of: Dict[int, nn.Parameter] = {}
     for root, members in g.groups().items():
         convs = [g.layers[m].module for m in members]
         scores = convs[0].scores
-        for c in convs:
+        for name, c in zip(members, convs):
+            if c.scores.shape != scores.shape:
+                raise ValueError(f"convolution {name} writes the channels of mask group "
+                                 f"{members[0]} but has {tuple(c.scores.shape)} mask scores, "
+                                 f"not the group's {tuple(scores.shape)}")
             c.scores = scores
             c.prunable = True
         scores_of[root] = scores

@@ -4,12 +4,16 @@ Counts (FLOPs are multiply-accumulates, as in the pruning papers):
 
 | layer            | params                           | FLOPs                            |
 |------------------|----------------------------------|----------------------------------|
-| conv (k = kh*kw) | k*c_in*c_out/groups + c_out bias | k*c_in*c_out/groups*H_out*W_out  |
+| conv (k = kh*kw) | k*c_in*c_out + c_out bias        | k*c_in*c_out*H_out*W_out         |
+| grouped conv     | k*g_in*c_out + c_out bias        | k*g_in*c_out*H_out*W_out         |
 | BatchNorm        | 2*c (per domain)                 | 0 (folded into the conv)         |
 | linear           | f_in*f_out + f_out (bias)        | f_in*f_out                       |
 | head of domain d | f_in*classes_d + classes_d       | f_in*classes_d                   |
 
-where for domain d, c_in and c_out count the channels d's masks keep; for the
+where for domain d, c_in and c_out count the channels d's masks keep, and g_in
+is the input channels each filter of a grouped convolution reads (1 for a
+depthwise one, whose filters are kept or removed with their channels: its cost
+scales with the kept channels, not their square); for the
 *union* (what the pruned network holds) a channel counts if any domain keeps it,
 and each domain keeps its own BatchNorm and head; the *baseline* is the
 single-domain network with every filter. Mask sums go through the
@@ -42,6 +46,9 @@ class CostLayer:
     repeat: int = 1  # features per input channel (a flattened H x W map)
     kernel: int = 1
     groups: int = 1
+    # Input channels each filter reads when groups > 1 (its weight's dim 1); 0 for
+    # an ordinary convolution, whose filters read every kept input channel.
+    in_per_group: int = 0
     pixels: int = 1
     bias: bool = False
     out_features: int = 0
@@ -74,7 +81,10 @@ def _layer_cost(layer: CostLayer, view: str, metric: str) -> torch.Tensor:
     c_in = _reduce(layer.in_masks, view) * layer.repeat
     if layer.kind == "conv":
         c_out = _reduce(layer.out_masks, view)
-        weights = layer.kernel * c_in * c_out / layer.groups
+        if layer.in_per_group:  # each kept filter reads its own group's channels
+            weights = layer.kernel * layer.in_per_group * c_out
+        else:
+            weights = layer.kernel * c_in * c_out / layer.groups
         if metric == "flops":
             return weights * layer.pixels
         return weights + (c_out if layer.bias else 0)
@@ -123,6 +133,7 @@ def multidomain_layers(model, input_size: Optional[Tuple[int, int, int]] = None,
             layer.out_masks = segment_masks(g.segments(out_axis), d, hard=hard, device=device)
             layer.kernel = math.prod(m.kernel_size)
             layer.groups, layer.bias = m.groups, m.bias is not None
+            layer.in_per_group = m.weight.shape[1] if m.groups > 1 else 0
             layer.pixels = math.prod(info.out_hw)
         elif info.kind == "linear":
             layer.out_features, layer.bias = m.out_features, m.bias is not None
@@ -154,6 +165,7 @@ def pruned_layers(model) -> List[CostLayer]:
             in_masks, out_masks = m.masks()
             out.append(CostLayer(name, "conv", in_masks, out_masks,
                                  kernel=m.weight.shape[2] * m.weight.shape[3], groups=m.groups,
+                                 in_per_group=m.weight.shape[1] if m.groups > 1 else 0,
                                  pixels=pixels[m], bias=False))
         elif isinstance(m, PrunedBatchNorm2d):
             out.append(CostLayer(name, "bn", m.masks.float()))

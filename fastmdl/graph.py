@@ -1,25 +1,41 @@
 """Which channels are tied together: tracing a model with torch.fx.
 
 Every tensor's channel axis (dim 1) is labelled with the *space* its channels
-belong to: a convolution's output opens a new space; BatchNorm, ReLU, pooling and
-other ops that map 0 to 0 channel-wise keep the label; an elementwise add/sub/mul
-of two tensors ties their spaces into one (a residual block's convolutions then
-share one mask); ``cat`` on channels concatenates labels; a flatten to features
-repeats each channel's label over its pixels. Spaces that fastmdl must not prune
-are *frozen*: the image, anything that reaches the model's output other than
-through the classifier head, and anything touched by an op it does not
-understand (a conservative default: it can only cost pruning opportunities,
-never correctness). Each unfrozen space becomes one mask group.
+belong to: a convolution's output opens a new space; BatchNorm, ReLU, pooling,
+stochastic depth and other ops that map 0 to 0 channel-wise keep the label; an
+elementwise add/sub/mul of two tensors ties their spaces into one (a residual
+block's convolutions then share one mask); ``cat`` on channels concatenates
+labels; a flatten to features repeats each channel's label over its pixels.
 
-Three kinds of network are understood: a plain one (``nn.Conv2d`` with
-groups=1, ``nn.BatchNorm2d``, ``nn.Linear``), a converted one (fastmdl's
-layers) and the graph of a :class:`fastmdl.PrunedModel` (its layers take the
-domain tensor as a second input, and a convolution with a fused residual writes
-the residual's space).
+A depthwise convolution (groups = C_in = C_out: output channel c filters input
+channel c alone) writes the space it reads, so its filters are kept and removed
+with their channels. A sigmoid or hard sigmoid keeps the labels but not the
+zeros (sigmoid(0) = 0.5): its output is a *gate*, which may go through ops that
+keep channels apart and multiply a tensor whose channels are zero where masked
+(squeeze-and-excitation, ``x * gate``: the product is 0 wherever x is, and the
+gate's last convolution joins x's space); any other use of a gate (an add, a
+convolution reading it) keeps its spaces whole.
+
+Spaces that fastmdl must not prune are *frozen*: the image, anything that
+reaches the model's output other than through the classifier head, and anything
+touched by an op it does not understand (a conservative default: it can only
+cost pruning opportunities, never correctness). Frozen so far: grouped
+convolutions other than depthwise ones (and depthwise ones with a channel
+multiplier > 1 or over a concatenation), splits of the channels (``chunk``:
+any op that returns several tensors), channel shuffles and other reshapes of
+the channel axis, and an ``nn.Linear`` over anything but (N, features), e.g. a
+channels-last MLP after a permute. Each unfrozen space becomes one mask group.
+
+Three kinds of network are understood: a plain one (``nn.Conv2d``,
+``nn.BatchNorm2d``, ``nn.Linear``), a converted one (fastmdl's layers) and the
+graph of a :class:`fastmdl.PrunedModel` (its layers take the domain tensor as a
+second input, and a convolution with a fused residual writes the residual's
+space).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -28,7 +44,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from . import _domain
 from .layers import BatchNorm2d, Conv2d, DomainHeads
@@ -85,10 +101,13 @@ def shape_propagate(gm: fx.GraphModule, example: torch.Tensor, *more: Any) -> No
 @dataclass(frozen=True)
 class Axis:
     """A channel axis: consecutive (space id, width) segments, each channel
-    repeated ``repeat`` times (a flattened (C, H, W) map has repeat H*W)."""
+    repeated ``repeat`` times (a flattened (C, H, W) map has repeat H*W).
+    ``keeps_zeros`` is False for a gate (a sigmoid's output): its channels are the
+    spaces' but a channel a domain masks is not 0 there."""
 
     segments: Tuple[Tuple[int, int], ...]
     repeat: int = 1
+    keeps_zeros: bool = True
 
     @property
     def width(self) -> int:
@@ -148,13 +167,15 @@ class ChannelGraph:
         return self.frozen[self.find(s)]
 
     def scores_by_root(self) -> Dict[int, nn.Parameter]:
-        """Unfrozen space root -> the mask scores its convolutions share."""
+        """Unfrozen space root -> the mask scores its convolutions share (a
+        depthwise convolution's are its input group's)."""
         out = {}
         for info in self.layers.values():
-            if (info.kind == "conv" and isinstance(info.module, Conv2d)
-                    and info.module.groups == 1 and info.module.prunable
+            m = info.module
+            if (info.kind == "conv" and isinstance(m, Conv2d)
+                    and (m.groups == 1 or is_depthwise(m)) and m.prunable
                     and not self.is_frozen(info.out_space)):
-                out[self.find(info.out_space)] = info.module.scores
+                out[self.find(info.out_space)] = m.scores
         return out
 
     def segments(self, axis: Axis) -> List[Tuple[Optional[nn.Parameter], int]]:
@@ -163,7 +184,8 @@ class ChannelGraph:
         return [(scores.get(self.find(s)), w) for s, w in axis.segments]
 
     def groups(self) -> Dict[int, List[str]]:
-        """Unfrozen spaces (roots) -> the convolutions that write them, in graph order."""
+        """Unfrozen spaces (roots) -> the convolutions that write them, in graph order
+        (a depthwise convolution writes the space it reads)."""
         out: Dict[int, List[str]] = {}
         for info in self.layers.values():
             if info.kind == "conv" and info.out_space is not None:
@@ -171,6 +193,15 @@ class ChannelGraph:
                 if not self.frozen[root]:
                     out.setdefault(root, []).append(info.name)
         return out
+
+
+def is_depthwise(conv: nn.Module) -> bool:
+    """Whether ``conv`` (an ``nn.Conv2d`` or a :class:`PrunedConv2d`) is depthwise with
+    channel multiplier 1 (groups == C_in == C_out > 1): output channel c is input
+    channel c filtered alone. (A pruned one that kept a single channel has groups=1
+    and is an ordinary convolution.)"""
+    w = conv.weight
+    return conv.groups > 1 and w.shape[0] == conv.groups and w.shape[1] == 1
 
 
 # Ops that map a zero channel to a zero channel and keep channels where they are.
@@ -181,6 +212,25 @@ _KEEP_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.s
                    F.hardswish, torch.tanh, F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d,
                    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.clone, torch.relu_}
 _KEEP_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone", "detach"}
+# The same, in other libraries, known by qualified name (the library need not be
+# importable): stochastic depth (EfficientNet, ConvNeXt) zeroes whole samples and
+# scales the rest; a loaded network runs fastmdl.serialize's copy of it.
+_KEEP_BY_NAME = {"torchvision.ops.stochastic_depth.stochastic_depth",
+                 "fastmdl.serialize._stochastic_depth"}
+
+
+def keeps_channels(fn: Any) -> bool:
+    """Whether calling function ``fn`` maps a zero channel to a zero channel and
+    keeps channels where they are."""
+    if fn in _KEEP_FUNCTIONS:
+        return True
+    return f"{getattr(fn, '__module__', None)}.{getattr(fn, '__name__', None)}" in _KEEP_BY_NAME
+
+# Ops that keep channels where they are but map 0 elsewhere (sigmoid(0) = 0.5): a
+# squeeze-and-excitation gate. Its channels stay labelled, with keeps_zeros False.
+_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.sigmoid_}
+_GATE_METHODS = {"sigmoid", "sigmoid_"}
 _TIE_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul,
                   operator.imul, torch.add, torch.sub, torch.mul}
 _TIE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
@@ -227,11 +277,22 @@ def analyse(gm: fx.GraphModule) -> ChannelGraph:
             g.freeze(labels.get(a))
         return fresh(node)
 
+    def freeze_gates(node) -> None:
+        # A gate's masked channels are not 0: only ops that keep channels apart
+        # (activations, pooling, a product with zero-keeping channels) may read it
+        # without every channel; anything else keeps its spaces whole.
+        for a in tensor_args(node):
+            axis = labels.get(a)
+            if axis is not None and not axis.keeps_zeros:
+                g.freeze(axis)
+
     for node in gm.graph.nodes:
         op, target = node.op, node.target
         first = node.args[0] if node.args else None
         in_axis = labels.get(first) if isinstance(first, fx.Node) else None
         out: Optional[Axis]
+        if not _reads_gates(node, modules):
+            freeze_gates(node)
         if op == "placeholder":
             out = fresh(node)
         elif op == "get_attr":
@@ -253,7 +314,11 @@ def analyse(gm: fx.GraphModule) -> ChannelGraph:
                 if m.groups == 1:
                     width = m.weight.shape[0]
                     out = Axis(((g.new_space(width), width),))
-                else:
+                elif is_depthwise(m) and len(in_axis.segments) == 1:
+                    # Output channel c reads input channel c alone: the same space,
+                    # so the filters are removed with the channels they read.
+                    out = in_axis
+                else:  # other grouped convs (and depthwise ones over a concatenation)
                     g.freeze(in_axis)
                     out = fresh(node)
                 residual = node.args[2] if len(node.args) > 2 else node.kwargs.get("residual")
@@ -267,6 +332,10 @@ def analyse(gm: fx.GraphModule) -> ChannelGraph:
                 seen_modules[target] = in_axis
                 out = in_axis
                 g.layers[target] = LayerInfo(target, "bn", m, in_axis, None, tuple(shape(node)[2:]))
+            elif isinstance(m, nn.Linear) and len(shape(first) or ()) != 2:
+                # Over the last dim of (N, ..., F) (a channels-last MLP after a
+                # permute), dim 1 is not its features: keep it and its neighbours whole.
+                out = unknown(node)
             elif isinstance(m, (nn.Linear,) + _HEADS) and in_axis is not None:
                 seen_modules[target] = in_axis
                 kind = "head" if isinstance(m, _HEADS) else "linear"
@@ -277,6 +346,8 @@ def analyse(gm: fx.GraphModule) -> ChannelGraph:
                                              out.segments[0][0] if out else None)
             elif isinstance(m, _KEEP_MODULES):
                 out = in_axis
+            elif isinstance(m, _GATE_MODULES):
+                out = _gate(in_axis) or unknown(node)
             elif isinstance(m, nn.Flatten):
                 out = _flatten(in_axis, shape(first), shape(node)) if in_axis else None
                 if out is None:
@@ -286,8 +357,10 @@ def analyse(gm: fx.GraphModule) -> ChannelGraph:
         else:  # call_function / call_method
             name = target if op == "call_method" else None
             fn = target if op == "call_function" else None
-            if fn in _KEEP_FUNCTIONS or name in _KEEP_METHODS:
+            if (fn is not None and keeps_channels(fn)) or name in _KEEP_METHODS:
                 out = in_axis
+            elif fn in _GATE_FUNCTIONS or name in _GATE_METHODS:
+                out = _gate(in_axis) or unknown(node)
             elif fn in _TIE_FUNCTIONS or name in _TIE_METHODS:
                 out = _binary(node, labels, g, tie, unknown,
                               scale_ok=fn in _SCALE_FUNCTIONS or name in _SCALE_METHODS)
@@ -300,12 +373,42 @@ def analyse(gm: fx.GraphModule) -> ChannelGraph:
                 same = (s_out is not None and len(s_out) >= 2 and s_out[0] == s_in[0]
                         and s_out[1] == s_in[1] and _reduces_spatial_only(node, len(s_in)))
                 out = in_axis if same else unknown(node)
-            elif shape(node) is None:
+            elif shape(node) is None and not _returns_tensors(node):
                 out = None  # sizes, dims, dtypes: read, never mixed into channels
-            else:
+            else:  # including ops that return several tensors (chunk, split)
                 out = unknown(node)
         labels[node] = out
     return g
+
+
+def _reads_gates(node: fx.Node, modules) -> bool:
+    """Whether ``node`` may read a gate (see ``Axis.keeps_zeros``) channel by channel:
+    an op that keeps channels apart, or a product/sum that ``_binary`` judges."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _KEEP_MODULES + _GATE_MODULES + (nn.Flatten,))
+    if node.op == "call_function":
+        fn = node.target
+        return (keeps_channels(fn) or fn in _GATE_FUNCTIONS or fn in _TIE_FUNCTIONS
+                or fn in _FLATTEN or fn in _REDUCE)
+    if node.op == "call_method":
+        return node.target in (_KEEP_METHODS | _GATE_METHODS | _TIE_METHODS | _FLATTEN | _REDUCE)
+    return False
+
+
+def _returns_tensors(node: fx.Node) -> bool:
+    """Whether ``node`` returns tensors in a tuple or list (``x.chunk(2, 1)``): its
+    parts are taken apart later by indexing, which the analysis does not follow."""
+    def holds(meta) -> bool:
+        if isinstance(meta, TensorMetadata):  # a NamedTuple itself: test it first
+            return True
+        if isinstance(meta, (tuple, list)):
+            return any(holds(m) for m in meta)
+        return isinstance(meta, dict) and any(holds(m) for m in meta.values())
+    return holds(node.meta.get("tensor_meta"))
+
+
+def _gate(axis: Optional[Axis]) -> Optional[Axis]:
+    return dataclasses.replace(axis, keeps_zeros=False) if axis is not None else None
 
 
 def _binary(node, labels, g, tie, unknown, scale_ok):
@@ -317,7 +420,13 @@ def _binary(node, labels, g, tie, unknown, scale_ok):
     if len(args) == 2 and len(nodes) == 2 and None not in axes:
         if node.kwargs.get("alpha", 1) == 0:
             return unknown(node)
-        return tie(axes[0], axes[1])
+        gated = [not a.keeps_zeros for a in axes]
+        if any(gated) and not scale_ok:
+            # gate + x: a channel x's domain masks is the gate's value, not 0.
+            return unknown(node)
+        out = tie(axes[0], axes[1])
+        # x * gate is 0 wherever x is: the product keeps zeros if either side does.
+        return dataclasses.replace(out, keeps_zeros=not all(gated))
     # x * number keeps a zero channel zero; x + number does not.
     numbers = [a for a in args if not isinstance(a, fx.Node)]
     if (len(nodes) == 1 and labels.get(nodes[0]) is not None and scale_ok
@@ -350,7 +459,7 @@ def _flatten(axis: Axis, s_in, s_out) -> Optional[Axis]:
         pixels *= v
     if s_out[0] != s_in[0] or s_out[1] != s_in[1] * pixels:
         return None
-    return Axis(axis.segments, axis.repeat * pixels)
+    return dataclasses.replace(axis, repeat=axis.repeat * pixels)
 
 
 def _reduces_spatial_only(node, rank: int) -> bool:

@@ -55,7 +55,9 @@ class Conv2d(nn.Conv2d):
     is binary in the forward pass with a straight-through gradient. ``weight`` and
     ``bias`` are those of ``nn.Conv2d`` (an ``nn.Conv2d`` state_dict loads as is).
     Inside a converted model, filters tied to others share one ``scores``
-    Parameter, and ``prunable`` is False where fastmdl must keep every filter.
+    Parameter, and ``prunable`` is False where fastmdl must keep every filter. A
+    depthwise convolution (groups = C_in = C_out) shares its input's group's
+    scores: its filter c is masked exactly where input channel c is.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,

@@ -6,8 +6,9 @@ From the traced graph of a :class:`MultiDomainModel`:
    spaces keep all); a space no domain uses keeps one channel that every domain
    masks, so no tensor is ever empty;
 2. each fastmdl layer is replaced by its pruned form (weights sliced to the kept
-   channels, per-domain index lists relative to them), and a plain ``nn.Linear``
-   that reads pruned features is sliced along its inputs;
+   channels, per-domain index lists relative to them; a depthwise convolution
+   keeps the filters of its kept channels, one group each), and a plain
+   ``nn.Linear`` that reads pruned features is sliced along its inputs;
 3. fusion: a BatchNorm that only reads a convolution is folded into the
    convolution's per-domain scale and shift; a residual add that only reads the
    convolution becomes its residual input; a ReLU after either becomes its
@@ -74,19 +75,14 @@ def prune(model: MultiDomainModel, *, fuse: bool = True) -> PrunedModel:
         in_idx, in_m = axis_masks(info.in_axis)
         if info.kind == "conv":
             root = g.find(info.out_space)
-            out_idx, out_m = kept.get(root), masks.get(root)
-            if m.groups != 1:  # never pruned: every channel kept
-                out_idx = torch.arange(m.out_channels, device=p.device)
-                out_m = torch.ones((model.num_domains, m.out_channels), device=p.device)
-            else:
-                out_m = out_m[:, out_idx]
-            w = m.weight[out_idx][:, in_idx] if m.groups == 1 else m.weight
+            out_idx = kept[root]
+            w, groups = _conv_weight(name, m, in_idx, out_idx)
             shift = None
             if m.bias is not None:
                 shift = m.bias[out_idx].expand(model.num_domains, -1)
             replacements[name] = PrunedConv2d(
-                w, in_m if m.groups == 1 else torch.ones_like(in_m), out_m, None, shift,
-                stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
+                w, in_m, masks[root][:, out_idx], None, shift,
+                stride=m.stride, padding=m.padding, dilation=m.dilation, groups=groups,
                 padding_mode=m.padding_mode)
         elif info.kind == "bn":
             scale, shift = m.scale_shift()
@@ -110,6 +106,24 @@ def prune(model: MultiDomainModel, *, fuse: bool = True) -> PrunedModel:
                          getattr(model, "input_size_source", "given")).eval()
     pruned.compact_plan()  # each domain's weights packed once, here
     return pruned
+
+
+def _conv_weight(name: str, m: nn.Conv2d, in_idx: torch.Tensor, out_idx: torch.Tensor):
+    """(weight, groups) of convolution ``m`` keeping input channels ``in_idx`` and
+    filters ``out_idx``."""
+    if m.groups == 1:
+        return m.weight[out_idx][:, in_idx], 1
+    if graph.is_depthwise(m):
+        # Filter c reads channel c alone; the analysis gave both one space, so the
+        # kept filters are the kept channels: one group each.
+        if not torch.equal(in_idx, out_idx):
+            raise RuntimeError(f"internal error: depthwise convolution {name} keeps other "
+                               "input channels than filters")
+        return m.weight[out_idx], int(out_idx.numel())
+    # Any other grouped convolution reads and writes frozen spaces: it stays whole.
+    if in_idx.numel() != m.in_channels or out_idx.numel() != m.out_channels:
+        raise RuntimeError(f"internal error: grouped convolution {name} was cut")
+    return m.weight, m.groups
 
 
 def _kept_channels(g: graph.ChannelGraph, num_domains: int, device: torch.device):

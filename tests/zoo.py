@@ -507,3 +507,122 @@ def efficientnet_b0(num_classes: int = 10, width_mult: float = 1.0,
     ]
     setting = [MBConvConfig(*c, width_mult=width_mult, depth_mult=depth_mult) for c in conf]
     return EfficientNet(setting, dropout, num_classes)
+
+
+# ---------------------------------------------------------------------- MobileNetV3
+
+class SqueezeExcitationV3(nn.Module):
+    """torchvision.ops.SqueezeExcitation as MobileNetV3 builds it: ReLU between the
+    two 1x1 convolutions and a hard sigmoid gate."""
+
+    def __init__(self, input_channels: int, squeeze_channels: int):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
+        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
+        self.activation = nn.ReLU()
+        self.scale_activation = nn.Hardsigmoid()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        scale = self.avgpool(input)
+        scale = self.activation(self.fc1(scale))
+        scale = self.scale_activation(self.fc2(scale))
+        return scale * input
+
+
+class InvertedResidualV3(nn.Module):
+    """torchvision.models.mobilenetv3.InvertedResidual: 1x1 expand (when the
+    expansion differs from the input), kxk depthwise, optional squeeze-and-excitation
+    (squeezed to the expansion / 4, rounded to 8), 1x1 projection; ReLU ("RE") or
+    Hardswish ("HS"); a residual add at stride 1 with equal widths.
+
+    Differences: no dilation (torchvision's mobilenet_v3 uses it only with
+    ``dilated=True``)."""
+
+    def __init__(self, input_channels: int, kernel: int, expanded_channels: int,
+                 out_channels: int, use_se: bool, activation: str, stride: int):
+        super().__init__()
+        if not 1 <= stride <= 2:
+            raise ValueError("illegal stride value")
+        self.use_res_connect = stride == 1 and input_channels == out_channels
+        act = nn.Hardswish if activation == "HS" else nn.ReLU
+        layers: List[nn.Module] = []
+        if expanded_channels != input_channels:
+            layers.append(Conv2dNormActivation(input_channels, expanded_channels, kernel_size=1,
+                                               activation_layer=act))
+        layers.append(Conv2dNormActivation(expanded_channels, expanded_channels,
+                                           kernel_size=kernel, stride=stride,
+                                           groups=expanded_channels, activation_layer=act))
+        if use_se:
+            layers.append(SqueezeExcitationV3(expanded_channels,
+                                              _make_divisible(expanded_channels // 4, 8)))
+        layers.append(Conv2dNormActivation(expanded_channels, out_channels, kernel_size=1,
+                                           activation_layer=None))
+        self.block = nn.Sequential(*layers)
+        self.out_channels = out_channels
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        result = self.block(input)
+        if self.use_res_connect:
+            result += input
+        return result
+
+
+class MobileNetV3(nn.Module):
+    def __init__(self, setting: Sequence[tuple], last_channel: int, num_classes: int = 10,
+                 dropout: float = 0.2):
+        super().__init__()
+        first = setting[0][0]
+        layers: List[nn.Module] = [Conv2dNormActivation(3, first, stride=2,
+                                                        activation_layer=nn.Hardswish)]
+        layers += [InvertedResidualV3(*cnf) for cnf in setting]
+        last_in = setting[-1][3]
+        layers.append(Conv2dNormActivation(last_in, 6 * last_in, kernel_size=1,
+                                           activation_layer=nn.Hardswish))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(
+            nn.Linear(6 * last_in, last_channel), nn.Hardswish(inplace=True),
+            nn.Dropout(p=dropout, inplace=True), nn.Linear(last_channel, num_classes))
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.classifier(x)
+
+
+def mobilenet_v3_small(num_classes: int = 10, dropout: float = 0.2) -> MobileNetV3:
+    """torchvision.models.mobilenet_v3_small: a 3x3 stride-2 stem (Hardswish), 11
+    inverted residual blocks (depthwise 3x3/5x5, hard-sigmoid squeeze-and-excitation
+    in 9 of them), a 1x1 conv to 576 channels, pooling, and a classifier
+    Linear(576, 1024), Hardswish, Dropout, Linear.
+
+    Differences: no ``dilated``, ``reduced_tail`` or ``norm_layer`` options;
+    BatchNorm keeps torch's default eps and momentum (torchvision: 0.001, 0.01)."""
+    setting = [
+        # in, kernel, expanded, out, SE, activation, stride
+        (16, 3, 16, 16, True, "RE", 2),
+        (16, 3, 72, 24, False, "RE", 2),
+        (24, 3, 88, 24, False, "RE", 1),
+        (24, 5, 96, 40, True, "HS", 2),
+        (40, 5, 240, 40, True, "HS", 1),
+        (40, 5, 240, 40, True, "HS", 1),
+        (40, 5, 120, 48, True, "HS", 1),
+        (48, 5, 144, 48, True, "HS", 1),
+        (48, 5, 288, 96, True, "HS", 2),
+        (96, 5, 576, 96, True, "HS", 1),
+        (96, 5, 576, 96, True, "HS", 1),
+    ]
+    return MobileNetV3(setting, 1024, num_classes, dropout)

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .. import _shapes
 from . import steps as S
 from .support import Support
 
@@ -222,6 +223,8 @@ class PaddedPlan:
         res_table = None
         if step.residual is not None:
             res_table = self._move_table(self._layout(step.residual), out, device)
+        if step.depthwise:
+            return self._prepare_depthwise(step, x, out, res_table, device)
         if step.shared is not None:  # a grouped conv: dense in, dense out
             dense_in = Layout(Support.dense(self.plan.num_domains, x.support.width),
                               x.support.width)
@@ -230,6 +233,23 @@ class PaddedPlan:
         cout = [step.support.size(d) for d in range(self.plan.num_domains)]
         flat, cin = self._aligned(step.packed, cin, cout, x.slots, step.kernel_size)
         return ("segment", flat, step.packed.bias, cin, cout, res_table)
+
+    def _prepare_depthwise(self, step: S.Conv, x: Layout, out: Layout, res_table, device):
+        """A depthwise conv reads the slots it writes: (D, slots, kh, kw) filters and
+        (D, slots) biases, domain d's in its first |S_d| slots and zeros after them
+        (so the padding slots stay 0)."""
+        kh, kw = step.kernel_size
+        num_domains = self.plan.num_domains
+        weight = torch.zeros((num_domains, out.slots, kh, kw), dtype=self.plan.dtype)
+        bias = None if step.packed.bias is None else \
+            torch.zeros((num_domains, out.slots), dtype=self.plan.dtype)
+        for d, (w, b) in enumerate(zip(step.packed.views(), step.packed.bias_views())):
+            weight[d, :w.shape[0]] = w[..., 0].cpu()  # (cout_d, kh, kw, 1) as packed
+            if bias is not None:
+                bias[d, :b.numel()] = b.cpu()
+        x_table = self._move_table(x, Layout(step.x_move.target, out.slots), device)
+        return ("depthwise", x_table, weight.to(device),
+                None if bias is None else bias.to(device), res_table)
 
     def _aligned(self, packed, cin: List[int], cout: List[int], x_slots: int, kernel):
         """The layer's flat weights, each domain's channels padded to the alignment
@@ -362,7 +382,16 @@ class PaddedPlan:
     def _conv(self, step: S.Conv, prep, env, state: State) -> torch.Tensor:
         x = env[step.x]
         residual = env[step.residual] if step.residual is not None else None
-        if prep[0] == "shared":
+        if prep[0] == "depthwise":
+            _, x_table, weight, bias, res_table = prep
+            if x_table is not None:
+                x = _take(x, x_table, state, 0.0)
+            if step.pad is not None:
+                x = F.pad(x, step.pad[0], mode=step.pad[1])
+            z = _rowwise_depthwise(x, weight.index_select(0, state.row_domain), step)
+            if bias is not None:
+                z = z + bias.index_select(0, state.row_domain)[:, :, None, None]
+        elif prep[0] == "shared":
             _, x_table, res_table = prep
             if x_table is not None:
                 x = _take(x, x_table, state, 0.0)
@@ -389,3 +418,17 @@ class PaddedPlan:
             z = z + residual
         z = torch.relu(z) if step.relu else z
         return z.contiguous(memory_format=torch.channels_last)
+
+
+def _rowwise_depthwise(x: torch.Tensor, weight: torch.Tensor, step: S.Conv) -> torch.Tensor:
+    """Row r of ``x`` (N, P, H, W) filtered slot by slot with its own ``weight[r]``
+    (N, P, kh, kw): the batch folded into the channels of one depthwise call."""
+    n, p = x.shape[0], x.shape[1]
+    if n * p == 0:
+        ho, wo = _shapes.conv_output_hw(x.shape[2:], step.kernel_size, step.stride,
+                                        step.padding, step.dilation)
+        return x.new_zeros((n, p, ho, wo))
+    z = F.conv2d(x.reshape((1, n * p) + tuple(x.shape[2:])),
+                 weight.reshape((n * p, 1) + tuple(weight.shape[2:])), None, step.stride,
+                 step.padding, step.dilation, n * p)
+    return z.reshape((n, p) + tuple(z.shape[2:]))

@@ -8,7 +8,9 @@ groups the batch by domain, runs the steps, and puts the result back in the
 caller's order: no channel gather, no zero-filled output and no argument check
 inside the network.
 
-Nodes the analysis cannot follow run as *union islands* (``steps.Island``):
+Ops on channels the analysis keeps whole (a gate's sigmoid, a channel shuffle's
+view and transpose, a split of the channels) run per domain on every channel;
+nodes the analysis cannot follow run as *union islands* (``steps.Island``):
 counted in :attr:`CompactPlan.islands`, so a user can see what stays slow.
 """
 
@@ -52,6 +54,10 @@ _INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
 _SHAPE_METHODS = {"size", "dim"}
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
 _FLATTENS = {torch.flatten, "flatten", "view", "reshape"}
+_SPLITS = {torch.chunk, torch.split, "chunk", "split"}
+_RESHAPES = {torch.reshape, "view", "reshape", torch.transpose, "transpose", torch.permute,
+             "permute"}
+_PARTS = "parts"  # a split's tuple: no step of its own (see _Builder.split_part)
 _REDUCES = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
 
 
@@ -191,6 +197,7 @@ class _Builder:
         self.packed_bytes = self.union_bytes = 0
         self.cost = [0.0] * num_domains  # multiply-adds per sample, per domain
         self.inputs: List[fx.Node] = []
+        self.splits: Dict[str, fx.Node] = {}
 
     # -- shapes ----------------------------------------------------------------------
 
@@ -251,6 +258,13 @@ class _Builder:
         if op == "get_attr":
             target = node.target
             return S.Plain(node.name, lambda: _fetch(self.net, target), S.Args((), {}, {}))
+        if self.is_split(node):
+            self.splits[node.name] = node
+            self.kinds[node.name] = _PARTS
+            return None
+        if op == "call_function" and node.target is operator.getitem and \
+                isinstance(node.args[0], fx.Node) and node.args[0].name in self.splits:
+            return self.split_part(node)
         kinds = [self.kinds[a.name] for a in self.arg_nodes(node)]
         if op == "call_module":
             m = self.modules[node.target]
@@ -310,7 +324,8 @@ class _Builder:
             return self.island(node, fn, "mixes the samples of the batch")
         if x is not None and out_shape is not None:
             if (module is not None and isinstance(module, graph._KEEP_MODULES)) or \
-                    target in graph._KEEP_FUNCTIONS or name in graph._KEEP_METHODS:
+                    (target is not None and graph.keeps_channels(target)) or \
+                    name in graph._KEEP_METHODS:
                 return self.keep(node, fn, x)
             if (isinstance(module, nn.Flatten) or target in _FLATTENS or name in _FLATTENS):
                 flat = self.flatten(node, x)
@@ -320,6 +335,8 @@ class _Builder:
                     graph._reduces_spatial_only(node, len(self.shape(x))) and \
                     out_shape[1:2] == self.shape(x)[1:2]:
                 return self.keep(node, fn, x)
+            if (target in _RESHAPES or name in _RESHAPES) and self.keeps_rows(node):
+                return self.dense_map(node, fn)  # a channel shuffle's view and transpose
         if target in _BINARY_FUNCTIONS or name in _BINARY_METHODS:
             return self.binary(node, fn, _BINARY_FUNCTIONS.get(target) or _BINARY_METHODS[name])
         if target is torch.cat or name == "cat":
@@ -332,6 +349,61 @@ class _Builder:
         what = type(module).__name__ if module is not None else (
             name or getattr(target, "__name__", str(target)))
         return self.island(node, fn, f"{what} is outside the channel analysis")
+
+    def keeps_rows(self, node: fx.Node) -> bool:
+        """Whether a view, reshape, transpose or permute keeps dim 0 as the samples:
+        then it runs on each domain's rows alone. A view's first size must be a
+        segment's own size read (``x.size(0)``) or -1, never a number fixed at
+        trace time; a transpose or permute must leave dim 0 in place."""
+        rank_in = len(self.shape(node.args[0]) or ())
+        rest = list(node.args[1:])
+        if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+            rest = list(rest[0])
+        what = node.target if node.op == "call_method" else node.target.__name__
+        if node.kwargs or not rest or rank_in < 1:
+            return False
+        if what in ("view", "reshape"):
+            first = rest[0]
+            return first == -1 if not isinstance(first, fx.Node) else \
+                self.kinds.get(first.name) == S.PER_PART
+        if what == "transpose":
+            return len(rest) == 2 and all(isinstance(d, int) and d % rank_in != 0 for d in rest)
+        return isinstance(rest[0], int) and rest[0] % rank_in == 0  # permute
+
+    def is_split(self, node: fx.Node) -> bool:
+        """Whether ``node`` cuts a batch value into a tuple along a non-batch dim
+        (``x.chunk(2, 1)``: ShuffleNet's split) with sizes fixed in the graph, and
+        only indexing reads the tuple."""
+        if not ((node.op == "call_function" and node.target in _SPLITS) or
+                (node.op == "call_method" and node.target in _SPLITS)):
+            return False
+        x = node.args[0] if node.args else None
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        x_shape = self.shape(x)
+        if not isinstance(x, fx.Node) or self.kinds.get(x.name) != S.BATCH or \
+                x_shape is None or len(x_shape) < 2 or not isinstance(dim, int) or \
+                dim % len(x_shape) == 0:
+            return False
+        sizes: List[fx.Node] = []  # sizes computed in the graph (from a segment's shape)
+        fx.node.map_arg((node.args[1:], node.kwargs), sizes.append)
+        if sizes:
+            return False
+        return all(u.op == "call_function" and u.target is operator.getitem
+                   and isinstance(u.args[1], int) for u in node.users)
+
+    def split_part(self, node: fx.Node) -> S.Step:
+        """Part i of a split, cut again from the split's (densified) input: a view,
+        so each part costs no copy and the tuple needs no value of its own."""
+        src, index = self.splits[node.args[0].name], node.args[1]
+        split = src.target if src.op == "call_function" else _method(src.target)
+
+        def part(*args, **kwargs):
+            return split(*args, **kwargs)[index]
+        x = src.args[0]
+        sup = self.support_of(x)
+        moves = {} if sup.is_dense else {x.name: Move(sup, Support.dense(self.D, sup.width))}
+        s = self.shape(node)
+        return S.Map(node.name, Support.dense(self.D, s[1]), part, self.args(src, moves))
 
     def keep(self, node, fn, x) -> S.Step:
         sup = self.support_of(x)
@@ -465,15 +537,17 @@ class _Builder:
         x_sup = self.support_of(x)
         c_out = w.shape[0]
         shared = None
-        if m.groups == 1:
-            # Packed over every channel the input holds (zero columns where the conv
-            # reads none): the input never moves.
-            target_in = x_sup
+        depthwise = graph.is_depthwise(m)
+        if m.groups == 1 or depthwise:
             out = out_masks.clone()
             if residual is not None:
                 out |= self.support_of(residual).masks
             out_sup = Support(c_out, out)
-        else:  # fastmdl keeps every channel of a grouped conv: it reads and writes them all
+            # Packed over every channel the input holds (zero columns where the conv
+            # reads none): the input never moves. A depthwise conv's filter c reads
+            # channel c alone, so it reads exactly the channels it writes.
+            target_in = out_sup if depthwise else x_sup
+        else:  # any other grouped conv is frozen: it reads and writes every channel
             target_in = Support.dense(self.D, x_sup.width)
             out_sup = Support.dense(self.D, c_out)
             gains = out_masks.to(device=w.device, dtype=w.dtype)
@@ -492,6 +566,8 @@ class _Builder:
             if m.groups == 1:
                 wd = wd.index_select(0, rows).index_select(1, cols) * \
                     in_masks[d].to(device=w.device, dtype=w.dtype)[cols][None, :, None, None]
+            elif depthwise:  # the domain's filters, one group each
+                wd = wd.index_select(0, rows)
             bd = None if shift is None else (shift[d] * out_masks[d].to(shift)).index_select(0, rows)
             blocks.append(wd.permute(0, 2, 3, 1).to(self.dtype))  # (cout_d, kh, kw, cin_d)
             biases.append(None if bd is None else bd.to(self.dtype))
@@ -511,7 +587,7 @@ class _Builder:
         step = S.Conv(node.name, out_sup, x.name, residual.name if residual is not None else None,
                       weights, biases, Move(x_sup, target_in), r_move, m.stride, m.padding,
                       m.dilation, m.groups, m.padding_mode, m.relu, m.weight.shape[2:],
-                      self.fmt, shared)
+                      self.fmt, shared, depthwise)
         step.packed = packed
         step.to(self.device)
         x_shape = self.shape(x)

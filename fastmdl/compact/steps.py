@@ -177,7 +177,8 @@ class Conv(Step):
     per domain d, :math:`y_d = \mathrm{act}(W_d \star x_d + b_d + r_d)` with
     :math:`W_d = (s_d \odot [c \in out_d])\,W[S^{out}_d][:, S^{in}_d]` packed once.
     ``weights[d]`` is None when domain d reads or writes no channel (then
-    :math:`y_d = b_d + r_d`)."""
+    :math:`y_d = b_d + r_d`). A ``depthwise`` convolution reads the channels it
+    writes, :math:`S^{in}_d = S^{out}_d`, with groups = :math:`|S^{out}_d|`."""
 
     label = "conv"
 
@@ -185,7 +186,7 @@ class Conv(Step):
                  weights: List[Optional[torch.Tensor]], biases: List[Optional[torch.Tensor]],
                  x_move: Move, residual_move: Optional[Move],
                  stride, padding, dilation, groups: int, padding_mode: str, relu: bool,
-                 kernel_size, memory_format, shared=None):
+                 kernel_size, memory_format, shared=None, depthwise: bool = False):
         super().__init__(name, support)
         self.x, self.residual = x, residual
         self.weights, self.biases = weights, biases
@@ -193,6 +194,7 @@ class Conv(Step):
         # A grouped conv's (weight, gain (D, C), bias (D, C) or None): one shared
         # convolution and a per-domain epilogue, for the padded storage.
         self.shared = shared
+        self.depthwise = depthwise
         self.stride, self.dilation = tuple(stride), tuple(dilation)
         self.groups, self.relu, self.kernel_size = groups, relu, tuple(kernel_size)
         self.memory_format = memory_format
@@ -227,8 +229,12 @@ class Conv(Step):
         n, _, h, w_ = input_size
         self.prepacked = [None if w is None else _REORDER(
             w.contiguous(memory_format=torch.channels_last), list(self.padding),
-            list(self.stride), list(self.dilation), self.groups,
-            [n, w.shape[1] * self.groups, h, w_]) for w in self.weights]
+            list(self.stride), list(self.dilation), self.groups_of(w),
+            [n, w.shape[1] * self.groups_of(w), h, w_]) for w in self.weights]
+
+    def groups_of(self, w: torch.Tensor) -> int:
+        """The groups of a domain's packed weight ``w``: one per filter if depthwise."""
+        return w.shape[0] if self.depthwise else self.groups
 
     def run(self, env, state):
         xs = env[self.x]
@@ -258,7 +264,8 @@ class Conv(Step):
                 y = y2.view(n, h, w_, -1).permute(0, 3, 1, 2)
             elif packed is not None:
                 x = x.contiguous(memory_format=torch.channels_last)
-                args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+                args = (list(self.padding), list(self.stride), list(self.dilation),
+                        self.groups_of(w))
                 if rs is not None:  # conv, bias, + residual, ReLU: one oneDNN call
                     r = self.residual_move(rs[d], d).contiguous(memory_format=torch.channels_last)
                     return _POINTWISE.binary(x, r, packed[d], b, *args, "add", None,
@@ -266,7 +273,8 @@ class Conv(Step):
                 return _POINTWISE(x, packed[d], b, *args, "relu" if self.relu else "none",
                                   [], "")
             else:
-                y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+                y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation,
+                             self.groups_of(w))
             if rs is not None:
                 y = y.add_(self.residual_move(rs[d], d))
             return y.relu_() if self.relu else y
