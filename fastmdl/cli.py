@@ -5,6 +5,9 @@
                                   pretrain, train masks, prune, serve (minutes on a CPU)
   fastmdl experiment [--out DIR]  the budget x sharing-loss table against
                                   fine-tuned baselines (about 40 minutes on 2 cores)
+  fastmdl decathlon ROOT          the papers' protocol on your Visual Decathlon devkit:
+                                  ResNet-26, budgets 1.0/0.75/0.5/0.25, decathlon score
+  fastmdl decathlon ROOT          the papers' protocol on a Visual Decathlon devkit
   fastmdl serve MODEL_FILE        serve a model saved by fastmdl.save over HTTP
                                   (needs aiohttp)
 
@@ -43,6 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ep.add_argument("--epochs", type=int, default=2,
                     help="training epochs of every run, masks and baselines alike "
                          "(default: %(default)s)")
+    _add_decathlon(sub)
     sp = sub.add_parser("serve", help="serve a saved pruned model over HTTP",
                         description="Serve a model saved by fastmdl.save over HTTP: "
                                     "POST /v1/predict, GET /health, GET /metrics. "
@@ -83,6 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"fastmdl experiment: error: {e}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "decathlon":
+        return _decathlon(args)
     if args.command == "demo":
         from .data import SourceMissing
         from .demo import run
@@ -94,6 +100,86 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return 0
     return _serve(args)
+
+
+def _add_decathlon(sub) -> None:
+    from .decathlon import BUDGETS, DOMAINS
+
+    p = sub.add_parser(
+        "decathlon", help="the papers' protocol on a Visual Decathlon devkit you have",
+        description="Run the budget-aware pruning protocol of dos Santos et al. on the Visual "
+                    "Decathlon devkit at ROOT (annotations/<domain>_<split>.json, data/<domain>/"
+                    "..., and optionally decathlon_mean_std.pickle): for each budget, a "
+                    "ResNet-26 converted for the domains, its masks trained on the train "
+                    "splits (random 64x64 crops and flips of images scaled to a shorter side "
+                    "of 72, the devkit's per-domain mean and std), pruned and evaluated on the "
+                    "val splits (72x72 centre crops). Reports val accuracy, the decathlon score "
+                    "against the budget-1.0 model (Emax = 2 x its error) and the params and "
+                    "FLOPs of each pruned network.",
+        epilog="Budgets, ResNet-26, the sharing losses and the score follow the papers; "
+               "epochs, batch size, learning rates and the default sharing loss are fastmdl's "
+               "defaults, not the papers' (see the docstring of fastmdl.decathlon). Tiny CPU "
+               "check: fastmdl decathlon ROOT --domains dtd gtsrb --budgets 1.0 0.5 --epochs 1 "
+               "--width 0.25 --max-train 64 --max-eval 64")
+    p.add_argument("root", metavar="ROOT", help="the devkit's directory")
+    p.add_argument("--domains", nargs="+", default=list(DOMAINS), metavar="NAME",
+                   help="domains to train together, as the devkit names them "
+                        f"(default: all ten: {' '.join(DOMAINS)})")
+    p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), metavar="B",
+                   help="each domain's FLOPs limit, a fraction in (0, 1] of one ResNet-26's; "
+                        "1.0 is always run, first, as the score's reference "
+                        f"(default: {' '.join(map(str, BUDGETS))})")
+    p.add_argument("--sharing", choices=["none", "intersection", "union", "jaccard"],
+                   default="jaccard",
+                   help="parameter-sharing loss below budget 1.0 (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=5,
+                   help="training epochs per budget; an epoch is as many steps as the largest "
+                        "domain has batches (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per domain in each mixed-domain step (default: %(default)s)")
+    p.add_argument("--width", type=float, default=1.0,
+                   help="ResNet-26 filter multiplier; 1.0 is the papers' 64/128/256 "
+                        "(default: %(default)s)")
+    p.add_argument("--backbone", default=None, metavar="PATH",
+                   help="state_dict of a pretrained fastmdl.models.resnet26 at --width, saved "
+                        "with torch.save and read with weights_only=True (default: random "
+                        "initialisation)")
+    p.add_argument("--train-weights", action="store_true",
+                   help="train the shared weights with the masks even with --backbone "
+                        "(without --backbone they always train)")
+    p.add_argument("--max-train", type=int, default=None, metavar="N",
+                   help="at most N train images per domain, a seeded random subset "
+                        "(default: all)")
+    p.add_argument("--max-eval", type=int, default=None, metavar="N",
+                   help="at most N val images per domain, a seeded random subset (default: all)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader processes reading images per domain (default: %(default)s, "
+                        "in the main process)")
+    p.add_argument("--device", default=None,
+                   help="where to train, e.g. cpu or cuda:0 (default: cuda if available, "
+                        "else cpu)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of initialisation, data order, crops and subsets "
+                        "(default: %(default)s)")
+    p.add_argument("--out", default="fastmdl-decathlon",
+                   help="report directory: decathlon.md and decathlon.json "
+                        "(default: %(default)s)")
+
+
+def _decathlon(args: argparse.Namespace) -> int:
+    from .decathlon import run
+
+    try:
+        run(args.root, args.out, domains=args.domains, budgets=args.budgets,
+            sharing=None if args.sharing == "none" else args.sharing, epochs=args.epochs,
+            batch_size=args.batch_size, width=args.width, backbone=args.backbone,
+            train_weights=True if args.train_weights else None, max_train=args.max_train,
+            max_eval=args.max_eval, workers=args.workers, device=args.device, seed=args.seed)
+    except (ValueError, OSError) as e:
+        # One line, no traceback: these are the user's directory, files or options.
+        print(f"fastmdl decathlon: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
