@@ -7,7 +7,6 @@
                                   fine-tuned baselines (about 40 minutes on 2 cores)
   fastmdl decathlon ROOT          the papers' protocol on your Visual Decathlon devkit:
                                   ResNet-26, budgets 1.0/0.75/0.5/0.25, decathlon score
-  fastmdl decathlon ROOT          the papers' protocol on a Visual Decathlon devkit
   fastmdl serve MODEL_FILE        serve a model saved by fastmdl.save over HTTP
                                   (needs aiohttp)
 
