@@ -88,13 +88,17 @@ class PAGCPReport:
     flops_after: float = 0.0
     evaluations: int = 0
     seconds: float = 0.0
+    # With rounds > 1: every round's own report, in order (``groups`` and ``lam``
+    # above are the last round's; the totals span all rounds).
+    rounds: List["PAGCPReport"] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Plain JSON-ready values (an infinite score, a free group's, becomes None)."""
         out = asdict(self)
-        for g in out["groups"]:
-            if g["score"] is not None and not math.isfinite(g["score"]):
-                g["score"] = None
+        for part in [out] + out["rounds"]:
+            for g in part["groups"]:
+                if g["score"] is not None and not math.isfinite(g["score"]):
+                    g["score"] = None
         return out
 
     def to_markdown(self) -> str:
@@ -170,7 +174,65 @@ def pagcp(model: nn.Module, tasks: Mapping[str, Callable[[nn.Module], float]], *
           importance: str = "l1", example_input: Optional[torch.Tensor] = None,
           calibrate: Optional[Callable[[nn.Module], None]] = None,
           min_loss: Union[float, Mapping[str, float]] = 0.0,
+          rounds: int = 1, rate_slope: float = 0.0, threshold_slope: float = 0.0,
+          between_rounds: Optional[Callable[[nn.Module], None]] = None,
           log: Optional[Callable[[str], None]] = None) -> Tuple[nn.Module, PAGCPReport]:
+    r"""PAGCP in ``rounds`` passes (one by default; the algorithm of one pass is in
+    this module's docstring and :func:`_one_pass`'s). Round r (from 0) prunes the
+    previous round's network with :math:`d_0 = ` ``initial_rate + rate_slope * r``
+    and :math:`T = ` ``initial_threshold + threshold_slope * r``, as the authors'
+    code schedules its rounds; ``between_rounds(net)``, when given, runs on each
+    round's result before the next (the authors fine-tune there), in place.
+    Returns ``(pruned, report)``: the report's groups and lambda are the last
+    round's, its totals span every round, and ``report.rounds`` holds each round's
+    own report when there are several. The other arguments are :func:`_one_pass`'s.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+    for name, v in (("rate_slope", rate_slope), ("threshold_slope", threshold_slope)):
+        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if between_rounds is not None and not callable(between_rounds):
+        raise TypeError(f"between_rounds must be a callable between_rounds(model) -> None, "
+                        f"got {type(between_rounds).__name__}")
+    # Every round's schedule must be valid before any work.
+    for r in range(rounds):
+        schedule(initial_rate + rate_slope * r, 2, initial_threshold + threshold_slope * r,
+                 exponential)
+    say = log or (lambda line: None)
+    reports: List[PAGCPReport] = []
+    current = model
+    for r in range(rounds):
+        if rounds > 1:
+            say(f"pagcp: round {r + 1}/{rounds}")
+        current, rep = _one_pass(
+            current, tasks, initial_rate=initial_rate + rate_slope * r,
+            initial_threshold=initial_threshold + threshold_slope * r, topk=topk,
+            exponential=exponential, ratios=ratios, importance=importance,
+            example_input=example_input, calibrate=calibrate, min_loss=min_loss, log=log)
+        reports.append(rep)
+        if between_rounds is not None and r + 1 < rounds:
+            between_rounds(current)
+    if rounds == 1:
+        return current, reports[0]
+    last, first = reports[-1], reports[0]
+    total = PAGCPReport(groups=last.groups, lam=last.lam, initial_rate=first.initial_rate,
+                        initial_threshold=first.initial_threshold, topk=topk,
+                        losses_before=first.losses_before, losses_after=last.losses_after,
+                        params_before=first.params_before, params_after=last.params_after,
+                        flops_before=first.flops_before, flops_after=last.flops_after,
+                        evaluations=sum(x.evaluations for x in reports),
+                        seconds=sum(x.seconds for x in reports), rounds=reports)
+    return current, total
+
+
+def _one_pass(model: nn.Module, tasks: Mapping[str, Callable[[nn.Module], float]], *,
+              initial_rate: float = 0.05, initial_threshold: float = 5.0, topk: float = 0.8,
+              exponential: bool = True, ratios: Sequence[float] = DEFAULT_RATIOS,
+              importance: str = "l1", example_input: Optional[torch.Tensor] = None,
+              calibrate: Optional[Callable[[nn.Module], None]] = None,
+              min_loss: Union[float, Mapping[str, float]] = 0.0,
+              log: Optional[Callable[[str], None]] = None) -> Tuple[nn.Module, PAGCPReport]:
     r"""Prune ``model`` channel group by channel group while every task's loss stays
     within its bound (the algorithm is in this module's docstring); returns
     ``(pruned, report)``, ``pruned`` a physically smaller copy of the same kind.

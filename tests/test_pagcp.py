@@ -1,6 +1,7 @@
 """fastmdl.pagcp: the threshold schedule, the greedy pass's bounds, physical and
 exact channel surgery on plain, multi-domain and pruned networks, topk, bad input."""
 
+import json
 import copy
 import math
 
@@ -515,3 +516,37 @@ def test_the_allowance_advances_only_after_a_cut():
     check_bounds(report)
     assert all(r.kept == r.width for r in report.groups)  # nothing cut ...
     assert {r.threshold for r in report.groups} == {report.initial_rate}  # ... d_0 throughout
+
+
+def test_rounds_prune_the_previous_rounds_network_on_a_sloped_schedule():
+    model, tasks, x = plain_model_and_tasks(seed=0)
+    seen = []
+    kw = dict(initial_rate=0.05, initial_threshold=3.0, ratios=FEW_RATIOS, example_input=x[:1])
+    net, report = fastmdl.pagcp(model, tasks, rounds=3, rate_slope=0.05, threshold_slope=1.0,
+                                between_rounds=seen.append, **kw)
+    assert len(report.rounds) == 3 and len(seen) == 2
+    for r, rep in enumerate(report.rounds):
+        assert rep.initial_rate == pytest.approx(0.05 + 0.05 * r)
+        assert rep.initial_threshold == pytest.approx(3.0 + 1.0 * r)
+        check_bounds(rep)
+    for a, b in zip(report.rounds, report.rounds[1:]):
+        assert b.flops_before == pytest.approx(a.flops_after)
+        assert b.losses_before == pytest.approx(a.losses_after)
+    assert report.flops_before == report.rounds[0].flops_before
+    assert report.flops_after == report.rounds[-1].flops_after <= report.flops_before
+    assert all(isinstance(m, torch.nn.Module) for m in seen)  # each round's result, in place
+    _, single = fastmdl.pagcp(model, tasks, **kw)
+    assert single.rounds == [] and single.flops_after == pytest.approx(
+        report.rounds[0].flops_after)
+    json.dumps(report.to_dict())
+
+
+def test_rounds_arguments_are_checked():
+    model, tasks, x = plain_model_and_tasks(seed=0)
+    for bad, err in (({"rounds": 0}, ValueError), ({"rounds": 1.5}, ValueError),
+                     ({"rate_slope": float("nan")}, ValueError),
+                     ({"threshold_slope": "1"}, ValueError),
+                     ({"between_rounds": 3}, TypeError),
+                     ({"rounds": 2, "threshold_slope": -10.0}, ValueError)):
+        with pytest.raises(err):
+            fastmdl.pagcp(model, tasks, example_input=x[:1], **bad)
