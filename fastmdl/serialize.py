@@ -90,9 +90,10 @@ def _stochastic_depth(input: torch.Tensor, p: float, mode: str, training: bool =
 _FUNCTIONS = {f"{mod.__name__}.{name}": getattr(mod, name)
               for mod, names in ((operator, "add iadd sub mul truediv floordiv getitem"),
                                  (builtins, "getattr"),
-                                 (torch, "flatten cat relu add mean sigmoid"),
+                                 (torch, "flatten cat relu add mul mean sigmoid permute "
+                                         "transpose reshape squeeze unsqueeze"),
                                  (F, "relu relu6 gelu silu hardswish hardsigmoid sigmoid mish "
-                                     "leaky_relu dropout max_pool2d avg_pool2d "
+                                     "leaky_relu dropout max_pool2d avg_pool2d layer_norm "
                                      "adaptive_avg_pool2d adaptive_max_pool2d"))
               for name in names.split()}
 # Functions of other libraries, known by their qualified name (the library need not

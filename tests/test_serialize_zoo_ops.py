@@ -5,6 +5,7 @@ floor division of sizes (ShuffleNet), hyphenated layer names (RegNet)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastmdl
@@ -171,3 +172,45 @@ def test_a_layernorm_whose_config_claims_more_than_its_tensors_is_refused(tmp_pa
     _rewrite(path, claim)
     with pytest.raises(ValueError, match="normalized_shape"):
         fastmdl.load(path)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's ConvNeXt LayerNorm2d: a LayerNorm over channels, by functions."""
+
+    def forward(self, x):
+        x = torch.permute(x, (0, 2, 3, 1))
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return torch.permute(x, (0, 3, 1, 2))
+
+
+class ShuffleAndNorm(nn.Module):
+    """ShuffleNetV2's channel_shuffle (torch.transpose, view) and ConvNeXt's
+    LayerNorm2d, as torchvision writes them with torch functions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = LayerNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        n, c, h, w = x.size()
+        x = torch.transpose(x.view(n, 2, c // 2, h, w), 1, 2).contiguous()
+        x = torch.reshape(x, (n, c, h, w))
+        x = self.norm(x)
+        x = torch.squeeze(torch.unsqueeze(x.mean((2, 3)), 1), 1)
+        return self.head(x)
+
+
+def test_torchvision_function_spellings_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model = fastmdl.convert(ShuffleAndNorm(), 2, [4, 3], input_size=(3, 8, 8)).eval()
+    with torch.no_grad():
+        model.module.norm.weight.uniform_(0.5, 1.5)
+    pruned = fastmdl.prune(model)
+    fastmdl.save(pruned, tmp_path / "s.fmdl")
+    back = fastmdl.load(tmp_path / "s.fmdl")
+    x, d = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, d), model(x, d), rtol=1e-4, atol=1e-4)
