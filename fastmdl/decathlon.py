@@ -177,18 +177,11 @@ def _one_budget(net, num_classes, train_loaders, val_loaders, *, budget, sharing
 
 
 def table(result: Dict) -> str:
-    """The report's rows as a markdown table, with a note on how to read it."""
-    names = result["domains"]
-    head = ("| model | " + " | ".join(f"{n} %" for n in names) + " | mean % | decathlon | "
-            "params vs one | FLOPs vs one | each domain's FLOPs vs one |")
-    rows = [head, "|---|" + "---:|" * (len(names) + 5)]
-    for r in result["rows"]:
-        accs = " | ".join(f"{100 * a:.1f}" for a in r["accuracy"])
-        own = " ".join(f"{100 * f:.0f}%" for f in r["domain_flops"])
-        mark = " (over budget)" if r["over_budget"] else ""
-        rows.append(f"| {r['name']}{mark} | {accs} | {100 * r['mean_accuracy']:.1f} | "
-                    f"{r['decathlon']:.0f} | {r['params_vs_one']:.2f} | {r['flops_vs_one']:.2f} | "
-                    f"{own} |")
+    """The report's rows as a markdown table (fastmdl experiment's), with a note on
+    how to read it."""
+    from .experiment import table as rows_table
+
+    rows = [rows_table(result)]
     rows.append("")
     rows.append(f"Val accuracy ({EVAL_SIZE}x{EVAL_SIZE} centre crops). Decathlon score against "
                 f"this run's budget-1.0 model (Emax = 2 x its error; it scores 250 per domain). "

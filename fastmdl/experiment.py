@@ -116,7 +116,8 @@ def _finetune(model, loader, steps: int) -> None:
 
 
 def table(result: Dict) -> str:
-    """The experiment's rows as a markdown table."""
+    """The experiment's rows as a markdown table (a row with ``over_budget`` true is
+    marked so)."""
     names = result["domains"]
     head = ("| model | " + " | ".join(f"{n} %" for n in names) + " | mean % | decathlon | "
             "params vs one | FLOPs vs one | each domain's FLOPs vs one |")
@@ -124,7 +125,8 @@ def table(result: Dict) -> str:
     for r in result["rows"]:
         accs = " | ".join(f"{100 * a:.1f}" for a in r["accuracy"])
         own = " ".join(f"{100 * f:.0f}%" for f in r["domain_flops"])
-        rows.append(f"| {r['name']} | {accs} | {100 * r['mean_accuracy']:.1f} | "
+        mark = " (over budget)" if r.get("over_budget") else ""
+        rows.append(f"| {r['name']}{mark} | {accs} | {100 * r['mean_accuracy']:.1f} | "
                     f"{r['decathlon']:.0f} | {r['params_vs_one']:.2f} | {r['flops_vs_one']:.2f} | "
                     f"{own} |")
     return "\n".join(rows)
