@@ -210,7 +210,8 @@ def _instructions(h: Dict) -> str:
     """How to serve the saved model and what asking it about request.json answers."""
     request = shlex.quote("@" + h["request"])
     return "\n".join([
-        "serve the pruned network over HTTP (needs aiohttp, which scripts/bootstrap.sh installs; elsewhere pip install aiohttp):",
+        "serve the pruned network over HTTP (needs aiohttp, which scripts/bootstrap.sh "
+        "installs; elsewhere pip install aiohttp):",
         f"  fastmdl serve {shlex.quote(h['model'])} --port {SERVE_PORT}",
         f"then, from another shell, classify one held-out {h['domain_name']} image "
         f"(domain {h['domain']}, true label {h['label_name']!r}):",
