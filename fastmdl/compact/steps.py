@@ -104,6 +104,32 @@ def from_union(t: torch.Tensor, seg: Segments, memory_format) -> List[Optional[t
     return seg.split(t)
 
 
+class Deferred:
+    """A union island's batch result, split into segments only when a compact step
+    reads it. The next island finds the union tensor itself in ``state.union``, so
+    a chain of islands (ConvNeXt's permute, LayerNorm, Linear, ...) runs without a
+    split and a join between every two of its ops."""
+
+    __slots__ = ("_tensor", "_seg", "_format", "_parts")
+
+    def __init__(self, t: torch.Tensor, seg: Segments, memory_format):
+        self._tensor, self._seg, self._format, self._parts = t, seg, memory_format, None
+
+    def _split(self) -> List[Optional[torch.Tensor]]:
+        if self._parts is None:
+            self._parts = from_union(self._tensor, self._seg, self._format)
+        return self._parts
+
+    def __getitem__(self, d: int) -> Optional[torch.Tensor]:
+        return self._split()[d]
+
+    def __len__(self) -> int:
+        return len(self._split())
+
+    def __iter__(self):
+        return iter(self._split())
+
+
 # -- argument plumbing ----------------------------------------------------------------
 
 
@@ -491,7 +517,7 @@ class Island(Step):
         if self.kind == PLAIN:
             return out
         state.union[self.name] = out
-        return from_union(out, state.seg, self.memory_format)
+        return Deferred(out, state.seg, self.memory_format)
 
 
 class Output(Step):
