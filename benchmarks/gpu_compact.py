@@ -34,7 +34,7 @@ import datetime
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List
 
 T0 = time.perf_counter()
 

@@ -18,7 +18,7 @@ table turns into one indexed gather.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.fx as fx

@@ -19,7 +19,7 @@ from __future__ import annotations
 import builtins
 import operator
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.fx as fx
