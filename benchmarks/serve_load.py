@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -54,10 +53,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from contenders import write_atomic  # noqa: E402
 from pruned_model import pruned_resnet26, set_masks  # noqa: E402
 
 import fastmdl  # noqa: E402
+from fastmdl._io import write_report  # noqa: E402
 from fastmdl.serve import Engine  # noqa: E402
 
 
@@ -403,13 +402,11 @@ def overhead_main(args) -> int:
                 f"{mm((v['switches_per_request'] for v in vs), '{:.1f}')} |")
     text = "\n".join(lines)
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    write_atomic(os.path.join(args.out, "serve_overhead.md"), text + "\n")
-    write_atomic(os.path.join(args.out, "serve_overhead.json"), json.dumps(
-        {"args": vars(args), "date": stamp, "device": cpu_name, "one_at_a_time": base,
-         "one_at_a_time_1_thread": base1,
-         "forward_alone_s": {m: {str(k): v for k, v in t.items()} for m, t in iso.items()},
-         "rounds": {f"{m} | {v}": rs for (m, v), rs in rounds.items()}}, indent=2, default=str))
+    write_report(args.out, "serve_overhead", text, {
+        "args": vars(args), "date": stamp, "device": cpu_name, "one_at_a_time": base,
+        "one_at_a_time_1_thread": base1,
+        "forward_alone_s": {m: {str(k): v for k, v in t.items()} for m, t in iso.items()},
+        "rounds": {f"{m} | {v}": rs for (m, v), rs in rounds.items()}}, json_default=str)
     return 0
 
 
@@ -487,11 +484,9 @@ def main(argv=None) -> int:
                      f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
     text = "\n".join(lines)
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    write_atomic(os.path.join(args.out, "serve_load.md"), text + "\n")
-    write_atomic(os.path.join(args.out, "serve_load.json"), json.dumps(
-        {"args": vars(args), "date": stamp, "device": device, "rows": rows,
-         "batch_sizes": {str(k): v for k, v in hist.items()}}, indent=2))
+    write_report(args.out, "serve_load", text, {
+        "args": vars(args), "date": stamp, "device": device, "rows": rows,
+        "batch_sizes": {str(k): v for k, v in hist.items()}})
     return 0
 
 

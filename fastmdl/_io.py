@@ -100,16 +100,18 @@ def write_atomic_bytes(path: PathLike, data: bytes) -> None:
         f.write(data)
 
 
-def write_report(out_dir: PathLike, stem: str, text: str, result: dict) -> None:
+def write_report(out_dir: PathLike, stem: str, text: str, result: dict, *,
+                 json_default=None) -> None:
     """Write ``text`` to ``out_dir/stem.md`` and ``result`` to ``out_dir/stem.json``
-    (creating ``out_dir``), each atomically."""
+    (creating ``out_dir``), each atomically; ``json_default`` is ``json.dump``'s
+    ``default`` (how to write values JSON has no form for)."""
     import json
 
     os.makedirs(out_dir, exist_ok=True)
     with atomic_write(os.path.join(out_dir, stem + ".md"), "w") as f:
         f.write(text + "\n")
     with atomic_write(os.path.join(out_dir, stem + ".json"), "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump(result, f, indent=2, default=json_default)
 
 
 def _fsync_directory(directory: str) -> None:
