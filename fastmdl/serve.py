@@ -304,10 +304,8 @@ class Engine:
             if self._turns and self._collector == _NONE:
                 if not self._returning:
                     self._summon()
-            elif self._waits_for == _FIRST or (
-                    self._waits_for == _FILL and self._queued >= self._target()):
-                self._waits_for = _NOTHING
-                self._cv.notify()
+            else:
+                self._wake_collector(_FIRST)
         return future
 
     def __call__(self, x: torch.Tensor, domain: int, timeout: Optional[float] = None):
@@ -372,7 +370,7 @@ class Engine:
             return TypeError(f"x must be a torch.Tensor of shape {self._accepted()}, "
                              f"got {type(x).__name__}"), None
         shape = tuple(x.shape)
-        if shape != self.input_shape and not self._accepts(shape):  # (the usual case first)
+        if shape != self.input_shape and not self.accepts(shape):  # (the usual case first)
             return ValueError(f"x must have shape {self._accepted()} (one image), "
                               f"got {shape}"), shape
         if x.dtype != self.dtype:
@@ -386,7 +384,7 @@ class Engine:
                               f"got {shape}"), shape
         return None, shape
 
-    def _accepts(self, shape: Tuple[int, ...]) -> bool:
+    def accepts(self, shape: Tuple[int, ...]) -> bool:
         """Whether requests of ``shape`` are accepted (the channels aside while
         they are not known yet)."""
         if self.fixed_shape:
@@ -460,7 +458,6 @@ class Engine:
         while self._in_flight >= self._capacity:
             self._waits_for = _RUNNER
             self._cv.wait()
-        self._waits_for = _NOTHING
         if not self._queued:
             return None  # a thread died meanwhile and _crashed failed the queue
         return self._take(shape)
@@ -541,11 +538,11 @@ class Engine:
         # Only batches of the nominal shape are padded to the buckets (its CUDA
         # graphs' batch sizes); other shapes run eagerly, so padding buys nothing.
         size = next((b for b in self._buckets if b >= n), n) if shape == self.input_shape else n
-        x = torch.empty((size,) + tuple(shape), dtype=self.dtype, pin_memory=self._cuda)
+        x = torch.empty((size,) + tuple(shape), dtype=self.dtype, pin_memory=True)
         torch.stack([r.x for r in requests], out=x[:n])
         if size > n:
             x[n:].zero_()  # padding rows: any valid input, their outputs are dropped
-        domain = torch.zeros(size, dtype=torch.int64, pin_memory=self._cuda)
+        domain = torch.zeros(size, dtype=torch.int64, pin_memory=True)
         domain[:n] = torch.tensor([r.domain for r in requests], dtype=torch.int64)
         with torch.cuda.stream(self._copy_stream):
             xd = x.to(self.device, non_blocking=True)
@@ -750,10 +747,15 @@ class Engine:
                 self._returning += 1  # this runner collects next
             # A runner is free and the target batch is smaller: the collector may be
             # waiting for either.
-            if self._waits_for == _RUNNER or (
-                    self._waits_for == _FILL and self._queued >= self._target()):
-                self._waits_for = _NOTHING
-                self._cv.notify()
+            self._wake_collector(_RUNNER)
+
+    def _wake_collector(self, reason: int) -> None:
+        """Wake the collector if it waits for ``reason`` (_FIRST or _RUNNER) or for
+        its batch to fill and it now has. Called with ``self._lock`` held."""
+        if self._waits_for == reason or (
+                self._waits_for == _FILL and self._queued >= self._target()):
+            self._waits_for = _NOTHING
+            self._cv.notify()
 
     def _fail(self, requests: List[_Request], error: Exception) -> None:
         with self._stats_lock:

@@ -336,7 +336,7 @@ def make_app(engine: Engine, *, max_body_bytes: Optional[int] = None,
         if len(got) == 3 and got[0] != channels:  # the likeliest mistake: say it plainly
             raise _Reject(422, f'"image" must have {channels} channels, got {got[0]} '
                                f'(its shape is {got}; expected {expected})')
-        if (got != shape) if fixed else (len(got) != 3 or min(got) < 1):
+        if not engine.accepts(got):
             raise _Reject(422, f'"image" must have shape {expected}, got {got}')
 
     def decode(request, body: bytes) -> Tuple[torch.Tensor, int]:
