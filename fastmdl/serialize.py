@@ -67,6 +67,7 @@ from torch.utils import _pytree
 
 from . import _shapes, ops
 from ._io import write_atomic_bytes
+from .convert import INPUT_SIZE_SOURCES
 from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear, PrunedModel
 
 FORMAT = "fastmdl.pruned"
@@ -120,7 +121,7 @@ _TORCH_LAYERS.update({f"torch.nn.{c.__name__}": c for c in (nn.LayerNorm, nn.Gro
 _EXTRA_CONFIG = {nn.LayerNorm: {"bias": lambda m: m.bias is not None},
                  nn.Linear: {"bias": lambda m: m.bias is not None}}
 # Layers and functions a user registered (register_layer, register_function).
-_USER_LAYERS: Dict[str, Tuple[type, Any, Any]] = {}
+_USER_LAYERS: Dict[str, Tuple[Callable, Callable]] = {}  # name -> (config, build)
 _LAYER_NAMES = {c: name for name, c in {**_PRUNED_LAYERS, **_TORCH_LAYERS}.items()}
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # Names reach the graph module's generated Python source; anything beyond plain
@@ -358,7 +359,7 @@ def _describe(model: PrunedModel) -> Tuple[dict, Dict[str, torch.Tensor]]:
         if layer_type in _PRUNED_LAYERS:
             config = m.config()
         elif layer_type in _USER_LAYERS:
-            config = _USER_LAYERS[layer_type][1](m)
+            config = _USER_LAYERS[layer_type][0](m)
             if not isinstance(config, dict):
                 raise TypeError(f"the config function registered for {layer_type!r} must "
                                 f"return a dict, got {type(config).__name__}")
@@ -452,10 +453,15 @@ def _encode(value: Any, where: str) -> Any:
     raise ValueError(f"cannot save {where}: values of type {t.__name__} are not supported")
 
 
+def _config_keys(cls: type) -> List[str]:
+    """The settings a stock torch layer is saved with: its ``__constants__`` and
+    what ``_EXTRA_CONFIG`` adds."""
+    return list(getattr(cls, "__constants__", [])) + list(_EXTRA_CONFIG.get(cls, {}))
+
+
 def _torch_layer_config(m: nn.Module) -> dict:
-    config = {c: getattr(m, c) for c in getattr(type(m), "__constants__", [])}
-    config.update({k: f(m) for k, f in _EXTRA_CONFIG.get(type(m), {}).items()})
-    return config
+    extra = _EXTRA_CONFIG.get(type(m), {})
+    return {k: extra[k](m) if k in extra else getattr(m, k) for k in _config_keys(type(m))}
 
 
 def register_layer(name: str, cls: type, *, config: Optional[Callable[[nn.Module], dict]] = None,
@@ -474,9 +480,7 @@ def register_layer(name: str, cls: type, *, config: Optional[Callable[[nn.Module
     class whole (one call in the graph, its tensors its own), and the channel
     analysis treats it as an op it does not know, so the channels it reads and
     writes are kept whole (``convert``'s warning says which)."""
-    if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
-        raise ValueError(f"name must be a dotted Python identifier, e.g. 'mylib.Swish', "
-                         f"got {name!r}")
+    _check_dotted_name(name, ", e.g. 'mylib.Swish',")
     if name in _PRUNED_LAYERS or name in _TORCH_LAYERS:
         raise ValueError(f"name {name!r} is fastmdl's own; choose another")
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
@@ -486,10 +490,15 @@ def register_layer(name: str, cls: type, *, config: Optional[Callable[[nn.Module
             raise TypeError(f"{arg} must be callable, got {type(fn).__name__}")
     if cls in _LAYER_NAMES and _LAYER_NAMES[cls] != name:
         raise ValueError(f"{cls.__qualname__} is already saved as {_LAYER_NAMES[cls]!r}")
-    _USER_LAYERS[name] = (cls, config or (lambda m: {}), build or (lambda c: cls(**c)))
+    _USER_LAYERS[name] = (config or (lambda m: {}), build or (lambda c: cls(**c)))
     _LAYER_NAMES[cls] = name
     from .graph import USER_LEAVES
     USER_LEAVES.add(cls)  # traced as one call, so its tensors stay its own
+
+
+def _check_dotted_name(name: Any, example: str) -> None:
+    if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
+        raise ValueError(f"name must be a dotted Python identifier{example} got {name!r}")
 
 
 def register_function(name: str, fn: Callable) -> None:
@@ -497,8 +506,7 @@ def register_function(name: str, fn: Callable) -> None:
     (one fx keeps whole, e.g. with ``torch.fx.wrap``): saved as ``name``, run as
     ``fn`` after ``load``. As with :func:`register_layer`, the file names the
     function and never carries its code."""
-    if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
-        raise ValueError(f"name must be a dotted Python identifier, got {name!r}")
+    _check_dotted_name(name, ",")
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if name in _FUNCTIONS and _FUNCTIONS[name] is not fn:
@@ -618,7 +626,9 @@ def _build(spec: dict, tensors: Dict[str, torch.Tensor], file_size: int) -> Prun
     num_domains = spec["num_domains"]
     _expect(_is_int(num_domains) and num_domains >= 1, f"bad num_domains {num_domains!r}")
     num_classes, input_size, baseline = spec["num_classes"], spec["input_size"], spec["baseline"]
-    _check_model_values(num_domains, num_classes, input_size, baseline)
+    # Files written before the source was recorded had a given or trained size.
+    source = spec.get("input_size_source", "given")
+    _check_model_values(num_domains, num_classes, input_size, source, baseline)
     budget = _TableBudget(file_size)
     modules: Dict[str, nn.Module] = {}
     for entry in spec["modules"]:
@@ -635,7 +645,7 @@ def _build(spec: dict, tensors: Dict[str, torch.Tensor], file_size: int) -> Prun
                 raise ValueError(f"layer {name!r}: {e}") from None
         elif layer_type in _USER_LAYERS:
             try:
-                m = _USER_LAYERS[layer_type][2](_decode_config(name, config))
+                m = _USER_LAYERS[layer_type][1](_decode_config(name, config))
             except (TypeError, ValueError) as e:
                 raise ValueError(f"layer {name!r} ({layer_type}): {e}") from None
             _expect(isinstance(m, nn.Module), f"the build function registered for "
@@ -660,7 +670,8 @@ def _build(spec: dict, tensors: Dict[str, torch.Tensor], file_size: int) -> Prun
         _expect(attr in tensors, f"graph tensor {attr!r} is not among the file's tensors")
         _expect(not any(attr == m or attr.startswith(m + ".") for m in modules),
                 f"graph tensor {attr!r} lies inside layer of the same name")
-        graph_tensors[attr] = nn.Parameter(tensors[attr].clone())
+        # Filled (and checked) by the strict load_state_dict below.
+        graph_tensors[attr] = nn.Parameter(torch.empty_like(tensors[attr]))
 
     graph, env = fx.Graph(), {}
     for entry in spec["nodes"]:
@@ -700,14 +711,10 @@ def _build(spec: dict, tensors: Dict[str, torch.Tensor], file_size: int) -> Prun
             _expect(m.num_classes == num_classes, f"layer {name!r} has num_classes "
                     f"{m.num_classes}, the model {num_classes}")
     _check_graph(net, num_domains, num_classes, input_size)
-    # Files written before the source was recorded had a given or trained size.
-    source = spec.get("input_size_source", "given")
-    _expect(source in ("given", "trained", "assumed"),
-            f"bad input_size_source {source!r}: expected 'given', 'trained' or 'assumed'")
     return PrunedModel(net, num_domains, num_classes, input_size, baseline, source)
 
 
-def _check_model_values(num_domains: int, num_classes, input_size, baseline) -> None:
+def _check_model_values(num_domains: int, num_classes, input_size, source, baseline) -> None:
     _expect(isinstance(num_classes, list) and len(num_classes) == num_domains
             and all(_is_int(k) and 0 < k <= _INT_LIMIT for k in num_classes),
             f"bad num_classes {num_classes!r}: expected {num_domains} positive ints")
@@ -717,6 +724,8 @@ def _check_model_values(num_domains: int, num_classes, input_size, baseline) -> 
     _expect(math.prod(input_size) <= _MAX_INPUT,
             f"input_size {input_size} holds {math.prod(input_size)} values per sample, more "
             f"than the {_MAX_INPUT} fastmdl files allow")
+    _expect(source in INPUT_SIZE_SOURCES,
+            f"bad input_size_source {source!r}: expected one of {INPUT_SIZE_SOURCES}")
     _expect(isinstance(baseline, dict) and all(
         isinstance(v, list) and all(type(x) in (int, float) for x in v) for v in baseline.values()),
         "bad baseline costs")
@@ -917,13 +926,13 @@ def _decode_config(name: str, config: Any) -> dict:
 def _torch_layer(layer_type: str, config: dict,
                  tensors: Optional[Dict[str, torch.Tensor]] = None) -> nn.Module:
     cls = _TORCH_LAYERS[layer_type]
-    constants = list(getattr(cls, "__constants__", [])) + list(_EXTRA_CONFIG.get(cls, {}))
-    _expect(set(config) == set(constants),
-            f"{layer_type} needs the config keys {constants}, got {config!r}")
+    keys = _config_keys(cls)
+    _expect(set(config) == set(keys), f"{layer_type} needs the config keys {keys}, got {config!r}")
     accepted = inspect.signature(cls).parameters
     m = cls(**{k: v for k, v in config.items() if k in accepted})
+    rebuilt = _torch_layer_config(m)
     for k, v in config.items():  # constants its constructor fixes (ReLU6's max_val)
-        got = _EXTRA_CONFIG[cls][k](m) if k in _EXTRA_CONFIG.get(cls, {}) else getattr(m, k)
+        got = rebuilt[k]
         if isinstance(got, tuple) and isinstance(v, list):
             v = tuple(v)
         _expect(got == v, f"{layer_type} cannot be rebuilt with {k}={v!r}")

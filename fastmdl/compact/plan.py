@@ -17,6 +17,7 @@ counted in :attr:`CompactPlan.islands`, so a user can see what stays slow.
 from __future__ import annotations
 
 import builtins
+import math
 import operator
 import os
 from typing import Any, Callable, Dict, List, Optional
@@ -574,9 +575,7 @@ class _Builder:
         # One flat buffer per layer, every domain's block after the previous one's:
         # the ragged storage reads views of it, the padded one the buffer itself.
         packed = Packed(blocks, biases, self.device)
-        pixels = 1
-        for v in (self.shape(node) or ())[2:]:
-            pixels *= v
+        pixels = math.prod((self.shape(node) or ())[2:])
         for d, b in enumerate(blocks):
             self.cost[d] += b.numel() * pixels
         weights = [None if b.numel() == 0 else v.permute(0, 3, 1, 2)
