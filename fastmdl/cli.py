@@ -102,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _add_decathlon(sub) -> None:
-    from .decathlon import BUDGETS, DOMAINS
+    from .decathlon import BUDGETS, DOMAINS, SHARING
 
     p = sub.add_parser(
         "decathlon", help="the papers' protocol on a Visual Decathlon devkit you have",
@@ -128,7 +128,7 @@ def _add_decathlon(sub) -> None:
                    help="each domain's FLOPs limit, a fraction in (0, 1] of one ResNet-26's; "
                         "1.0 is always run, first, as the score's reference "
                         f"(default: {' '.join(map(str, BUDGETS))})")
-    p.add_argument("--sharing", choices=["none", "intersection", "union", "jaccard"],
+    p.add_argument("--sharing", choices=["none", *SHARING],
                    default="jaccard",
                    help="parameter-sharing loss below budget 1.0 (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=5,

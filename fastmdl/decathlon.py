@@ -49,12 +49,14 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ._io import write_report
+from .budget import SHARING as _BUDGET_SHARING
+from .experiment import pruned_row, score_rows
 
 #: The ten Visual Decathlon domains, as the devkit names its annotation files.
 DOMAINS = ("aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb", "imagenet12", "omniglot",
            "svhn", "ucf101", "vgg-flowers")
 BUDGETS = (1.0, 0.75, 0.5, 0.25)
-SHARING = ("intersection", "union", "jaccard")
+SHARING = tuple(s for s in _BUDGET_SHARING if s is not None)  # the losses, by name
 TRAIN_SIZE, EVAL_SIZE, RESIZE_TO = 64, 72, 72
 # A domain's FLOPs fraction may exceed its budget by this much (rounding) before
 # the report says the budget was not reached.
@@ -84,8 +86,6 @@ def run(root: str, out_dir: str = "fastmdl-decathlon", *, domains: Sequence[str]
     read images; ``device`` defaults to CUDA where available. Raises ValueError or
     TypeError naming the argument for bad input, FileNotFoundError for a missing
     annotation file."""
-    from . import decathlon_score
-
     budgets = _check_args(domains, budgets, sharing, epochs, batch_size, width, max_train,
                           max_eval, workers, seed, log)
     log = log or (lambda _: None)
@@ -117,10 +117,7 @@ def run(root: str, out_dir: str = "fastmdl-decathlon", *, domains: Sequence[str]
         if row["over_budget"]:
             log(f"note: {', '.join(row['over_budget'])} still above budget {budget} after "
                 f"{epochs} epoch(s); train longer (--epochs)")
-    reference = [1 - a for a in rows[0]["accuracy"]]
-    for r in rows:
-        r["mean_accuracy"] = sum(r["accuracy"]) / len(r["accuracy"])
-        r["decathlon"] = decathlon_score([1 - a for a in r["accuracy"]], reference)
+    score_rows(rows, [1 - a for a in rows[0]["accuracy"]])
     result = {
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "root": os.path.abspath(root), "domains": data.names, "num_classes": data.num_classes,
@@ -162,17 +159,14 @@ def _one_budget(net, num_classes, train_loaders, val_loaders, *, budget, sharing
     """Convert ``net`` for the domains, train its masks at ``budget``, prune, and
     measure the pruned network: val accuracy per domain, params and FLOPs (union
     and each domain's) against one single-domain network."""
-    from . import convert, cost_report, evaluate, prune, train
+    from . import convert, evaluate, prune, train
 
     model = convert(net, len(num_classes), num_classes, input_size=(3, TRAIN_SIZE, TRAIN_SIZE))
     history = train(model, train_loaders, None, budget=budget, epochs=epochs, sharing=sharing,
                     train_weights=train_weights, device=device, progress=progress, log=log)
     pruned = prune(model)
-    rep = cost_report(pruned)
-    return {"budget": budget, "sharing": sharing, "accuracy": evaluate(pruned, val_loaders),
-            "params_vs_one": rep.union["params"] / rep.baseline["params"],
-            "flops_vs_one": rep.union["flops"] / rep.baseline["flops"],
-            "domain_flops": [r["flops"] / r["baseline_flops"] for r in rep.domains],
+    return {"budget": budget, "sharing": sharing,
+            **pruned_row(pruned, evaluate(pruned, val_loaders)),
             "train_loss": history[-1]["loss"]}
 
 

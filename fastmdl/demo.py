@@ -105,9 +105,6 @@ def _backbone_and_data(size, width, max_train, max_eval, progress, seed, log, pr
     from .data import builtin_benchmark
     from .pretrained import pretrained_backbone
 
-    # pretrained_backbone builds the network before it seeds its own training,
-    # so a fresh backbone's initialisation comes from the global generator.
-    torch.manual_seed(seed)
     log("[1/5] backbone: ResNet-26 pretrained on Fashion-MNIST (cached after the first run)")
     backbone, info = pretrained_backbone(size=size, width=width, progress=progress, seed=seed,
                                          **(pretrain or {}))

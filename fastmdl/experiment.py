@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ._io import write_report
 from ._plot import pyplot, save_png
 
-SHARING = (None, "intersection", "union", "jaccard")
+from .budget import SHARING
 
 
 def run(out_dir: str = "fastmdl-experiment", *, budgets: Sequence[float] = (0.75, 0.5, 0.25),
@@ -37,7 +37,7 @@ def run(out_dir: str = "fastmdl-experiment", *, budgets: Sequence[float] = (0.75
         fill: bool = True) -> Dict:
     """Run the experiment and write its report under ``out_dir``. ``pretrain``
     overrides :func:`fastmdl.pretrained.pretrained_backbone`'s settings."""
-    from . import convert, cost_report, decathlon_score, evaluate, prune, train
+    from . import convert, cost_report, evaluate, prune, train
     from .data import builtin_benchmark
     from .pretrained import pretrained_backbone
 
@@ -77,15 +77,9 @@ def run(out_dir: str = "fastmdl-experiment", *, budgets: Sequence[float] = (0.75
               epochs=epochs, sharing=share, train_weights=True, progress=progress, log=None,
               fill=fill)
         pruned = prune(model)
-        acc = evaluate(pruned, test)
-        rep = cost_report(pruned)
-        rows.append({"name": name, "budget": budget, "sharing": share, "accuracy": acc,
-                     "params_vs_one": rep.union["params"] / rep.baseline["params"],
-                     "flops_vs_one": rep.union["flops"] / rep.baseline["flops"],
-                     "domain_flops": [r["flops"] / r["baseline_flops"] for r in rep.domains]})
-    for r in rows:
-        r["mean_accuracy"] = sum(r["accuracy"]) / len(r["accuracy"])
-        r["decathlon"] = decathlon_score([1 - a for a in r["accuracy"]], base_err)
+        rows.append({"name": name, "budget": budget, "sharing": share,
+                     **pruned_row(pruned, evaluate(pruned, test))})
+    score_rows(rows, base_err)
     result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "domains": data.names, "epochs": epochs, "max_train": max_train, "size": size,
               "fill": fill,
@@ -113,6 +107,28 @@ def _finetune(model, loader, steps: int) -> None:
         loss.backward()
         opt.step()
     model.eval()
+
+
+def pruned_row(pruned, accuracy: List[float]) -> Dict:
+    """A pruned network's row: its per-domain ``accuracy``, params and FLOPs of the
+    union against one single-domain network, and each domain's FLOPs against it."""
+    from . import cost_report
+
+    rep = cost_report(pruned)
+    return {"accuracy": accuracy,
+            "params_vs_one": rep.union["params"] / rep.baseline["params"],
+            "flops_vs_one": rep.union["flops"] / rep.baseline["flops"],
+            "domain_flops": [r["flops"] / r["baseline_flops"] for r in rep.domains]}
+
+
+def score_rows(rows: List[Dict], reference_error: List[float]) -> None:
+    """Add each row's mean accuracy and decathlon score against ``reference_error``
+    (per domain; Emax = 2x it), in place."""
+    from .metrics import decathlon_score
+
+    for r in rows:
+        r["mean_accuracy"] = sum(r["accuracy"]) / len(r["accuracy"])
+        r["decathlon"] = decathlon_score([1 - a for a in r["accuracy"]], reference_error)
 
 
 def table(result: Dict) -> str:
