@@ -34,17 +34,25 @@ def run(out_dir: str = "fastmdl-experiment", *, budgets: Sequence[float] = (0.75
         max_eval: int = 600,
         size: int = 32, width: float = 0.25, batch_size: int = 32, seed: int = 0,
         progress: bool = True, log=print, pretrain: Optional[Dict] = None,
-        fill: bool = True) -> Dict:
+        fill: bool = True, backbone_seed: Optional[int] = None,
+        data_seed: Optional[int] = None) -> Dict:
     """Run the experiment and write its report under ``out_dir``. ``pretrain``
-    overrides :func:`fastmdl.pretrained.pretrained_backbone`'s settings."""
+    overrides :func:`fastmdl.pretrained.pretrained_backbone`'s settings.
+
+    ``seed`` draws the heads, masks and batch order of every row; the pretrained
+    backbone and the data splits use ``backbone_seed`` and ``data_seed`` (default:
+    ``seed``). Holding those two fixed while ``seed`` varies measures the noise of
+    training alone, on the same test images (``benchmarks/experiment_seeds.py``)."""
     from . import convert, cost_report, evaluate, prune, train
     from .data import builtin_benchmark
     from .pretrained import pretrained_backbone
 
+    backbone_seed = seed if backbone_seed is None else backbone_seed
+    data_seed = seed if data_seed is None else data_seed
     started = time.perf_counter()
-    backbone, info = pretrained_backbone(size=size, width=width, progress=progress, seed=seed,
-                                         **(pretrain or {}))
-    data = builtin_benchmark(size, seed=seed, max_train=max_train, max_eval=max_eval)
+    backbone, info = pretrained_backbone(size=size, width=width, progress=progress,
+                                         seed=backbone_seed, **(pretrain or {}))
+    data = builtin_benchmark(size, seed=data_seed, max_train=max_train, max_eval=max_eval)
     test = data.loaders("test", 256)
     rows: List[Dict] = []
 
@@ -82,7 +90,8 @@ def run(out_dir: str = "fastmdl-experiment", *, budgets: Sequence[float] = (0.75
     score_rows(rows, base_err)
     result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "domains": data.names, "epochs": epochs, "max_train": max_train, "size": size,
-              "fill": fill,
+              "fill": fill, "seed": seed, "backbone_seed": backbone_seed,
+              "data_seed": data_seed, "threads": torch.get_num_threads(),
               "backbone": {k: v for k, v in info.items() if k != "cache"},
               "baseline_cost": one.baseline, "rows": rows,
               "seconds": time.perf_counter() - started}
