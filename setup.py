@@ -2,9 +2,12 @@
 
 The extension ``fastmdl._C`` is built from ``csrc/*.cpp`` with
 ``torch.utils.cpp_extension`` and ninja. ``csrc/*.cu`` join it when torch is a
-CUDA build and nvcc is found. A failed extension build never fails the install:
-the package then runs on its pure-PyTorch reference backend and says so at
-first use (``fastmdl info`` shows why).
+CUDA build and nvcc is found. A failed C++ (CPU) extension build does not fail
+the install: the package then runs on its pure-PyTorch reference backend and says
+so at first use (``fastmdl info`` shows why). A failed build WITH the CUDA sources
+(torch is a CUDA build and nvcc is there, so the CUDA kernel was expected) fails
+the install with the compiler's reason: ``FASTMDL_NO_CUDA=1`` builds the CPU part
+alone, on purpose.
 """
 
 import glob
@@ -66,6 +69,14 @@ def _extension_and_cmdclass():
 
         @staticmethod
         def _skip(exc):
+            if use_cuda:
+                # nvcc and a CUDA torch are both here: a missing CUDA kernel would be
+                # a silent loss that the GPU tests could only skip over.
+                raise RuntimeError(
+                    f"fastmdl: the extension with its CUDA kernel failed to build although "
+                    f"torch {torch.__version__} is a CUDA build and nvcc is at {nvcc} "
+                    f"({exc}). Fix the build, or set FASTMDL_NO_CUDA=1 to build the C++ "
+                    "CPU part alone.") from exc
             print("\n*** fastmdl: the C++ extension did not build; the package will use the "
                   f"pure-PyTorch reference backend.\n*** reason: {exc}\n", file=sys.stderr)
 

@@ -46,9 +46,13 @@ from fastmdl.models import resnet26  # noqa: E402
 
 
 def set_masks(model, keep: float, shared: float, seed: int = 0) -> None:
+    """Each domain keeps a random ``keep`` of every group's channels, of which a
+    ``shared`` fraction every domain keeps (a grouped convolution's channels go in
+    whole groups: the group's block is the unit)."""
     g = torch.Generator().manual_seed(seed)
     for group in model.mask_groups():
-        d, c = group.scores.shape
+        d, width = group.scores.shape
+        c = width // group.block
         n_keep = max(1, round(keep * c))
         n_core = round(shared * n_keep)
         order = torch.randperm(c, generator=g)
@@ -58,7 +62,7 @@ def set_masks(model, keep: float, shared: float, seed: int = 0) -> None:
         for dom in range(d):
             own = rest[torch.randperm(len(rest), generator=g)[:n_keep - n_core]]
             scores[dom, own] = 1.0
-        group.scores.data.copy_(scores)
+        group.scores.data.copy_(scores.repeat_interleave(group.block, dim=1))
 
 
 def pruned_resnet26(domains: int, keep: float, shared: float, size: int, width: float,

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import _domain
 from .layers import Conv2d, _check_num_domains, _resolve_domain
-from .masks import apply_mask, binarize
+from .masks import apply_mask, binarize, hard_mask
 from .ops import index_lists
 
 
@@ -55,6 +55,7 @@ class BasisConv2d(nn.Module):
         # that read these channels: one source of truth for the filter masks.
         self.scores = scores
         self.prunable = prunable and scores is not None
+        self.mask_block = 1  # the masked conv's blocks (fastmdl.Conv2d.mask_block)
         if in_masks is None:
             in_masks = torch.ones((num_domains, self.in_channels), device=basis.device)
         self.register_buffer("in_masks", (in_masks != 0).float())
@@ -77,8 +78,9 @@ class BasisConv2d(nn.Module):
         c_out, c_in, kh, kw = conv.weight.shape
         masked = isinstance(conv, Conv2d) and conv.prunable
         rows = torch.arange(c_out, device=conv.weight.device)
-        if masked and bool((conv.scores > 0).any()):
-            rows = (conv.scores > 0).any(dim=0).nonzero().squeeze(1)
+        kept = hard_mask(conv.scores, conv.mask_block) if masked else None
+        if masked and bool(kept.any()):
+            rows = kept.any(dim=0).nonzero().squeeze(1)
         cols = torch.arange(c_in * kh * kw, device=conv.weight.device)
         if in_masks is not None and bool(in_masks.any()):
             live = (in_masks != 0).any(dim=0).repeat_interleave(kh * kw)
@@ -90,11 +92,13 @@ class BasisConv2d(nn.Module):
         mapping = w.new_zeros((c_out, s.numel()))
         mapping[rows] = u * s
         dtype = conv.weight.dtype
-        return cls(basis.reshape(-1, c_in, kh, kw).to(dtype), mapping.to(dtype), conv.bias,
+        new = cls(basis.reshape(-1, c_in, kh, kw).to(dtype), mapping.to(dtype), conv.bias,
                   num_domains=num_domains, stride=conv.stride, padding=conv.padding,
                   dilation=conv.dilation, padding_mode=conv.padding_mode,
                   scores=conv.scores if isinstance(conv, Conv2d) else None,
                   prunable=masked, in_masks=in_masks)
+        new.mask_block = conv.mask_block if masked else 1
+        return new
 
     @property
     def rank(self) -> int:
@@ -103,7 +107,7 @@ class BasisConv2d(nn.Module):
 
     def masks(self) -> Optional[torch.Tensor]:
         """(D, C_out) binary filter masks (straight-through), or None if unmasked."""
-        return binarize(self.scores) if self.prunable else None
+        return binarize(self.scores, self.mask_block) if self.prunable else None
 
     def forward(self, x: torch.Tensor, domain: Optional[_domain.Domain] = None) -> torch.Tensor:
         domain = _resolve_domain(self, x, domain)

@@ -298,8 +298,9 @@ def _wire_masks(module: nn.Module, g: graph.ChannelGraph) -> List[MaskGroup]:
     """Tie the scores of each group's convolutions to one Parameter, mark the
     convolutions of frozen spaces unprunable, and give each BatchNorm the masks of
     its channels. A group's members are every convolution writing its channels:
-    those a residual add ties, a depthwise convolution over them (its filter c is
-    kept exactly where channel c is) and a squeeze-and-excitation gate's last
+    those a residual add ties, a depthwise or grouped convolution over them (its
+    filter c is kept exactly where channel c is; a grouped one's channels go in
+    blocks, see ``fastmdl/graph.py``) and a squeeze-and-excitation gate's last
     convolution (its gate c multiplies channel c)."""
     groups = []
     scores_of: Dict[int, nn.Parameter] = {}
@@ -313,13 +314,14 @@ def _wire_masks(module: nn.Module, g: graph.ChannelGraph) -> List[MaskGroup]:
                                  f"not the group's {tuple(scores.shape)}")
             c.scores = scores
             c.prunable = True
+            c.mask_block = g.block(root)
         scores_of[root] = scores
-        groups.append(MaskGroup(members[0], tuple(members), scores))
+        groups.append(MaskGroup(members[0], tuple(members), scores, g.block(root)))
     for info in g.layers.values():
         if info.kind == "conv" and g.find(info.out_space) not in scores_of:
             info.module.prunable = False
             info.module.scores.requires_grad_(False)
         if info.kind == "bn":
-            segs = [(scores_of.get(g.find(s)), w) for s, w in info.in_axis.segments]
-            info.module.mask_segments = segs if any(p is not None for p, _ in segs) else None
+            segs = [(scores_of.get(g.find(s)), w, g.block(s)) for s, w in info.in_axis.segments]
+            info.module.mask_segments = segs if any(p is not None for p, _, _ in segs) else None
     return groups

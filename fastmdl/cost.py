@@ -13,7 +13,8 @@ Counts (FLOPs are multiply-accumulates, as in the pruning papers):
 where for domain d, c_in and c_out count the channels d's masks keep, and g_in
 is the input channels each filter of a grouped convolution reads (1 for a
 depthwise one, whose filters are kept or removed with their channels: its cost
-scales with the kept channels, not their square); for the
+scales with the kept channels, not their square; C/groups for a grouped one with
+C_in = C_out, kept or removed a group at a time); for the
 *union* (what the pruned network holds) a channel counts if any domain keeps it,
 and each domain keeps its own BatchNorm and head; the *baseline* is the
 single-domain network with every filter. Mask sums go through the

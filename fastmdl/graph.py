@@ -9,7 +9,11 @@ labels; a flatten to features repeats each channel's label over its pixels.
 
 A depthwise convolution (groups = C_in = C_out: output channel c filters input
 channel c alone) writes the space it reads, so its filters are kept and removed
-with their channels. A sigmoid or hard sigmoid keeps the labels but not the
+with their channels. So does any grouped convolution with C_in = C_out (ResNeXt,
+RegNet): output group j reads input group j alone, so the space is kept or removed
+in *blocks* of C/groups channels (a space read by several grouped convolutions
+takes the least common multiple of their block sizes), and a removed block takes
+a whole group of the convolution with it. A sigmoid or hard sigmoid keeps the labels but not the
 zeros (sigmoid(0) = 0.5): its output is a *gate*, which may go through ops that
 keep channels apart and multiply a tensor whose channels are zero where masked
 (squeeze-and-excitation, ``x * gate``: the product is 0 wherever x is, and the
@@ -20,8 +24,8 @@ Spaces that fastmdl must not prune are *frozen*: the image, anything that
 reaches the model's output other than through the classifier head, and anything
 touched by an op it does not understand (a conservative default: it can only
 cost pruning opportunities, never correctness). Frozen so far: grouped
-convolutions other than depthwise ones (and depthwise ones with a channel
-multiplier > 1 or over a concatenation), splits of the channels (``chunk``:
+convolutions with C_in != C_out (a depthwise one with a channel multiplier > 1),
+grouped convolutions over a concatenation, splits of the channels (``chunk``:
 any op that returns several tensors), channel shuffles and other reshapes of
 the channel axis, and an ``nn.Linear`` over anything but (N, features), e.g. a
 channels-last MLP after a permute. Each unfrozen space becomes one mask group.
@@ -36,6 +40,7 @@ space).
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -135,13 +140,29 @@ class ChannelGraph:
     parent: List[int] = field(default_factory=list)
     widths: List[int] = field(default_factory=list)
     frozen: List[bool] = field(default_factory=list)
+    blocks: List[int] = field(default_factory=list)
     head: Optional[str] = None
 
     def new_space(self, width: int, frozen: bool = False) -> int:
         self.parent.append(len(self.parent))
         self.widths.append(width)
         self.frozen.append(frozen)
+        self.blocks.append(1)
         return len(self.parent) - 1
+
+    def block(self, s: int) -> int:
+        """Channels of space ``s`` that are kept or removed together (1: each alone)."""
+        return self.blocks[self.find(s)]
+
+    def tie_blocks(self, s: int, block: int) -> None:
+        """Space ``s`` is read by a grouped convolution with groups of ``block``
+        channels; a block size that does not divide the space's width freezes it."""
+        root = self.find(s)
+        new = math.lcm(self.blocks[root], block)
+        if self.widths[root] % new:
+            self.frozen[root] = True
+        else:
+            self.blocks[root] = new
 
     def find(self, s: int) -> int:
         while self.parent[s] != s:
@@ -157,6 +178,7 @@ class ChannelGraph:
                 return
             self.parent[b] = a
             self.frozen[a] = self.frozen[a] or self.frozen[b]
+            self.tie_blocks(a, self.blocks[b])
 
     def freeze(self, axis: Optional[Axis]) -> None:
         if axis is not None:
@@ -173,15 +195,16 @@ class ChannelGraph:
         for info in self.layers.values():
             m = info.module
             if (info.kind == "conv" and isinstance(m, Conv2d)
-                    and (m.groups == 1 or is_depthwise(m)) and m.prunable
+                    and (m.groups == 1 or tied_block(m)) and m.prunable
                     and not self.is_frozen(info.out_space)):
                 out[self.find(info.out_space)] = m.scores
         return out
 
-    def segments(self, axis: Axis) -> List[Tuple[Optional[nn.Parameter], int]]:
-        """``axis`` as (scores, width) segments, scores None where channels are kept whole."""
+    def segments(self, axis: Axis) -> List[Tuple[Optional[nn.Parameter], int, int]]:
+        """``axis`` as (scores, width, block) segments (see ``fastmdl.masks.Segment``),
+        scores None where channels are kept whole."""
         scores = self.scores_by_root()
-        return [(scores.get(self.find(s)), w) for s, w in axis.segments]
+        return [(scores.get(self.find(s)), w, self.block(s)) for s, w in axis.segments]
 
     def groups(self) -> Dict[int, List[str]]:
         """Unfrozen spaces (roots) -> the convolutions that write them, in graph order
@@ -202,6 +225,14 @@ def is_depthwise(conv: nn.Module) -> bool:
     and is an ordinary convolution.)"""
     w = conv.weight
     return conv.groups > 1 and w.shape[0] == conv.groups and w.shape[1] == 1
+
+
+def tied_block(conv: nn.Module) -> int:
+    """The channels per group of ``conv`` (an ``nn.Conv2d`` or a :class:`PrunedConv2d`)
+    if it is grouped with C_in == C_out (groups > 1; 1 for a depthwise one), so that
+    output group j reads input group j alone; else 0."""
+    w = conv.weight
+    return int(w.shape[1]) if conv.groups > 1 and w.shape[0] == conv.groups * w.shape[1] else 0
 
 
 # Ops that map a zero channel to a zero channel and keep channels where they are.
@@ -314,11 +345,13 @@ def analyse(gm: fx.GraphModule) -> ChannelGraph:
                 if m.groups == 1:
                     width = m.weight.shape[0]
                     out = Axis(((g.new_space(width), width),))
-                elif is_depthwise(m) and len(in_axis.segments) == 1:
-                    # Output channel c reads input channel c alone: the same space,
-                    # so the filters are removed with the channels they read.
+                elif tied_block(m) and len(in_axis.segments) == 1:
+                    # Output group j reads input group j alone: the same space, so
+                    # the filters are removed with the channels they read, a whole
+                    # group at a time (a depthwise conv's groups are single channels).
                     out = in_axis
-                else:  # other grouped convs (and depthwise ones over a concatenation)
+                    g.tie_blocks(in_axis.segments[0][0], tied_block(m))
+                else:  # other grouped convs (and grouped ones over a concatenation)
                     g.freeze(in_axis)
                     out = fresh(node)
                 residual = node.args[2] if len(node.args) > 2 else node.kwargs.get("residual")

@@ -126,6 +126,10 @@ def extension() -> str:
     has_cuda, why_not = backends.cuda.compiled()
     if has_cuda:
         return "loaded; kernels: CPU (domain_conv2d_cpu) and CUDA (domain_conv2d_cuda)"
+    expected, because = backends.cuda.build_expected()
+    if expected:  # a CUDA torch and nvcc: the kernel should be there
+        return (f"loaded; kernels: CPU (domain_conv2d_cpu) only; the CUDA kernel is MISSING "
+                f"although {because}: the CUDA build failed ({why_not})")
     return f"loaded; kernels: CPU (domain_conv2d_cpu) only; no CUDA kernel: {why_not}"
 
 

@@ -57,7 +57,9 @@ class Conv2d(nn.Conv2d):
     Inside a converted model, filters tied to others share one ``scores``
     Parameter, and ``prunable`` is False where fastmdl must keep every filter. A
     depthwise convolution (groups = C_in = C_out) shares its input's group's
-    scores: its filter c is masked exactly where input channel c is.
+    scores: its filter c is masked exactly where input channel c is; so does a
+    grouped one with C_in = C_out, whose channels then go in blocks of
+    ``mask_block`` = C/groups (one decision per block: a group is kept or removed).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -69,6 +71,8 @@ class Conv2d(nn.Conv2d):
         self.scores = nn.Parameter(torch.full((num_domains, out_channels), float(score_init),
                                               device=self.weight.device))
         self.prunable = True
+        # Filters kept or removed together, in blocks (a grouped conv's groups).
+        self.mask_block = 1
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, num_domains: int, score_init: float = 1.0) -> "Conv2d":
@@ -86,8 +90,9 @@ class Conv2d(nn.Conv2d):
         return new
 
     def masks(self) -> torch.Tensor:
-        """(D, C_out) binary filter masks (straight-through)."""
-        return binarize(self.scores)
+        """(D, C_out) binary filter masks (straight-through), decided per block of
+        ``mask_block`` filters (see :func:`fastmdl.masks.hard_mask`)."""
+        return binarize(self.scores, self.mask_block)
 
     def forward(self, x: torch.Tensor, domain: Optional[_domain.Domain] = None) -> torch.Tensor:
         domain = _resolve_domain(self, x, domain)

@@ -4,6 +4,11 @@ A mask group owns a Parameter ``scores`` of shape (D, C): entry [d, c] > 0 means
 filter c is kept for domain d. The forward pass uses the binary mask
 ``m = [scores > 0]``; the backward pass is straight-through, dm/dscores = 1, so
 the task loss and the budget loss both move the scores.
+
+Channels may be tied in *blocks* of ``block`` consecutive channels (a grouped
+convolution's groups, which are kept or removed whole): each block is then one
+decision, ``m_{d,c} = [mean of s_{d,c'} over c's block > 0]``, still with a
+straight-through gradient to every score.
 """
 
 from __future__ import annotations
@@ -14,15 +19,28 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-# A channel axis described as consecutive segments; a segment is (scores, width)
-# for channels masked by a group's scores, or (None, width) for channels that are
-# never pruned (the image, outputs of layers fastmdl cannot prune).
-Segment = Tuple[Optional[nn.Parameter], int]
+# A channel axis described as consecutive segments; a segment is (scores, width,
+# block) for channels masked by a group's scores in blocks of `block`, or (None,
+# width, 1) for channels that are never pruned (the image, outputs of layers
+# fastmdl cannot prune).
+Segment = Tuple[Optional[nn.Parameter], int, int]
 
 
-def binarize(scores: torch.Tensor) -> torch.Tensor:
-    """``[scores > 0]`` in the forward pass, identity gradient in the backward pass."""
-    hard = (scores > 0).to(scores.dtype)
+def hard_mask(scores: torch.Tensor, block: int = 1) -> torch.Tensor:
+    """The boolean mask ``[scores > 0]``, decided per block of ``block`` channels
+    (along the last dim) by the block's mean score."""
+    if block == 1:
+        return scores > 0
+    c = scores.shape[-1]
+    if c % block:
+        raise ValueError(f"block must divide the {c} channels of the scores, got {block}")
+    means = scores.reshape(scores.shape[:-1] + (c // block, block)).mean(-1)
+    return (means > 0).repeat_interleave(block, dim=-1)
+
+
+def binarize(scores: torch.Tensor, block: int = 1) -> torch.Tensor:
+    """:func:`hard_mask` in the forward pass, identity gradient in the backward pass."""
+    hard = hard_mask(scores, block).to(scores.dtype)
     return scores + (hard - scores).detach()
 
 
@@ -31,11 +49,11 @@ def segment_masks(segments: Sequence[Segment], num_domains: int, *, hard: bool =
     """(D, C) mask of a channel axis made of ``segments``: binarised scores where a
     segment has scores, ones where it has none. ``hard`` detaches the scores."""
     parts = []
-    for scores, width in segments:
+    for scores, width, block in segments:
         if scores is None:
             parts.append(torch.ones((num_domains, width), device=device, dtype=dtype))
         else:
-            m = (scores > 0).to(dtype) if hard else binarize(scores).to(dtype)
+            m = hard_mask(scores, block).to(dtype) if hard else binarize(scores, block).to(dtype)
             parts.append(m.to(device) if device is not None else m)
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
@@ -53,11 +71,14 @@ class MaskGroup:
     """Filters whose masks are tied: the convolutions in ``members`` all write the
     same channels (e.g. they meet at a residual add), so one (D, C) ``scores``
     Parameter decides, per domain, which of those C channels exist. Write
-    ``group.scores.data`` to set masks directly."""
+    ``group.scores.data`` to set masks directly. With ``block`` > 1 (the channels
+    a grouped convolution reads and writes) the channels are kept or removed in
+    blocks of that many, each by its mean score (:func:`hard_mask`)."""
 
     name: str
     members: Tuple[str, ...]
     scores: nn.Parameter
+    block: int = 1
 
     @property
     def width(self) -> int:
@@ -66,4 +87,4 @@ class MaskGroup:
 
     def mask(self) -> torch.Tensor:
         """The current (D, C) 0/1 mask, detached."""
-        return (self.scores.detach() > 0).to(torch.float32)
+        return hard_mask(self.scores.detach(), self.block).to(torch.float32)

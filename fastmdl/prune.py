@@ -6,8 +6,8 @@ From the traced graph of a :class:`MultiDomainModel`:
    spaces keep all); a space no domain uses keeps one channel that every domain
    masks, so no tensor is ever empty;
 2. each fastmdl layer is replaced by its pruned form (weights sliced to the kept
-   channels, per-domain index lists relative to them; a depthwise convolution
-   keeps the filters of its kept channels, one group each), and a plain
+   channels, per-domain index lists relative to them; a depthwise or grouped
+   convolution keeps the filters of its kept channels' groups), and a plain
    ``nn.Linear`` that reads pruned features is sliced along its inputs;
 3. fusion: a BatchNorm that only reads a convolution is folded into the
    convolution's per-domain scale and shift; a residual add that only reads the
@@ -32,6 +32,7 @@ from . import graph
 from .convert import MultiDomainModel, _traced
 from .cost import baseline_costs
 from .layers import BatchNorm2d, Conv2d, DomainHeads
+from .masks import hard_mask
 from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear, PrunedModel
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -113,13 +114,15 @@ def _conv_weight(name: str, m: nn.Conv2d, in_idx: torch.Tensor, out_idx: torch.T
     filters ``out_idx``."""
     if m.groups == 1:
         return m.weight[out_idx][:, in_idx], 1
-    if graph.is_depthwise(m):
-        # Filter c reads channel c alone; the analysis gave both one space, so the
-        # kept filters are the kept channels: one group each.
-        if not torch.equal(in_idx, out_idx):
-            raise RuntimeError(f"internal error: depthwise convolution {name} keeps other "
-                               "input channels than filters")
-        return m.weight[out_idx], int(out_idx.numel())
+    block = graph.tied_block(m)
+    if block:
+        # Output group j reads input group j alone; the analysis gave both one space
+        # kept in whole groups, so the kept filters are the kept channels' groups
+        # (a depthwise conv's groups are single channels).
+        if not torch.equal(in_idx, out_idx) or out_idx.numel() % block:
+            raise RuntimeError(f"internal error: grouped convolution {name} keeps other "
+                               "input channels than filters, or part of a group")
+        return m.weight[out_idx], int(out_idx.numel()) // block
     # Any other grouped convolution reads and writes frozen spaces: it stays whole.
     if in_idx.numel() != m.in_channels or out_idx.numel() != m.out_channels:
         raise RuntimeError(f"internal error: grouped convolution {name} was cut")
@@ -136,14 +139,17 @@ def _kept_channels(g: graph.ChannelGraph, num_domains: int, device: torch.device
             continue
         width = g.widths[root]
         scores = scores_of.get(root) if not g.frozen[root] else None
+        block = g.blocks[root]
         if scores is None:
             m = torch.ones((num_domains, width), device=device)
         else:
-            m = (scores.detach() > 0).float().to(device)
+            m = hard_mask(scores.detach(), block).float().to(device)
         any_domain = m.amax(dim=0) > 0
         if not bool(any_domain.any()):
-            # Keep one channel that every domain masks: no empty tensors downstream.
-            any_domain[int(scores.detach().amax(dim=0).argmax())] = True
+            # Keep one channel (one block: a whole group of a grouped conv) that
+            # every domain masks: no empty tensors downstream.
+            first = int(scores.detach().amax(dim=0).argmax()) // block * block
+            any_domain[first:first + block] = True
         kept[root] = any_domain.nonzero().squeeze(1)
         masks[root] = m
     return kept, masks

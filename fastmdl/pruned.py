@@ -161,9 +161,10 @@ class PrunedConv2d(_FoldedBatchNorm):
     with ``in_masks``/``out_masks`` the (D, C) 0/1 tables of each domain's input
     channels and filters, s/t the folded BatchNorm (and bias), r an optional
     residual and act an optional ReLU. Grouped convolutions run through
-    ``F.conv2d`` with the same epilogue: a depthwise one holds the filters of its
-    kept channels (groups = their number; ``out_masks`` equal ``in_masks``, as
-    filter c reads channel c alone), any other grouped one every channel.
+    ``F.conv2d`` with the same epilogue: a depthwise one, or a grouped one with
+    C_in = C_out, holds the filters of its kept channels' groups (groups = their
+    number; ``out_masks`` equal ``in_masks``, as group j reads group j alone), any
+    other grouped one every channel.
 
     ``bn_stats`` = (mean, var, eps) of the folded BatchNorm, over
     :math:`W \star x` without the bias, lets :func:`fastmdl.recalibrate_bn` recompute

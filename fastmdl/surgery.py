@@ -10,6 +10,9 @@ ascending indices, among the analysed model's channels, that stay.
 :meth:`Network.materialise` turns a state into a new, physically smaller copy:
 each member's filters, the BatchNorm/affine entries of those channels and every
 reader's input channels (a flattened reader's features) are sliced together.
+A space that a grouped convolution (C_in = C_out, groups > 1 and not depthwise)
+reads and writes goes in blocks of whole groups (``graph.tied_block``); it is not
+a group here and stays whole: PAGCP's cuts are ratios of single channels.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from . import graph
 from .convert import MultiDomainModel, _traced
 from .cost import CostLayer, costs
 from .layers import BatchNorm2d, Conv2d, DomainHeads
+from .masks import hard_mask
 from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear, PrunedModel, _csr
 
 Kept = Dict[int, torch.Tensor]
@@ -100,7 +104,7 @@ class Network:
         self.graph = g = graph.analyse(gm)
         self.num_domains = 1 if self.kind == "plain" else self.model.num_domains
         self.groups = [Group(r, names[0], tuple(names), g.widths[r])
-                       for r, names in g.groups().items()]
+                       for r, names in g.groups().items() if g.blocks[r] == 1]
         self.masks = self._domain_masks()
 
     # -- which domains use each channel ------------------------------------------------
@@ -111,7 +115,8 @@ class Network:
         g, d = self.graph, self.num_domains
         found: Dict[int, torch.Tensor] = {}
         if self.kind == "multidomain":
-            found = {r: (s.detach() > 0).float().cpu() for r, s in g.scores_by_root().items()}
+            found = {r: hard_mask(s.detach(), g.blocks[r]).float().cpu()
+                     for r, s in g.scores_by_root().items()}
         elif self.kind == "pruned":
             for info in g.layers.values():
                 if info.kind == "conv" and info.module.groups == 1:
@@ -224,8 +229,9 @@ class Network:
                 if isinstance(m, BatchNorm2d) and m.mask_segments is not None:
                     m.mask_segments = [
                         (new_scores.get(g.find(s), sc) if sc is not None else None,
-                         len(self.kept_or_all(kept, g.find(s))))
-                        for (s, _), (sc, _) in zip(info.in_axis.segments, m.mask_segments)]
+                         len(self.kept_or_all(kept, g.find(s))), block)
+                        for (s, _), (sc, _, block) in zip(info.in_axis.segments,
+                                                          m.mask_segments)]
             else:
                 _slice_reader(m, feat)
         return model

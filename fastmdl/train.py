@@ -15,6 +15,7 @@ from ._io import write_atomic_bytes
 from .budget import BudgetLoss
 from .convert import MultiDomainModel
 from .cost import costs, multidomain_layers
+from .masks import hard_mask
 
 CHECKPOINT_FORMAT = "fastmdl.train-checkpoint"
 
@@ -330,9 +331,9 @@ def fill_budget(model: MultiDomainModel, budget: float, metric: str = "flops") -
 
     Training pushes masks down in steps, and a step can switch off more filters
     than the budget asks for. This hands the slack back: domain d's switched-off
-    filters are taken in order, first those another domain already keeps (they add
-    nothing to the union network), each set by score (the closest to switching
-    back on first), and the longest prefix whose cost :math:`r_d \le` ``budget``
+    filters (a grouped convolution's: whole groups) are taken in order, first those
+    another domain already keeps (they add nothing to the union network), each set
+    by score (the closest to switching back on first), and the longest prefix whose cost :math:`r_d \le` ``budget``
     is switched on (cost grows with every filter, so a bisection finds it).
     A domain already over the budget is left as it is."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
@@ -349,12 +350,13 @@ def fill_budget(model: MultiDomainModel, budget: float, metric: str = "flops") -
             continue
         candidates = []
         for gi, g in enumerate(groups):
-            on = g.scores.detach() > 0
+            on = hard_mask(g.scores.detach(), g.block)[:, ::g.block]  # one per block
             others = on.clone()
             others[d] = False
             shared = others.any(0)
-            for c in (~on[d]).nonzero().flatten().tolist():
-                candidates.append((not bool(shared[c]), -float(g.scores[d, c]), gi, c))
+            means = g.scores.detach()[d].reshape(-1, g.block).mean(1)
+            for j in (~on[d]).nonzero().flatten().tolist():
+                candidates.append((not bool(shared[j]), -float(means[j]), gi, j))
         candidates.sort()
         saved = [g.scores.data[d].clone() for g in groups]
         # A switched-on filter gets a small positive score: just past the threshold.
@@ -363,8 +365,9 @@ def fill_budget(model: MultiDomainModel, budget: float, metric: str = "flops") -
         def apply(k: int) -> None:
             for g, row in zip(groups, saved):
                 g.scores.data[d] = row
-            for _, _, gi, c in candidates[:k]:
-                groups[gi].scores.data[d, c] = on_value
+            for _, _, gi, j in candidates[:k]:
+                b = groups[gi].block  # a grouped conv's channels come back a group at a time
+                groups[gi].scores.data[d, j * b:(j + 1) * b] = on_value
 
         lo, hi = 0, len(candidates)
         while lo < hi:

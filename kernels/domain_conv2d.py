@@ -75,6 +75,7 @@ import triton
 import triton.language as tl
 
 from .._shapes import conv_output_hw, domain_masks, output_memory_format
+from .._tf32 import conv_tf32
 from .domain_conv2d_epilogue import launch_epilogue, write_output
 
 
@@ -411,7 +412,7 @@ def domain_conv2d(x, weight, domain, in_index, in_offsets, out_index, out_offset
           if split_k > 1 else y)
 
     if x.dtype == torch.float32:
-        precision = "tf32" if torch.backends.cudnn.allow_tf32 and on_gpu else "ieee"
+        precision = "tf32" if on_gpu and conv_tf32() else "ieee"
     else:
         precision = "ieee"
     res = residual if residual is not None else y

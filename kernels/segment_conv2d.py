@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .._shapes import conv_output_hw
+from .._tf32 import matmul_tf32
 
 
 @triton.jit(do_not_specialize=["M_EST", "N_EST", "K_EST"])
@@ -255,7 +256,7 @@ def segment_conv2d(x, offsets, weight, bias, residual, cin, cout, out_slots, ker
     on_gpu = x.device.type == "cuda"
     aligned = p_in % 16 == 0 and all(c % 16 == 0 for c in cin)
     precision = "ieee"
-    if x.dtype == torch.float32 and on_gpu and torch.backends.cuda.matmul.allow_tf32:
+    if x.dtype == torch.float32 and on_gpu and matmul_tf32():
         precision = "tf32"
 
     def grid(meta):

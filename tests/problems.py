@@ -117,13 +117,20 @@ def op_args(args, backend=None):
 
 
 def require_backend(name, device="cpu"):
-    """Skip the calling test, with the reason, when backend ``name`` can't run on ``device``."""
+    """Skip the calling test, with the reason, when backend ``name`` can't run on
+    ``device``; fail it instead when the CUDA kernel is missing from an install that
+    should hold it (a CUDA torch and nvcc, no FASTMDL_NO_CUDA=1): a failed build."""
     import pytest
 
     from fastmdl import backends
+    from fastmdl.backends import cuda
 
     ok, why = backends.status(name, device)
     if not ok:
+        expected, because = cuda.build_expected()
+        if name == "cuda" and expected and not cuda.compiled()[0]:
+            pytest.fail(f"backend 'cuda' is missing although {because}: {why}. The CUDA "
+                        "build failed; FASTMDL_NO_CUDA=1 marks a CPU-only build as intended.")
         pytest.skip(why)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 import fastmdl
 import zoo
+from layouts import check_every_layout, per_domain_statistics
 from fastmdl import graph
 from fastmdl.cost import costs, multidomain_layers
 from fastmdl.pruned import PrunedConv2d
@@ -144,30 +145,11 @@ def _random_masks(model, seed=0):
 
 
 def _per_domain_statistics(model):
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(9, 3, SIZE, SIZE) * 2 + 0.5, torch.arange(9) % 3)
-    model.eval()
+    per_domain_statistics(model, SIZE)
 
 
 def _check_same(pruned, model, what):
-    """pruned(x, d) == model(x, d) in the union layout and both compact storages, on
-    a mixed batch, one with no sample of domain 1, one domain, and a batch of one."""
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(8, 3, SIZE, SIZE, generator=g)
-    cases = {"mixed": (x, torch.tensor([0, 1, 2, 2, 1, 0, 0, 2])),
-             "no samples of domain 1": (x, torch.tensor([0, 2, 2, 0, 0, 2, 2, 0])),
-             "one domain (int)": (x, 1),
-             "batch of one": (x[:1], torch.tensor([2]))}
-    with torch.no_grad():
-        for layout, storage in (("union", "auto"), ("compact", "ragged"), ("compact", "padded")):
-            pruned.layout, pruned.storage = layout, storage
-            for case, (xs, d) in cases.items():
-                torch.testing.assert_close(
-                    pruned(xs, d), model(xs, d), **TOL,
-                    msg=lambda m, c=case, la=layout, s=storage: f"{what}, {la}/{s}, {c}: {m}")
-    pruned.layout, pruned.storage = "auto", "auto"
+    check_every_layout(pruned, model, what, SIZE, **TOL)
 
 
 @pytest.fixture(scope="module")

@@ -111,7 +111,7 @@ def test_recalibrated_statistics_are_the_average_over_batches():
 def test_a_switched_off_channel_keeps_its_statistics():
     bn = fastmdl.BatchNorm2d(4, num_domains=2)
     scores = torch.nn.Parameter(torch.tensor([[1.0, -1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]))
-    bn.mask_segments = [(scores, 4)]
+    bn.mask_segments = [(scores, 4, 1)]
     bn.running_mean[0] = torch.tensor([0.5, 0.7, 0.1, 0.2])
     x = torch.randn(8, 4, 3, 3) + 2
     x[:, 1] = 0  # what a switched-off channel carries

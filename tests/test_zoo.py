@@ -15,6 +15,7 @@ NUM_CLASSES = [10, 4, 7]
 ZOO = {
     "resnet18": zoo.resnet18,
     "resnet50": zoo.resnet50,
+    "resnext50_32x4d": zoo.resnext50_32x4d,
     "densenet121": zoo.densenet121,
     "mobilenet_v2": zoo.mobilenet_v2,
     "efficientnet_b0": zoo.efficientnet_b0,
@@ -24,6 +25,7 @@ ZOO = {
 TORCHVISION_PARAMS = {
     "resnet18": 11_689_512,
     "resnet50": 25_557_032,
+    "resnext50_32x4d": 25_028_904,
     "densenet121": 7_978_856,
     "mobilenet_v2": 3_504_872,
     "efficientnet_b0": 5_288_548,

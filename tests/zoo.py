@@ -90,12 +90,13 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None):
+                 downsample: Optional[nn.Module] = None, groups: int = 1,
+                 base_width: int = 64):
         super().__init__()
-        width = planes
+        width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = _conv1x1(inplanes, width)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = _conv3x3(width, width, stride)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = _conv1x1(width, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
@@ -116,8 +117,12 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: Sequence[int],
-                 num_classes: int = 10, zero_init_residual: bool = False):
+                 num_classes: int = 10, zero_init_residual: bool = False, groups: int = 1,
+                 width_per_group: int = 64):
         super().__init__()
+        # ResNeXt: the bottleneck's 3x3 conv in `groups` groups of `width_per_group`.
+        self.block_options = {} if block is BasicBlock else \
+            {"groups": groups, "base_width": width_per_group}
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, self.inplanes, 7, 2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes)
@@ -148,9 +153,9 @@ class ResNet(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(_conv1x1(self.inplanes, planes * block.expansion, stride),
                                        nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample)]
+        layers = [block(self.inplanes, planes, stride, downsample, **self.block_options)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, **self.block_options) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,9 +177,14 @@ def resnet50(num_classes: int = 10, **kwargs) -> ResNet:
     """torchvision.models.resnet50 (V1.5, stride on the 3x3 conv): Bottlenecks in
     stages of [3, 4, 6, 3].
 
-    Differences: no ``groups``/``width_per_group`` (ResNeXt, wide ResNet),
-    ``replace_stride_with_dilation`` or ``norm_layer`` options."""
+    Differences: no ``replace_stride_with_dilation`` or ``norm_layer`` options."""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, **kwargs)
+
+
+def resnext50_32x4d(num_classes: int = 10, **kwargs) -> ResNet:
+    """torchvision.models.resnext50_32x4d: ResNet-50 whose bottleneck 3x3 convs run
+    in 32 groups of 4 channels per 64 planes (grouped convs with C_in = C_out)."""
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, groups=32, width_per_group=4, **kwargs)
 
 
 # ------------------------------------------------------------------------- DenseNet

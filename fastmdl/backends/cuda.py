@@ -33,6 +33,30 @@ def compiled() -> Tuple[bool, str]:
                    "missing at install; reinstall with `pip install -v .` to see why)")
 
 
+def build_expected() -> Tuple[bool, str]:
+    """(expected, why): whether this install should hold the CUDA kernel, i.e. torch
+    is a CUDA build, nvcc is on PATH or under CUDA_HOME, and FASTMDL_NO_CUDA=1 (the
+    explicit opt-out setup.py honours) is not set. Where it is expected, its
+    absence is a failed build, not a missing feature."""
+    import os
+    import shutil
+
+    if os.environ.get("FASTMDL_NO_CUDA") == "1":
+        return False, "FASTMDL_NO_CUDA=1: built without the CUDA kernel on purpose"
+    if torch.version.cuda is None:
+        return False, "torch is a CPU build"
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        from torch.utils import cpp_extension
+
+        home = cpp_extension.CUDA_HOME
+        candidate = os.path.join(home, "bin", "nvcc") if home else None
+        nvcc = candidate if candidate and os.path.exists(candidate) else None
+    if nvcc is None:
+        return False, "no nvcc on PATH or under CUDA_HOME"
+    return True, f"torch {torch.__version__} is a CUDA build and nvcc is at {nvcc}"
+
+
 def status() -> Tuple[bool, str]:
     """(usable, reason) for CUDA tensors."""
     if torch.version.cuda is None:

@@ -223,12 +223,16 @@ class PaddedPlan:
         res_table = None
         if step.residual is not None:
             res_table = self._move_table(self._layout(step.residual), out, device)
-        if step.depthwise:
+        if step.tied and step.shared is None:  # depthwise
             return self._prepare_depthwise(step, x, out, res_table, device)
-        if step.shared is not None:  # a grouped conv: dense in, dense out
+        if step.shared is not None:  # any other grouped conv: dense in, dense out
             dense_in = Layout(Support.dense(self.plan.num_domains, x.support.width),
                               x.support.width)
-            return ("shared", self._move_table(x, dense_in, device), res_table)
+            c_out = step.shared[0].shape[0]
+            dense_out = Layout(Support.dense(self.plan.num_domains, c_out), c_out)
+            # A tied grouped conv's output lives in the domains' own slots.
+            return ("shared", self._move_table(x, dense_in, device), res_table,
+                    self._move_table(dense_out, out, device))
         cin = [step.x_move.target.size(d) for d in range(self.plan.num_domains)]
         cout = [step.support.size(d) for d in range(self.plan.num_domains)]
         flat, cin = self._aligned(step.packed, cin, cout, x.slots, step.kernel_size)
@@ -392,7 +396,7 @@ class PaddedPlan:
             if bias is not None:
                 z = z + bias.index_select(0, state.row_domain)[:, :, None, None]
         elif prep[0] == "shared":
-            _, x_table, res_table = prep
+            _, x_table, res_table, out_table = prep
             if x_table is not None:
                 x = _take(x, x_table, state, 0.0)
             if step.pad is not None:
@@ -402,6 +406,8 @@ class PaddedPlan:
             z = z * gain.index_select(0, state.row_domain)[:, :, None, None]
             if bias is not None:
                 z = z + bias.index_select(0, state.row_domain)[:, :, None, None]
+            if out_table is not None:
+                z = _take(z, out_table, state, 0.0)
         else:
             _, flat, bias, cin, cout, res_table = prep
             if step.pad is not None:

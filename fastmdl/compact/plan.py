@@ -538,19 +538,22 @@ class _Builder:
         x_sup = self.support_of(x)
         c_out = w.shape[0]
         shared = None
-        depthwise = graph.is_depthwise(m)
-        if m.groups == 1 or depthwise:
+        block = graph.tied_block(m)  # 1: depthwise, > 1: grouped with C_in = C_out
+        if m.groups == 1 or block:
             out = out_masks.clone()
             if residual is not None:
                 out |= self.support_of(residual).masks
             out_sup = Support(c_out, out)
             # Packed over every channel the input holds (zero columns where the conv
-            # reads none): the input never moves. A depthwise conv's filter c reads
-            # channel c alone, so it reads exactly the channels it writes.
-            target_in = out_sup if depthwise else x_sup
+            # reads none): the input never moves. A depthwise or grouped conv's
+            # group j reads group j alone, so it reads exactly the channels it writes.
+            target_in = out_sup if block else x_sup
         else:  # any other grouped conv is frozen: it reads and writes every channel
             target_in = Support.dense(self.D, x_sup.width)
             out_sup = Support.dense(self.D, c_out)
+        if block > 1 or not (m.groups == 1 or block):
+            # The padded storage runs grouped convs as one union convolution with a
+            # per-domain epilogue (its slots need not hold whole groups).
             gains = out_masks.to(device=w.device, dtype=w.dtype)
             if scale is not None:
                 gains = gains * scale
@@ -567,8 +570,16 @@ class _Builder:
             if m.groups == 1:
                 wd = wd.index_select(0, rows).index_select(1, cols) * \
                     in_masks[d].to(device=w.device, dtype=w.dtype)[cols][None, :, None, None]
-            elif depthwise:  # the domain's filters, one group each
-                wd = wd.index_select(0, rows)
+            elif block:  # the domain's groups of filters, each reading its own group
+                if not bool(out_masks[d].any()):
+                    # It writes nothing: its support's stand-in channel (an exact
+                    # zero) is part of no group; no weight, the output is the bias.
+                    wd = wd[:0]
+                elif rows.numel() % block:
+                    raise RuntimeError(f"internal error: {node.name} keeps part of a group "
+                                       f"of {block} channels for domain {d}")
+                else:
+                    wd = wd.index_select(0, rows)
             bd = None if shift is None else (shift[d] * out_masks[d].to(shift)).index_select(0, rows)
             blocks.append(wd.permute(0, 2, 3, 1).to(self.dtype))  # (cout_d, kh, kw, cin_d)
             biases.append(None if bd is None else bd.to(self.dtype))
@@ -586,7 +597,7 @@ class _Builder:
         step = S.Conv(node.name, out_sup, x.name, residual.name if residual is not None else None,
                       weights, biases, Move(x_sup, target_in), r_move, m.stride, m.padding,
                       m.dilation, m.groups, m.padding_mode, m.relu, m.weight.shape[2:],
-                      self.fmt, shared, depthwise)
+                      self.fmt, shared, bool(block))
         step.packed = packed
         step.to(self.device)
         x_shape = self.shape(x)

@@ -203,8 +203,9 @@ class Conv(Step):
     per domain d, :math:`y_d = \mathrm{act}(W_d \star x_d + b_d + r_d)` with
     :math:`W_d = (s_d \odot [c \in out_d])\,W[S^{out}_d][:, S^{in}_d]` packed once.
     ``weights[d]`` is None when domain d reads or writes no channel (then
-    :math:`y_d = b_d + r_d`). A ``depthwise`` convolution reads the channels it
-    writes, :math:`S^{in}_d = S^{out}_d`, with groups = :math:`|S^{out}_d|`."""
+    :math:`y_d = b_d + r_d`). A ``tied`` convolution (depthwise, or grouped with
+    C_in = C_out) reads the channels it writes, :math:`S^{in}_d = S^{out}_d`, in
+    groups of its weight's C_in/groups channels (one each if depthwise)."""
 
     label = "conv"
 
@@ -212,7 +213,7 @@ class Conv(Step):
                  weights: List[Optional[torch.Tensor]], biases: List[Optional[torch.Tensor]],
                  x_move: Move, residual_move: Optional[Move],
                  stride, padding, dilation, groups: int, padding_mode: str, relu: bool,
-                 kernel_size, memory_format, shared=None, depthwise: bool = False):
+                 kernel_size, memory_format, shared=None, tied: bool = False):
         super().__init__(name, support)
         self.x, self.residual = x, residual
         self.weights, self.biases = weights, biases
@@ -220,7 +221,7 @@ class Conv(Step):
         # A grouped conv's (weight, gain (D, C), bias (D, C) or None): one shared
         # convolution and a per-domain epilogue, for the padded storage.
         self.shared = shared
-        self.depthwise = depthwise
+        self.tied = tied
         self.stride, self.dilation = tuple(stride), tuple(dilation)
         self.groups, self.relu, self.kernel_size = groups, relu, tuple(kernel_size)
         self.memory_format = memory_format
@@ -259,8 +260,8 @@ class Conv(Step):
             [n, w.shape[1] * self.groups_of(w), h, w_]) for w in self.weights]
 
     def groups_of(self, w: torch.Tensor) -> int:
-        """The groups of a domain's packed weight ``w``: one per filter if depthwise."""
-        return w.shape[0] if self.depthwise else self.groups
+        """The groups of a domain's packed weight ``w``: its kept groups if tied."""
+        return w.shape[0] // w.shape[1] if self.tied else self.groups
 
     def run(self, env, state):
         xs = env[self.x]

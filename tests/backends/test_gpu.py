@@ -8,6 +8,7 @@ import zlib
 import pytest
 import torch
 
+from fastmdl._tf32 import conv_precision
 from fastmdl.ops import domain_conv2d
 
 from problems import CASES, Case, check_close, make, op_args, require_backend
@@ -49,15 +50,12 @@ def test_many_tiles_column_blocks_and_k_steps(name, dtype, poisoned_empty):
 
 def test_cuda_float32_without_tf32_is_float32_accurate():
     require_backend("cuda", "cuda")
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False  # the kernel then uses float FMAs, cuDNN ieee
-    try:
+    # The kernel then uses float FMAs, cuDNN ieee.
+    with conv_precision(tf32=False):
         for case in (Case("fp32_3x3"),
                      Case("fp32_1x1_cl", k=1, padding=(0, 0), layout="channels_last")):
             args = make(case, torch.float32, "cuda", seed=_seed(case.name))
             check_close(domain_conv2d(**args, backend="cuda"), args, tf32=False)
-    finally:
-        torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.mark.parametrize("name", GPU_BACKENDS)
