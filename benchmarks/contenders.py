@@ -360,10 +360,10 @@ def per_domain_networks(model) -> List[torch.nn.Module]:
             keep_in = (info.in_masks[d] > 0).nonzero().squeeze(1)
             if isinstance(m, fastmdl.Conv2d):
                 keep_out = (info.out_masks[d] > 0).nonzero().squeeze(1)
-                groups = m.groups
-                if graph.is_depthwise(m):  # filter c reads channel c: one group per kept filter
-                    keep_in = torch.arange(1 if keep_out.numel() else 0)
-                    groups = max(1, keep_out.numel())
+                groups, block = m.groups, graph.tied_block(m)
+                if block:  # group j reads group j (a depthwise filter its own channel)
+                    keep_in = torch.arange(block if keep_out.numel() else 0)
+                    groups = max(1, keep_out.numel() // block)
                 elif m.groups != 1:  # fastmdl keeps a grouped conv whole; so does the user
                     keep_in = torch.arange(m.in_channels // m.groups)
                 new = nn.Conv2d(keep_in.numel() * groups, keep_out.numel(), m.kernel_size,

@@ -3,7 +3,7 @@
     python benchmarks/zoo_speed.py [--size 64] [--n 8] [--domains 3] [--keep 0.5]
                                    [--repeats 7] [--out benchmarks/out]
 
-For ResNet-18/50, DenseNet-121, MobileNetV2 and EfficientNet-B0 (the plain-PyTorch
+For ResNet-18/50, ResNeXt-50, DenseNet-121, MobileNetV2 and EfficientNet-B0 (the plain-PyTorch
 look-alikes in tests/zoo.py; torchvision does not import on the CPU build of
 torch) and the block patterns of tests/families.py, each domain keeps a random
 half of every mask group's filters. The table says how much of the convolution
@@ -33,7 +33,8 @@ from pruned_model import set_masks  # noqa: E402
 import fastmdl  # noqa: E402
 from fastmdl._io import write_report  # noqa: E402
 
-ARCHS = ("resnet18", "resnet50", "densenet121", "mobilenet_v2", "efficientnet_b0")
+ARCHS = ("resnet18", "resnet50", "resnext50_32x4d", "densenet121", "mobilenet_v2",
+         "efficientnet_b0")
 # Block patterns of the other families (tests/families.py); SqueezeNet's
 # convolutional classifier is not supported, so "fire" is left out.
 FAMILIES = ("inverted_se", "grouped_bottleneck", "shuffle_unit", "convnext_block",
