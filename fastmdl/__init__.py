@@ -16,6 +16,7 @@ if _cpp.status()[0]:
 
 from . import winograd  # noqa: E402,F401  (registers the Winograd ops' fake implementations)
 from .layers import BatchNorm2d, Conv2d, DomainHeads  # noqa: E402
+from .conv_heads import ConvHeads  # noqa: E402
 from .masks import MaskGroup  # noqa: E402
 from .convert import MultiDomainModel, convert  # noqa: E402
 from .cost import CostReport, cost_report  # noqa: E402
@@ -30,7 +31,8 @@ from . import basis  # noqa: E402
 from .metrics import decathlon_score  # noqa: E402
 from . import data  # noqa: E402
 
-__all__ = ["ops", "__version__", "Conv2d", "BatchNorm2d", "DomainHeads", "MaskGroup",
+__all__ = ["ops", "__version__", "Conv2d", "BatchNorm2d", "DomainHeads", "ConvHeads",
+           "MaskGroup",
            "MultiDomainModel", "convert", "BudgetLoss", "cost_report", "CostReport", "PrunedModel",
            "prune", "pagcp",
            "save", "load",

@@ -62,6 +62,7 @@ from torch import nn
 
 from . import _domain
 from .basis_conv import BasisConv2d
+from .conv_heads import ClassPadding, ConvHeads
 from .convert import MultiDomainModel, _replace
 from .cost import CostLayer, CostReport, costs, multidomain_layers
 from .layers import BatchNorm2d, Conv2d, DomainHeads, _check_num_domains
@@ -82,13 +83,16 @@ class BasisModel(nn.Module):
     ``fastmdl.prune`` and ``fastmdl.train`` do not know basis layers: use
     :func:`cost_report` for its cost. ``cost_layers`` are the source model's layers
     with their channel masks as they were at decompose time, and ``baseline`` the
-    original single-domain network's cost per domain.
+    original single-domain network's cost per domain. ``class_padding`` is the
+    source model's (the -inf past each domain's classes of a convolutional head).
     """
 
     def __init__(self, module: nn.Module, num_domains: int, num_classes: Sequence[int],
-                 input_size: Sequence[int], cost_layers: List[CostLayer]):
+                 input_size: Sequence[int], cost_layers: List[CostLayer],
+                 class_padding: Optional[ClassPadding] = None):
         super().__init__()
         self.module = module
+        self.class_padding = class_padding
         self.num_domains = num_domains
         self.num_classes = list(num_classes)
         self.input_size = tuple(input_size)
@@ -97,7 +101,10 @@ class BasisModel(nn.Module):
                          for metric in ("params", "flops")}
 
     def forward(self, x: torch.Tensor, domain: _domain.Domain) -> torch.Tensor:
-        return _domain.run(self.module, x, domain, self.num_domains)
+        out = _domain.run(self.module, x, domain, self.num_domains)
+        if self.class_padding is not None:
+            out = self.class_padding(out, domain)
+        return out
 
     def extra_repr(self) -> str:
         return f"num_domains={self.num_domains}, num_classes={self.num_classes}"
@@ -120,9 +127,10 @@ def decompose(model: nn.Module, num_domains: Optional[int] = None) -> nn.Module:
     (``num_domains`` defaults to 1; with more, call it inside
     ``fastmdl._domain.domain_scope(d)``, or better convert it first).
 
-    Only the factors, BatchNorm parameters and :class:`fastmdl.DomainHeads` are
-    trainable afterwards; everything else (bases, mappings, biases, mask scores,
-    other layers such as a hidden ``nn.Linear``) gets ``requires_grad=False``.
+    Only the factors, BatchNorm parameters and the heads (:class:`fastmdl.DomainHeads`,
+    :class:`fastmdl.ConvHeads`) are trainable afterwards; everything else (bases,
+    mappings, biases, mask scores, other layers such as a hidden ``nn.Linear``) gets
+    ``requires_grad=False``.
 
     The filter masks are read once, here: the SVD spans the filters and input
     channels some domain keeps now, and :func:`cost_report` counts these masks.
@@ -165,13 +173,14 @@ def decompose(model: nn.Module, num_domains: Optional[int] = None) -> nn.Module:
     for m in inner.modules():
         if isinstance(m, BasisConv2d):
             trainable.add(id(m.factors))
-        elif isinstance(m, (BatchNorm2d, nn.BatchNorm2d, DomainHeads)):
+        elif isinstance(m, (BatchNorm2d, nn.BatchNorm2d, DomainHeads, ConvHeads)):
             trainable.update(id(p) for p in m.parameters())
     for p in inner.parameters():
         p.requires_grad_(id(p) in trainable)
     if not is_mdm:
         return inner
-    return BasisModel(inner, num_domains, model.num_classes, model.input_size, cost_layers)
+    return BasisModel(inner, num_domains, model.num_classes, model.input_size, cost_layers,
+                      getattr(src, "class_padding", None))
 
 
 def _call(model: nn.Module, x: torch.Tensor, d: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from .cost import METRICS, costs, multidomain_layers
 
 SHARING = (None, "intersection", "union", "jaccard")
 _MAX_LEARNED_WEIGHT = 10.0
+_MAX_MULTIPLIER = 1000.0
 
 
 class BudgetLoss(nn.Module):
@@ -28,10 +29,13 @@ class BudgetLoss(nn.Module):
         L_{budget} = \textstyle\sum_d \lambda_d \max(0,\ r_d - b)
 
     The multipliers :math:`\lambda_d` start at ``budget_weight`` and, in training
-    mode, rise by ``dual_lr`` :math:`(r_d - b)` after each call while domain d is
-    over budget and fall back (never below ``budget_weight``) once it is under:
-    dual ascent on the constraint :math:`r_d \le b`, so the budget is met whatever
-    the task and sharing terms pull for.
+    mode, are multiplied by :math:`\exp(\eta\,(r_d - b))` (:math:`\eta` =
+    ``dual_lr``) after each call, within [``budget_weight``, 1000]: exponentiated
+    dual ascent on the constraint :math:`r_d \le b`. A domain over budget sees its
+    multiplier grow geometrically until the budget wins over whatever the task and
+    sharing terms pull for (with an additive step of 0.01 the learnable sharing
+    weight, up to 10, held every domain at 92-100% of the FLOPs for a budget of
+    0.5 through six epochs; benchmarks/NOTES.md); under budget it decays back.
 
     and, on the shared layers only (convolutions and linear layers; heads and
     BatchNorms are per domain anyway), with :math:`\bar C = \mathrm{mean}_d C_d`,
@@ -58,7 +62,7 @@ class BudgetLoss(nn.Module):
     def __init__(self, model, budget: float, metric: str = "flops",
                  sharing: Optional[str] = None,
                  sharing_weight: Union[str, float] = "learnable", *,
-                 budget_weight: float = 1.0, dual_lr: float = 0.01,
+                 budget_weight: float = 1.0, dual_lr: float = 1.0,
                  input_size: Optional[Tuple[int, int, int]] = None):
         super().__init__()
         from .convert import MultiDomainModel
@@ -116,8 +120,8 @@ class BudgetLoss(nn.Module):
         total = budget_term
         if self.training and torch.is_grad_enabled() and self.dual_lr > 0:
             with torch.no_grad():
-                self.multipliers.copy_((lam + self.dual_lr * over.detach()).clamp(
-                    min=self.budget_weight))
+                self.multipliers.copy_((lam * torch.exp(self.dual_lr * over.detach())).clamp(
+                    min=self.budget_weight, max=_MAX_MULTIPLIER))
         sharing = torch.zeros((), device=total.device)
         mean = shared.per_domain.mean().clamp(min=1e-12)
         if self.sharing == "intersection":

@@ -11,6 +11,8 @@ import torch.fx as fx
 from torch import nn
 
 from . import _domain, graph
+from .conv_heads import ClassPadding, ConvHeads
+from .head_path import find_head
 from .layers import BatchNorm2d, Conv2d, DomainHeads, _check_classes, _check_num_domains
 from .masks import MaskGroup
 
@@ -22,7 +24,9 @@ class MultiDomainModel(nn.Module):
     with ``domain`` (an int or an int64 tensor of shape (N,)) made visible to its
     fastmdl layers for the duration of the call; the hand-over is per thread, so
     several threads may run one model at once. Returns the head's
-    (N, max(num_classes)) logits, -inf past each domain's classes.
+    (N, max(num_classes)) logits, -inf past each domain's classes: a linear head
+    gives them so, and with a convolutional head (:class:`fastmdl.ConvHeads`)
+    ``class_padding`` sets them on the wrapped model's output (None otherwise).
 
     Built by :func:`convert`; ``mask_groups()`` lists the prunable filter groups.
     """
@@ -40,9 +44,16 @@ class MultiDomainModel(nn.Module):
         self.input_size_source = _check_source(input_size_source)
         self._graph = channel_graph
         self._groups = _wire_masks(module, channel_graph)
+        head = channel_graph.head
+        self.class_padding = None
+        if head is not None and isinstance(module.get_submodule(head), ConvHeads):
+            self.class_padding = ClassPadding(num_classes, next(module.parameters()).device)
 
     def forward(self, x: torch.Tensor, domain: _domain.Domain) -> torch.Tensor:
-        return _domain.run(self.module, x, domain, self.num_domains)
+        out = _domain.run(self.module, x, domain, self.num_domains)
+        if self.class_padding is not None:
+            out = self.class_padding(out, domain)
+        return out
 
     def set_input_size(self, input_size: Tuple[int, int, int], source: str = "given") -> None:
         """Cost the model (and later serve its pruned network) at ``input_size`` =
@@ -107,10 +118,14 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
 
     Every ``nn.Conv2d`` becomes a :class:`fastmdl.Conv2d` and every
     ``nn.BatchNorm2d`` a :class:`fastmdl.BatchNorm2d`, with weights and statistics
-    copied into each of the ``num_domains`` domains; the classifier (the
-    ``nn.Linear`` whose output is the model's output) becomes
-    :class:`fastmdl.DomainHeads` with ``num_classes[d]`` classes for domain d
-    (default: the original classifier's, for every domain). The model is traced
+    copied into each of the ``num_domains`` domains; the classifier becomes
+    per-domain heads with ``num_classes[d]`` classes for domain d (default: the
+    original classifier's, for every domain): :class:`fastmdl.DomainHeads` for the
+    ``nn.Linear`` whose output is the model's output (possibly through dropout),
+    :class:`fastmdl.ConvHeads` for a convolution whose output reaches it through
+    ops that keep its channels apart (SqueezeNet's convolution, ReLU and global
+    pooling; see ``fastmdl/head_path.py``). Any other model is refused with a
+    ``ValueError`` that names the layer and the reason. The model is traced
     with torch.fx at ``input_size`` = (C, H, W) to find the filters tied together,
     which then share one mask; costs are counted, and the pruned network served,
     at that size. Without ``input_size``, :func:`fastmdl.train` takes the size of
@@ -142,7 +157,7 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
                              f"({num_domains}), got {len(num_classes)}")
 
     for name, m in list(inner.named_modules()):
-        if isinstance(m, (Conv2d, BatchNorm2d, DomainHeads)):
+        if isinstance(m, (Conv2d, BatchNorm2d, DomainHeads, ConvHeads)):
             if m.num_domains != num_domains:
                 raise ValueError(f"{name} already has {m.num_domains} domains, not {num_domains}")
         elif isinstance(m, nn.Conv2d):
@@ -154,29 +169,18 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
     example = torch.randn((1,) + input_size, device=convs[0].weight.device,
                           dtype=convs[0].weight.dtype)
     gm = _traced(inner, example, input_size)
-    head_name = _find_head(gm)
-    if head_name is None:
-        conv = _conv_classifier(gm)
-        if conv is not None:
-            raise ValueError(
-                f"no linear classifier head: the model's output comes from the convolution "
-                f"{conv!r} through pooling, flatten, ReLU or dropout (a convolutional "
-                "classifier, as in SqueezeNet); fastmdl's per-domain heads "
-                "are linear, and convolutional heads are not supported yet. Replace the "
-                "classifier by global pooling, flatten and an nn.Linear, then convert")
-        raise ValueError("could not find the classifier head: the model's output must come "
-                         "from an nn.Linear (possibly through dropout), or be a "
-                         "fastmdl.DomainHeads")
+    head_name = find_head(gm)
     head = inner.get_submodule(head_name)
-    if isinstance(head, nn.Linear):
-        classes = num_classes or [head.out_features] * num_domains
-        _replace(inner, head_name, DomainHeads.from_linear(head, classes))
-        gm = _traced(inner, example, input_size)
-    else:
+    if isinstance(head, (DomainHeads, ConvHeads)):
         if num_classes is not None and list(num_classes) != head.num_classes:
-            raise ValueError(f"the model's DomainHeads has num_classes {head.num_classes}, "
-                             f"not {list(num_classes)}")
+            raise ValueError(f"the model's {type(head).__name__} has num_classes "
+                             f"{head.num_classes}, not {list(num_classes)}")
         classes = head.num_classes
+    else:
+        width = head.out_features if isinstance(head, nn.Linear) else head.out_channels
+        classes = num_classes or [width] * num_domains
+        _replace(inner, head_name, _heads(head_name, head, classes))
+        gm = _traced(inner, example, input_size)
     model = MultiDomainModel(inner, num_domains, classes, input_size, graph.analyse(gm), source)
     _warn_frozen(model)
     if score_init == "magnitude":
@@ -209,45 +213,15 @@ def _traced(inner: nn.Module, example: torch.Tensor, input_size) -> fx.GraphModu
     return gm
 
 
-def _find_head(gm: fx.GraphModule) -> Optional[str]:
-    modules = dict(gm.named_modules())
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    node = out.args[0]
-    passthrough = (nn.Dropout, nn.Identity)
-    while isinstance(node, fx.Node):
-        if node.op == "call_module":
-            m = modules[node.target]
-            if isinstance(m, (nn.Linear, DomainHeads)):
-                return node.target
-            if not isinstance(m, passthrough):
-                return None
-        elif not (node.op == "call_function" and node.target is torch.nn.functional.dropout):
-            return None
-        node = node.args[0]
-    return None
-
-
-def _conv_classifier(gm: fx.GraphModule) -> Optional[str]:
-    """The convolution the model's output comes from through pooling, flatten,
-    ReLU or dropout (SqueezeNet's classifier), or None."""
-    modules = dict(gm.named_modules())
-    node = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    through = (nn.ReLU, nn.Dropout, nn.Identity, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-               nn.Flatten, nn.AvgPool2d)
-    functions = {torch.flatten, torch.relu, torch.nn.functional.relu,
-                 torch.nn.functional.dropout, torch.nn.functional.adaptive_avg_pool2d}
-    while isinstance(node, fx.Node):
-        if node.op == "call_module":
-            m = modules[node.target]
-            if isinstance(m, nn.Conv2d):
-                return node.target
-            if not isinstance(m, through):
-                return None
-        elif not ((node.op == "call_function" and node.target in functions)
-                  or (node.op == "call_method" and node.target in ("flatten", "mean", "view"))):
-            return None
-        node = node.args[0]
-    return None
+def _heads(name: str, head: nn.Module, classes: List[int]) -> nn.Module:
+    """The per-domain heads replacing the classifier ``head`` (an ``nn.Linear`` or
+    the convolution ``find_head`` accepted)."""
+    if isinstance(head, nn.Linear):
+        return DomainHeads.from_linear(head, classes)
+    try:
+        return ConvHeads.from_conv(head, classes)
+    except ValueError as e:
+        raise ValueError(f"the classifier head is the convolution {name!r}, but {e}") from None
 
 
 def _warn_frozen(model: MultiDomainModel) -> None:

@@ -9,6 +9,7 @@ Counts (FLOPs are multiply-accumulates, as in the pruning papers):
 | BatchNorm        | 2*c (per domain)                 | 0 (folded into the conv)         |
 | linear           | f_in*f_out + f_out (bias)        | f_in*f_out                       |
 | head of domain d | f_in*classes_d + classes_d       | f_in*classes_d                   |
+| conv head of d   | k*c_in*classes_d + classes_d     | k*c_in*classes_d*H_out*W_out     |
 
 where for domain d, c_in and c_out count the channels d's masks keep, and g_in
 is the input channels each filter of a grouped convolution reads (1 for a
@@ -98,8 +99,8 @@ def _layer_cost(layer: CostLayer, view: str, metric: str) -> torch.Tensor:
     classes = torch.tensor([float(k) for k in layer.num_classes], device=c_in.device)
     if view in ("union", "intersection"):
         classes = classes.sum().reshape(1)
-    out = c_in * classes
-    return out + classes * layer.bias if metric == "params" else out
+    out = layer.kernel * c_in * classes  # a linear head's kernel and pixels are 1
+    return out + classes * layer.bias if metric == "params" else out * layer.pixels
 
 
 def costs(layers: Sequence[CostLayer], metric: str) -> Costs:
@@ -139,18 +140,28 @@ def multidomain_layers(model, input_size: Optional[Tuple[int, int, int]] = None,
         elif info.kind == "linear":
             layer.out_features, layer.bias = m.out_features, m.bias is not None
         elif info.kind == "head":
-            layer.num_classes, layer.bias = m.num_classes, m.biases is not None
+            describe_head(layer, m, math.prod(info.out_hw))
         out.append(layer)
     return out
 
 
+def describe_head(layer: CostLayer, m: nn.Module, pixels: int) -> None:
+    """Fill in ``layer`` for the head ``m`` (linear or convolutional, multi-domain or
+    pruned) with ``pixels`` output pixels per class (1 for a linear head)."""
+    weight = m.weights[0] if hasattr(m, "weights") else m.weight
+    layer.num_classes = list(m.num_classes)
+    layer.bias = (m.biases if hasattr(m, "biases") else m.bias) is not None
+    layer.kernel, layer.pixels = math.prod(weight.shape[2:]), pixels
+
+
 def pruned_layers(model) -> List[CostLayer]:
     """The cost layers of a :class:`PrunedModel`, sized at ``model.input_size``."""
+    from .conv_heads import PrunedConvHeads
     from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear
 
     pixels: Dict[nn.Module, int] = {}
     hooks = [m.register_forward_hook(lambda mod, args, y: pixels.__setitem__(mod, y[0, 0].numel()))
-             for m in model.net.modules() if isinstance(m, PrunedConv2d)]
+             for m in model.net.modules() if isinstance(m, (PrunedConv2d, PrunedConvHeads))]
     p = next(model.parameters())
     layout, model.layout = model.layout, "union"  # the layers themselves run (and hook) there
     try:
@@ -173,9 +184,10 @@ def pruned_layers(model) -> List[CostLayer]:
         elif isinstance(m, PrunedLinear):
             out.append(CostLayer(name, "linear", m.in_masks.float(), out_features=m.out_features,
                                  bias=m.bias is not None))
-        elif isinstance(m, PrunedHeads):
-            out.append(CostLayer(name, "head", m.in_masks.float(), num_classes=m.num_classes,
-                                 bias=m.bias is not None))
+        elif isinstance(m, (PrunedHeads, PrunedConvHeads)):
+            layer = CostLayer(name, "head", m.in_masks.float())
+            describe_head(layer, m, pixels.get(m, 1))
+            out.append(layer)
     return out
 
 

@@ -52,14 +52,15 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from . import _domain
+from .conv_heads import ConvHeads, PrunedConvHeads
 from .layers import BatchNorm2d, Conv2d, DomainHeads
 from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads
 
-LEAVES = (Conv2d, BatchNorm2d, DomainHeads)
+LEAVES = (Conv2d, BatchNorm2d, DomainHeads, ConvHeads)
 # fastmdl.Conv2d is an nn.Conv2d; PrunedLinear an nn.Linear.
 _CONVS = (nn.Conv2d, PrunedConv2d)
 _BNS = (BatchNorm2d, nn.BatchNorm2d, PrunedBatchNorm2d)
-_HEADS = (DomainHeads, PrunedHeads)
+_HEADS = (DomainHeads, PrunedHeads, ConvHeads, PrunedConvHeads)
 
 
 # Classes of users' own layers kept whole (fastmdl.serialize.register_layer adds
@@ -128,7 +129,7 @@ class LayerInfo:
     module: nn.Module
     in_axis: Optional[Axis]
     out_space: Optional[int] = None
-    out_hw: Tuple[int, ...] = ()
+    out_hw: Tuple[int, ...] = ()  # the output's pixels (a convolution's, a conv head's)
 
 
 @dataclass
@@ -376,7 +377,8 @@ def analyse(gm: fx.GraphModule) -> ChannelGraph:
                     g.head = target
                 out = fresh(node)
                 g.layers[target] = LayerInfo(target, kind, m, in_axis,
-                                             out.segments[0][0] if out else None)
+                                             out.segments[0][0] if out else None,
+                                             tuple((shape(node) or ())[2:]))
             elif isinstance(m, _KEEP_MODULES):
                 out = in_axis
             elif isinstance(m, _GATE_MODULES):

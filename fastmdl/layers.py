@@ -274,7 +274,43 @@ class BatchNorm2d(nn.Module):
                 f"affine={self.affine}, num_domains={self.num_domains}")
 
 
-class DomainHeads(nn.Module):
+class PerDomainHeads(nn.Module):
+    """What every per-domain classifier holds: domain d's weight (num_classes[d],
+    in, ...) in ``weights[d]`` and its bias in ``biases[d]`` (``biases`` None
+    without bias), and the ``columns`` table of :func:`gather_logits`."""
+
+    def __init__(self, num_classes: Sequence[int], weight_shape: tuple, bias: bool,
+                 device=None, dtype=None):
+        super().__init__()
+        num_classes = _check_classes(num_classes)
+        self.num_classes = list(num_classes)
+        self.num_domains = len(num_classes)
+        kw = {"device": device, "dtype": dtype}
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.empty((k,) + tuple(weight_shape), **kw)) for k in num_classes])
+        self.biases = nn.ParameterList(
+            [nn.Parameter(torch.zeros(k, **kw)) for k in num_classes]) if bias else None
+        for w in self.weights:
+            nn.init.kaiming_uniform_(w, a=5 ** 0.5)
+        self.register_buffer("columns", _column_table(num_classes, device), persistent=False)
+
+    @torch.no_grad()
+    def start_from(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        """Every domain with as many classes as ``weight`` has rows takes ``weight``
+        and ``bias`` (a single-domain classifier's); the others keep theirs."""
+        for d, k in enumerate(self.num_classes):
+            if k == weight.shape[0]:
+                self.weights[d].copy_(weight)
+                if bias is not None:
+                    self.biases[d].copy_(bias)
+
+    def stacked(self):
+        """(weight, bias): every domain's, domain d's rows after domain d-1's."""
+        bias = torch.cat(list(self.biases)) if self.biases is not None else None
+        return torch.cat(list(self.weights)), bias
+
+
+class DomainHeads(PerDomainHeads):
     r"""One linear classifier per domain, with its own number of classes.
 
     For sample n of domain d: :math:`y_{n,k} = W^{(d)}_k x_n + b^{(d)}_k` for
@@ -284,19 +320,8 @@ class DomainHeads(nn.Module):
 
     def __init__(self, in_features: int, num_classes: Sequence[int], bias: bool = True,
                  device=None, dtype=None):
-        super().__init__()
-        num_classes = _check_classes(num_classes)
+        super().__init__(num_classes, (in_features,), bias, device, dtype)
         self.in_features = in_features
-        self.num_classes = list(num_classes)
-        self.num_domains = len(num_classes)
-        kw = {"device": device, "dtype": dtype}
-        self.weights = nn.ParameterList(
-            [nn.Parameter(torch.empty((k, in_features), **kw)) for k in num_classes])
-        self.biases = nn.ParameterList(
-            [nn.Parameter(torch.zeros(k, **kw)) for k in num_classes]) if bias else None
-        for w in self.weights:
-            nn.init.kaiming_uniform_(w, a=5 ** 0.5)
-        self.register_buffer("columns", _column_table(num_classes, device), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, num_classes: Sequence[int]) -> "DomainHeads":
@@ -304,12 +329,7 @@ class DomainHeads(nn.Module):
         starts from its weights; the others start from a fresh initialisation."""
         new = cls(linear.in_features, num_classes, linear.bias is not None,
                   linear.weight.device, linear.weight.dtype)
-        with torch.no_grad():
-            for d, k in enumerate(new.num_classes):
-                if k == linear.out_features:
-                    new.weights[d].copy_(linear.weight)
-                    if linear.bias is not None:
-                        new.biases[d].copy_(linear.bias)
+        new.start_from(linear.weight, linear.bias)
         return new
 
     def forward(self, x: torch.Tensor, domain: Optional[_domain.Domain] = None) -> torch.Tensor:
@@ -317,22 +337,26 @@ class DomainHeads(nn.Module):
             raise ValueError(f"DomainHeads expects (N, {self.in_features}), got shape "
                              f"{tuple(x.shape)}")
         domain = _resolve_domain(self, x, domain)
-        weight = torch.cat(list(self.weights))
-        bias = torch.cat(list(self.biases)) if self.biases is not None else None
-        return gather_logits(F.linear(x, weight, bias), self.columns, domain)
+        return gather_logits(F.linear(x, *self.stacked()), self.columns, domain)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.num_classes}"
 
 
-def gather_logits(z: torch.Tensor, columns: torch.Tensor, domain) -> torch.Tensor:
+def gather_logits(z: torch.Tensor, columns: torch.Tensor, domain,
+                  fill: float = float("-inf")) -> torch.Tensor:
     """Pick each sample's domain's logits out of the concatenated logits ``z`` of
-    every head; ``columns[d, k]`` is the column of domain d's class k, or z's width
-    (a -inf column) past its classes."""
-    z = torch.cat([z, z.new_full((z.shape[0], 1), float("-inf"))], dim=1)
+    every head, (N, sum(num_classes), ...) with any trailing (spatial) dims;
+    ``columns[d, k]`` is the column of domain d's class k, or z's width (a column
+    of ``fill``) past its classes."""
+    z = torch.cat([z, z.new_full((z.shape[0], 1) + tuple(z.shape[2:]), fill)], dim=1)
     if isinstance(domain, int):
         return z.index_select(1, columns[domain])
-    return z.gather(1, columns[domain])
+    index = columns[domain]
+    if z.dim() > 2:
+        index = index.view(index.shape + (1,) * (z.dim() - 2)).expand(
+            (-1, -1) + tuple(z.shape[2:]))
+    return z.gather(1, index)
 
 
 def _check_classes(num_classes) -> List[int]:

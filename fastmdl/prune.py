@@ -8,7 +8,10 @@ From the traced graph of a :class:`MultiDomainModel`:
 2. each fastmdl layer is replaced by its pruned form (weights sliced to the kept
    channels, per-domain index lists relative to them; a depthwise or grouped
    convolution keeps the filters of its kept channels' groups), and a plain
-   ``nn.Linear`` that reads pruned features is sliced along its inputs;
+   ``nn.Linear`` that reads pruned features is sliced along its inputs; a
+   convolutional head (:class:`fastmdl.ConvHeads`) becomes
+   :class:`PrunedConvHeads`, and the graph ends in the model's
+   :class:`ClassPadding` (the -inf past each domain's classes);
 3. fusion: a BatchNorm that only reads a convolution is folded into the
    convolution's per-domain scale and shift; a residual add that only reads the
    convolution becomes its residual input; a ReLU after either becomes its
@@ -29,11 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import graph
+from .conv_heads import ClassPadding, ConvHeads, PrunedConvHeads
 from .convert import MultiDomainModel, _traced
 from .cost import baseline_costs
 from .layers import BatchNorm2d, Conv2d, DomainHeads
 from .masks import hard_mask
-from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear, PrunedModel
+from .pruned import (DOMAIN_LAYERS, PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear,
+                     PrunedModel)
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _RELUS = {F.relu, torch.relu, torch.relu_}
@@ -91,13 +96,20 @@ def prune(model: MultiDomainModel, *, fuse: bool = True) -> PrunedModel:
             replacements[name] = PrunedBatchNorm2d(scale[:, in_idx], shift[:, in_idx], in_m,
                                                    bn_stats=stats)
         elif info.kind == "head":
-            weight = torch.cat(list(m.weights))[:, in_idx]
-            bias = torch.cat(list(m.biases)) if m.biases is not None else None
-            replacements[name] = PrunedHeads(weight, bias, m.num_classes, in_m)
+            weight, bias = m.stacked()
+            weight = weight[:, in_idx]
+            if isinstance(m, ConvHeads):
+                replacements[name] = PrunedConvHeads(
+                    weight, bias, m.num_classes, in_m, stride=m.stride, padding=m.padding,
+                    dilation=m.dilation)
+            else:
+                replacements[name] = PrunedHeads(weight, bias, m.num_classes, in_m)
         elif info.kind == "linear":
             replacements[name] = PrunedLinear(m.weight[:, in_idx], m.bias, in_m)
 
     net = _rebuild(gm, replacements)
+    if getattr(model, "class_padding", None) is not None:
+        _pad_classes(net, ClassPadding(model.num_classes, p.device))
     if fuse:
         _fuse(net)
     net.delete_all_unused_submodules()
@@ -169,16 +181,31 @@ def _rebuild(gm: fx.GraphModule, replacements: Dict[str, nn.Module]) -> fx.Graph
     with g.inserting_after(placeholders[-1]):
         domain = g.placeholder("domain")
     for node in list(g.nodes):
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
-                                                   (PrunedConv2d, PrunedBatchNorm2d, PrunedHeads)):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), DOMAIN_LAYERS):
             node.args = (node.args[0], domain)
             node.kwargs = {}
     for node in list(g.nodes):
         m = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if isinstance(m, (Conv2d, BatchNorm2d, DomainHeads)):
+        if isinstance(m, (Conv2d, BatchNorm2d, DomainHeads, ConvHeads)):
             raise RuntimeError(f"internal error: {node.target} was not pruned")
     gm.recompile()
     return gm
+
+
+def _pad_classes(gm: fx.GraphModule, padding: ClassPadding) -> None:
+    """End the pruned graph with ``padding`` (the multi-domain model applies it
+    outside its wrapped network): the output, -inf past each domain's classes."""
+    name = "class_padding"
+    while hasattr(gm, name):
+        name = "_" + name
+    gm.add_submodule(name, padding)
+    g = gm.graph
+    domain = [n for n in g.nodes if n.op == "placeholder"][-1]
+    out = next(n for n in g.nodes if n.op == "output")
+    with g.inserting_before(out):
+        padded = g.call_module(name, (out.args[0], domain))
+    out.args = (padded,)
+    gm.recompile()
 
 
 def _only_user(node: fx.Node) -> Optional[fx.Node]:

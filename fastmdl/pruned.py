@@ -20,6 +20,7 @@ from torch import nn
 
 from . import _domain, _shapes, ops
 from .backends.triton import shared_batch_plan
+from .conv_heads import ClassPadding, PrunedConvHeads
 from .layers import _column_table, gather_logits
 
 
@@ -313,7 +314,8 @@ class PrunedLinear(nn.Linear):
         return {}
 
 
-DOMAIN_LAYERS = (PrunedConv2d, PrunedBatchNorm2d, PrunedHeads)
+# The layers of a pruned network that take the batch's domain ids as a second input.
+DOMAIN_LAYERS = (PrunedConv2d, PrunedBatchNorm2d, PrunedHeads, PrunedConvHeads, ClassPadding)
 LAYOUTS = ("auto", "compact", "union")
 STORAGES = ("auto", "ragged", "padded")
 

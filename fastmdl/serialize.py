@@ -67,6 +67,7 @@ from torch.utils import _pytree
 
 from . import _shapes, ops
 from ._io import write_atomic_bytes
+from .conv_heads import ClassPadding, PrunedConvHeads
 from .convert import INPUT_SIZE_SOURCES
 from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear, PrunedModel
 
@@ -107,7 +108,8 @@ _METHODS = set("""view reshape size dim flatten mean sum amax relu relu_ sigmoid
                   permute transpose squeeze unsqueeze add add_ sub mul mul_ div chunk split expand
                   expand_as view_as clamp""".split())
 _PRUNED_LAYERS = {f"fastmdl.{c.__name__}": c
-                  for c in (PrunedConv2d, PrunedBatchNorm2d, PrunedHeads, PrunedLinear)}
+                  for c in (PrunedConv2d, PrunedBatchNorm2d, PrunedHeads, PrunedLinear,
+                            PrunedConvHeads, ClassPadding)}
 _TORCH_LAYERS = {f"torch.nn.{c.__name__}": c
                  for c in (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish,
                            nn.Hardsigmoid, nn.Mish, nn.ELU, nn.SELU, nn.Hardtanh,
@@ -369,7 +371,7 @@ def _describe(model: PrunedModel) -> Tuple[dict, Dict[str, torch.Tensor]]:
         if layer_type in _TORCH_LAYERS:
             # Fail now, not at load, if it cannot be rebuilt.
             _torch_layer(layer_type, _decode_config(name, config))
-        elif isinstance(m, PrunedConv2d):  # nor if load would refuse its padding
+        elif isinstance(m, (PrunedConv2d, PrunedConvHeads)):  # nor if load refuses its padding
             try:
                 _check_conv_padding(name, config, tuple(m.weight.shape[2:]))
             except ValueError as e:
@@ -707,7 +709,7 @@ def _build(spec: dict, tensors: Dict[str, torch.Tensor], file_size: int) -> Prun
     net.load_state_dict(tensors, strict=True)
 
     for name, m in modules.items():
-        if isinstance(m, PrunedHeads):
+        if isinstance(m, (PrunedHeads, PrunedConvHeads, ClassPadding)):
             _expect(m.num_classes == num_classes, f"layer {name!r} has num_classes "
                     f"{m.num_classes}, the model {num_classes}")
     _check_graph(net, num_domains, num_classes, input_size)
@@ -822,6 +824,10 @@ def _check_layer_input(name: str, m: nn.Module, args: tuple) -> None:
         dims, axis, width = 4, 1, m.scale.shape[1]
     elif isinstance(m, PrunedHeads):
         dims, axis, width = 2, 1, m.weight.shape[1]
+    elif isinstance(m, PrunedConvHeads):
+        dims, axis, width = 4, 1, m.weight.shape[1]
+    elif isinstance(m, ClassPadding):
+        dims, axis, width = 2, 1, max(m.num_classes)
     elif isinstance(m, PrunedLinear):
         dims, axis, width = None, -1, m.weight.shape[1]
     else:
@@ -970,6 +976,14 @@ def _pruned_layer(layer_type: str, name: str, config: dict, t: Dict[str, torch.T
     D = num_domains
     if layer_type == "fastmdl.PrunedConv2d":
         return _pruned_conv(name, config, take, shaped, D, budget)
+    if layer_type == "fastmdl.PrunedConvHeads":
+        return _pruned_conv_heads(name, config, take, shaped, D, budget)
+    if layer_type == "fastmdl.ClassPadding":
+        _expect(set(config) == {"num_classes"},
+                f"layer {name!r} has config {config!r}, expected {{'num_classes': [...]}}")
+        classes = _class_counts(name, config, D)
+        budget.spend(name, D * max(classes), "table of each domain's padded classes")
+        return ClassPadding(classes)
     if layer_type == "fastmdl.PrunedBatchNorm2d":
         stats = _take_stats(name, config, take, shaped)
         _expect(config == {}, f"layer {name!r} has config {config!r}, expected {{}} or "
@@ -989,14 +1003,41 @@ def _pruned_layer(layer_type: str, name: str, config: dict, t: Dict[str, torch.T
     shaped("in_masks", in_masks, (D, w.shape[1]), torch.uint8)
     if layer_type == "fastmdl.PrunedLinear":
         return PrunedLinear(w, b, in_masks)
-    classes = config.get("num_classes")
-    _expect(set(config) == {"num_classes"} and isinstance(classes, list)
-            and len(classes) == D and all(_is_int(k) and k > 0 for k in classes)
-            and sum(classes) == w.shape[0],
-            f"layer {name!r}: num_classes {classes!r} must be {D} counts adding up to "
-            f"{w.shape[0]} rows")
+    _expect(set(config) == {"num_classes"},
+            f"layer {name!r} has config {config!r}, expected {{'num_classes': [...]}}")
+    classes = _class_counts(name, config, D, w.shape[0])
     budget.spend(name, D * max(classes) * 8, "table of each domain's logit columns")
     return PrunedHeads(w, b, classes, in_masks)
+
+
+def _class_counts(name: str, config: dict, D: int, rows: Optional[int] = None) -> List[int]:
+    """A head's ``num_classes``: D positive counts (adding up to its weight's ``rows``)."""
+    classes = config.get("num_classes")
+    _expect(isinstance(classes, list) and len(classes) == D
+            and all(_is_int(k) and 0 < k <= _INT_LIMIT for k in classes)
+            and (rows is None or sum(classes) == rows),
+            f"layer {name!r}: num_classes {classes!r} must be {D} positive counts" +
+            (f" adding up to {rows} rows" if rows is not None else ""))
+    return classes
+
+
+def _pruned_conv_heads(name: str, config: dict, take, shaped, D: int,
+                       budget: "_TableBudget") -> PrunedConvHeads:
+    keys = {"num_classes", "stride", "padding", "dilation"}
+    _expect(set(config) == keys, f"layer {name!r}: a PrunedConvHeads config has the keys "
+                                 f"{sorted(keys)}, got {config!r}")
+    _check_pairs(name, config)
+    w, b = take("weight", 4), take("bias", 1, optional=True)
+    in_masks = take("in_masks", 2, torch.uint8)
+    shaped("bias", b, w.shape[:1], w.dtype)
+    shaped("in_masks", in_masks, (D, w.shape[1]), torch.uint8)
+    _check_kernel(name, config, tuple(w.shape[2:]))
+    classes = _class_counts(name, config, D, w.shape[0])
+    # Each domain's filters are packed once, and its class columns tabled.
+    budget.spend(name, D * max(classes) * 8 + w.numel() * w.element_size(),
+                 "class tables and weights packed per domain")
+    return PrunedConvHeads(w, b, classes, in_masks, stride=config["stride"],
+                           padding=config["padding"], dilation=config["dilation"])
 
 
 def _pruned_conv(name: str, config: dict, take, shaped, D: int,
@@ -1005,13 +1046,12 @@ def _pruned_conv(name: str, config: dict, take, shaped, D: int,
     _check_conv_config(name, config)
     w = take("weight", 4)
     c_out, groups, kernel = w.shape[0], config["groups"], tuple(w.shape[2:])
-    _expect(min(kernel) >= 1, f"layer {name!r}: kernel size {kernel} must be at least 1x1")
     # A convolution without filters stores no weights whatever its input width, and
     # C_in = weight.shape[1] * groups: groups is bounded by the filters it splits.
     _expect(c_out % groups == 0 and groups <= max(c_out, 1),
             f"layer {name!r}: groups={groups} must divide its {c_out} filters and be at most "
             f"their number (1 for a convolution without filters)")
-    _check_conv_padding(name, config, kernel)
+    _check_kernel(name, config, kernel)
     c_in = w.shape[1] * groups
     scale, shift = take("scale", 2, optional=True), take("shift", 2, optional=True)
     shaped("scale", scale, (D, c_out), w.dtype)
@@ -1042,9 +1082,7 @@ def _check_conv_config(name: str, config: dict) -> None:
     keys = {"stride", "padding", "dilation", "groups", "padding_mode", "relu"}
     _expect(set(config) == keys, f"layer {name!r}: a PrunedConv2d config has the keys "
                                  f"{sorted(keys)} (and bn_eps), got {config!r}")
-    for key, lo in (("stride", 1), ("padding", 0), ("dilation", 1)):
-        _expect(_is_pair(config[key], lo), f"layer {name!r}: {key} must be a list of 2 ints "
-                                           f"in [{lo}, {_INT_LIMIT}], got {config[key]!r}")
+    _check_pairs(name, config)
     groups = config["groups"]
     _expect(_is_int(groups) and 1 <= groups <= _INT_LIMIT,
             f"layer {name!r}: groups must be an int in [1, {_INT_LIMIT}], got {groups!r}")
@@ -1053,6 +1091,18 @@ def _check_conv_config(name: str, config: dict) -> None:
             f"got {config['padding_mode']!r}")
     _expect(type(config["relu"]) is bool,
             f"layer {name!r}: relu must be a bool, got {config['relu']!r}")
+
+
+def _check_pairs(name: str, config: dict) -> None:
+    for key, lo in (("stride", 1), ("padding", 0), ("dilation", 1)):
+        _expect(_is_pair(config[key], lo), f"layer {name!r}: {key} must be a list of 2 ints "
+                                           f"in [{lo}, {_INT_LIMIT}], got {config[key]!r}")
+
+
+def _check_kernel(name: str, config: dict, kernel: Tuple[int, int]) -> None:
+    """A stored kernel of at least 1x1, and padding it allows (_check_conv_padding)."""
+    _expect(min(kernel) >= 1, f"layer {name!r}: kernel size {kernel} must be at least 1x1")
+    _check_conv_padding(name, config, kernel)
 
 
 def _check_conv_padding(name: str, config: dict, kernel: Tuple[int, int]) -> None:

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from . import graph
+from .conv_heads import ConvHeads, PrunedConvHeads
 from .convert import MultiDomainModel, _traced
-from .cost import CostLayer, costs
+from .cost import CostLayer, costs, describe_head
 from .layers import BatchNorm2d, Conv2d, DomainHeads
 from .masks import hard_mask
 from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear, PrunedModel, _csr
@@ -51,8 +52,8 @@ def _kind(model: nn.Module) -> str:
         return "multidomain"
     if isinstance(model, PrunedModel):
         return "pruned"
-    fastmdl_layers = (Conv2d, BatchNorm2d, DomainHeads, PrunedConv2d, PrunedBatchNorm2d,
-                      PrunedHeads)
+    fastmdl_layers = (Conv2d, BatchNorm2d, DomainHeads, ConvHeads, PrunedConv2d,
+                      PrunedBatchNorm2d, PrunedHeads, PrunedConvHeads)
     bad = next((n for n, m in model.named_modules() if isinstance(m, fastmdl_layers)), None)
     if bad is not None:
         raise TypeError(f"model is a plain {type(model).__name__} holding fastmdl layer {bad!r}: "
@@ -160,8 +161,7 @@ class Network:
             elif info.kind == "linear":
                 layer.out_features, layer.bias = m.out_features, m.bias is not None
             elif info.kind == "head":
-                layer.num_classes = m.num_classes
-                layer.bias = (m.biases if isinstance(m, DomainHeads) else m.bias) is not None
+                describe_head(layer, m, math.prod(info.out_hw))
             out.append(layer)
         return out
 
@@ -308,14 +308,18 @@ def _slice_bn(m: nn.Module, chan: torch.Tensor) -> None:
 
 
 def _slice_reader(m: nn.Module, feat: torch.Tensor) -> None:
-    """A linear layer or head: keep input features ``feat``."""
-    if isinstance(m, DomainHeads):
+    """A linear layer or head: keep input features ``feat`` (a convolutional head:
+    input channels)."""
+    if isinstance(m, (DomainHeads, ConvHeads)):
         for d in range(len(m.weights)):
             m.weights[d] = _param(m.weights[d], _rows(m.weights[d], feat, 1))
-        m.in_features = len(feat)
+        if isinstance(m, ConvHeads):
+            m.in_channels = len(feat)
+        else:
+            m.in_features = len(feat)
         return
     m.weight = _param(m.weight, _rows(m.weight, feat, 1))
-    if isinstance(m, (PrunedLinear, PrunedHeads)):
+    if isinstance(m, (PrunedLinear, PrunedHeads, PrunedConvHeads)):
         m.in_masks = _rows(m.in_masks, feat, 1)
     if isinstance(m, nn.Linear):
         m.in_features = len(feat)

@@ -23,7 +23,7 @@ CHECKPOINT_FORMAT = "fastmdl.train-checkpoint"
 def train(model: MultiDomainModel, train_loaders: Sequence, val_loaders: Optional[Sequence] = None,
           *, budget: float = 1.0, epochs: int = 1, metric: str = "flops",
           sharing: Optional[str] = None, sharing_weight: Union[str, float] = "learnable",
-          budget_weight: float = 1.0, dual_lr: float = 0.01, lr: float = 1e-3,
+          budget_weight: float = 1.0, dual_lr: float = 1.0, lr: float = 1e-3,
           mask_lr: float = 1e-2, sharing_lr: float = 0.05,
           train_weights: bool = False, device: Union[str, torch.device, None] = None,
           checkpoint: Union[str, os.PathLike, None] = None, resume: bool = True,
@@ -397,11 +397,12 @@ def filter_costs(model: MultiDomainModel, metric: str = "flops") -> List[float]:
 
 def _shared_weights(model: MultiDomainModel) -> List[torch.nn.Parameter]:
     """Parameters every domain shares: all but the masks, BatchNorms and heads."""
+    from .conv_heads import ConvHeads
     from .layers import BatchNorm2d, Conv2d, DomainHeads
 
     own = set()
     for m in model.modules():
-        if isinstance(m, (BatchNorm2d, DomainHeads)):
+        if isinstance(m, (BatchNorm2d, DomainHeads, ConvHeads)):
             own.update(id(p) for p in m.parameters())
         elif isinstance(m, Conv2d):
             own.add(id(m.scores))

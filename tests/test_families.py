@@ -15,7 +15,7 @@ from fastmdl.pruned import PrunedConv2d
 from pruned_model import set_masks
 
 SIZE, CLASSES = 32, [10, 4, 7]
-PIPELINE = [f for f in families.FAMILIES if f != "fire"]
+PIPELINE = list(families.FAMILIES)
 
 
 def _loaders(seed: int):
@@ -69,7 +69,12 @@ def test_family_converts_trains_prunes_saves_and_loads(family, tmp_path):
             torch.testing.assert_close(back(xs, d), want[k], rtol=1e-4, atol=1e-4)
 
 
-def test_a_convolutional_classifier_is_refused_with_its_name():
-    with pytest.raises(ValueError,
-                       match=r"classifier head.*convolution 'classifier\.1'.*SqueezeNet"):
-        fastmdl.convert(families.fire(), 3, CLASSES, input_size=(3, SIZE, SIZE))
+
+def test_a_convolutional_classifier_is_a_per_domain_head():
+    model = fastmdl.convert(families.fire(), 3, CLASSES, input_size=(3, SIZE, SIZE))
+    head = model.module.classifier[1]
+    assert isinstance(head, fastmdl.ConvHeads) and head.num_classes == CLASSES
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, SIZE, SIZE), torch.tensor([0, 1, 2]))
+    assert out.shape == (3, 10) and torch.isneginf(out[1, 4:]).all()
+    assert torch.isneginf(out[2, 7:]).all() and torch.isfinite(out[0]).all()

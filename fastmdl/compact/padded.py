@@ -145,18 +145,17 @@ class PaddedPlan:
             return None
         if isinstance(step, S.Conv):
             return self._prepare_conv(step, device)
+        if isinstance(step, S.ClassPad):
+            return self._reindexed(step, device)[2]
         if isinstance(step, S.Affine):
-            x = self._layout(step.x)
-            out = Layout(step.support, x.slots if x.support.same_channels(step.support)
-                         else self.slots(step.support))
-            self.layouts[step.name] = out
+            _, out, table = self._reindexed(step, device)
             scale = torch.zeros((self.plan.num_domains, out.slots), dtype=self.plan.dtype)
             shift = torch.zeros_like(scale)
             for d in range(self.plan.num_domains):
                 k = step.support.size(d)
                 scale[d, :k] = step.scales[d].cpu()
                 shift[d, :k] = step.shifts[d].cpu()
-            return (self._move_table(x, out, device), scale.to(device), shift.to(device))
+            return (table, scale.to(device), shift.to(device))
         if isinstance(step, S.Linear):
             return self._prepare_linear(step, device)
         if isinstance(step, S.Flatten):
@@ -171,6 +170,15 @@ class PaddedPlan:
                 self.layouts[step.name] = Layout(step.support, step.support.width)
             return None
         return None
+
+    def _reindexed(self, step: S.Step, device):
+        """(input layout, output layout, the gather between them or None) of a step
+        whose value is its input's on the step's own support."""
+        x = self._layout(step.x)
+        out = Layout(step.support, x.slots if x.support.same_channels(step.support)
+                     else self.slots(step.support))
+        self.layouts[step.name] = out
+        return x, out, self._move_table(x, out, device)
 
     def _prepare_map(self, step: S.Map, device):
         batch = []
@@ -337,6 +345,9 @@ class PaddedPlan:
             shape = (x.shape[0], -1) + (1,) * (x.dim() - 2)
             return torch.addcmul(shift.index_select(0, state.row_domain).view(shape), x,
                                  scale.index_select(0, state.row_domain).view(shape))
+        if isinstance(step, S.ClassPad):
+            x = env[step.x]
+            return x if prep is None else _take(x, prep, state, self._layout(step.x).support.fill)
         if isinstance(step, S.Linear):
             x = env[step.x]
             if prep[0] == "shared":

@@ -30,7 +30,8 @@ from torch._subclasses import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .. import graph, winograd
-from ..pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear
+from ..conv_heads import ClassPadding, PrunedConvHeads
+from ..pruned import DOMAIN_LAYERS, PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear
 from . import parallel, steps as S
 from .segments import Segments
 from .support import Move, Support
@@ -269,7 +270,7 @@ class _Builder:
         kinds = [self.kinds[a.name] for a in self.arg_nodes(node)]
         if op == "call_module":
             m = self.modules[node.target]
-            if isinstance(m, (PrunedConv2d, PrunedBatchNorm2d, PrunedHeads)):
+            if isinstance(m, DOMAIN_LAYERS):
                 return self.layer(node, m)
             if isinstance(m, PrunedLinear):
                 return self.linear(node, m)
@@ -519,6 +520,10 @@ class _Builder:
             return self.conv(node, m, x, residual)
         if isinstance(m, PrunedBatchNorm2d):
             return self.affine(node, m, x)
+        if isinstance(m, PrunedConvHeads):
+            return self.conv_head(node, m, x)
+        if isinstance(m, ClassPadding):
+            return self.class_padding(node, m, x)
         return self.head(node, m, x)
 
     def _acc(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -583,6 +588,22 @@ class _Builder:
             bd = None if shift is None else (shift[d] * out_masks[d].to(shift)).index_select(0, rows)
             blocks.append(wd.permute(0, 2, 3, 1).to(self.dtype))  # (cout_d, kh, kw, cin_d)
             biases.append(None if bd is None else bd.to(self.dtype))
+        r_move = Move(self.support_of(residual), out_sup) if residual is not None else None
+        return self.packed_conv(
+            node, x, blocks, biases, [m.weight, m.scale, m.shift],
+            self._winograd(m, self.shape(x), self.shape(node)),
+            support=out_sup, residual=residual.name if residual is not None else None,
+            x_move=Move(x_sup, target_in), residual_move=r_move, stride=m.stride,
+            padding=m.padding, dilation=m.dilation, groups=m.groups,
+            padding_mode=m.padding_mode, relu=m.relu, kernel_size=m.weight.shape[2:],
+            shared=shared, tied=bool(block))
+
+    def packed_conv(self, node, x: fx.Node, blocks: List[torch.Tensor],
+                    biases: List[Optional[torch.Tensor]], union: List[Optional[torch.Tensor]],
+                    use_winograd: bool, **conv) -> S.Conv:
+        """The :class:`steps.Conv` of ``node`` on ``blocks``, each domain's weights as
+        (cout_d, kh, kw, cin_d), and ``biases``; ``union`` are the union layer's
+        tensors (for the memory count) and ``conv`` the step's other arguments."""
         # One flat buffer per layer, every domain's block after the previous one's:
         # the ragged storage reads views of it, the padded one the buffer itself.
         packed = Packed(blocks, biases, self.device)
@@ -591,24 +612,20 @@ class _Builder:
             self.cost[d] += b.numel() * pixels
         weights = [None if b.numel() == 0 else v.permute(0, 3, 1, 2)
                    for b, v in zip(blocks, packed.views())]
-        biases = packed.bias_views()
-        self._count([packed.weight, packed.bias], [m.weight, m.scale, m.shift])
-        r_move = Move(self.support_of(residual), out_sup) if residual is not None else None
-        step = S.Conv(node.name, out_sup, x.name, residual.name if residual is not None else None,
-                      weights, biases, Move(x_sup, target_in), r_move, m.stride, m.padding,
-                      m.dilation, m.groups, m.padding_mode, m.relu, m.weight.shape[2:],
-                      self.fmt, shared, bool(block))
+        self._count([packed.weight, packed.bias], union)
+        step = S.Conv(node.name, x=x.name, weights=weights, biases=packed.bias_views(),
+                      memory_format=self.fmt, **conv)
         step.packed = packed
         step.to(self.device)
         x_shape = self.shape(x)
-        if self._winograd(m, x_shape, self.shape(node)):
+        if use_winograd:
             step.winograd = [None if v is None else winograd.prepack(v.contiguous())
                              for v in weights]
             self._count(step.winograd, [])
         elif x_shape is not None and len(x_shape) == 4:
             h, w_ = x_shape[2:]
-            if m.padding_mode != "zeros":
-                h, w_ = h + 2 * m.padding[0], w_ + 2 * m.padding[1]
+            if step.pad is not None:
+                h, w_ = h + 2 * conv["padding"][0], w_ + 2 * conv["padding"][1]
             step.prepack((x_shape[0], x_shape[1], h, w_))
             if step.prepacked is not None:  # oneDNN's copy of the packed weights
                 self._count(step.prepacked, [])
@@ -669,6 +686,35 @@ class _Builder:
         step = S.Linear(node.name, out_sup, x.name, packed.views(), packed.bias_views(), x_sup)
         step.packed = packed
         return step
+
+    def conv_head(self, node, m: PrunedConvHeads, x: fx.Node) -> S.Step:
+        """Each domain's own filters over the channels its input holds: a convolution
+        whose output holds the domain's classes, 0 past them in the union."""
+        x_sup = self.support_of(x)
+        masks = torch.zeros((self.D, max(m.num_classes)), dtype=torch.bool)
+        blocks, biases = [], []
+        for d, k in enumerate(m.num_classes):
+            masks[d, :k] = True
+            rows, cols = m.domain_rows(d), x_sup.index(d).to(m.weight.device)
+            blocks.append(m.weight.detach()[rows].index_select(1, cols).permute(0, 2, 3, 1)
+                          .to(self.dtype))
+            biases.append(None if m.bias is None else m.bias.detach()[rows].to(self.dtype))
+        return self.packed_conv(
+            node, x, blocks, biases, [m.weight, m.bias], False,
+            support=Support(masks.shape[1], masks), residual=None,
+            x_move=Move(x_sup, x_sup), residual_move=None, stride=m.stride,
+            padding=m.padding, dilation=m.dilation, groups=1, padding_mode="zeros", relu=False,
+            kernel_size=m.weight.shape[2:])
+
+    def class_padding(self, node, m: ClassPadding, x: fx.Node) -> S.Step:
+        """The logits' -inf past each domain's classes: each domain keeps its class
+        columns (moved only where its input held others), held with fill -inf."""
+        x_sup = self.support_of(x)
+        classes = torch.logical_not(m.past.detach().to("cpu"))
+        if x_sup.width != classes.shape[1]:
+            return self.island(node, m, "class padding of a value that is not the logits")
+        move = Move(x_sup, Support(x_sup.width, classes, x_sup.fill))
+        return S.ClassPad(node.name, Support(x_sup.width, classes, float("-inf")), x.name, move)
 
     def linear(self, node, m: PrunedLinear) -> S.Step:
         x = node.args[0] if node.args else None

@@ -353,6 +353,26 @@ class Affine(Step):
         self.x_move.to(device)
 
 
+class ClassPad(Step):
+    """The logits of a convolutional head set to -inf past each domain's classes:
+    domain d's segment keeps its class columns (``x_move`` drops any others its
+    input held) and its support's fill is -inf, so the way back to the union
+    layout writes -inf past them. No arithmetic."""
+
+    label = "class padding"
+
+    def __init__(self, name, support, x: str, x_move: Move):
+        super().__init__(name, support)
+        self.x, self.x_move = x, x_move
+
+    def run(self, env, state):
+        xs = env[self.x]
+        return _live_map(state, lambda d: self.x_move(xs[d], d))
+
+    def to(self, device):
+        self.x_move.to(device)
+
+
 class Linear(Step):
     r"""A linear layer over the domain's features (a classifier head, or a plain
     ``nn.Linear`` that reads pruned features): :math:`y_d = x_d W_d^T + b_d`.
