@@ -41,13 +41,15 @@ def test_means_standard_errors_and_the_claim():
     b = row["vs_baselines"]
     assert b["per_seed"] == pytest.approx([4.0, 0.0, 3.0]) and b["within_every_seed"]
     md = experiment_seeds.to_markdown(s)
-    assert "| budget 0.5 | yes | -1.7 ± 0.7 | -1.0 -3.0 -1.0 | yes / no |" in md
+    assert row["at_budget_every_seed"]  # each domain at 0.77 / 2 of the FLOPs
+    assert "| budget 0.5 | yes | yes | -1.7 ± 0.7 | -1.0 -3.0 -1.0 | yes / no |" in md
     assert "94.0 ± 0.6" in md  # budget 1.0's mean over the seeds
 
 
-def test_a_seed_above_one_network_breaks_cheaper():
-    s = experiment_seeds.summarise([run(0, 0.95, 0.94), run(1, 0.95, 0.94, flops=1.01)])
+def test_a_seed_above_one_network_breaks_cheaper_and_the_budget():
+    s = experiment_seeds.summarise([run(0, 0.95, 0.94), run(1, 0.95, 0.94, flops=1.2)])
     assert not s["rows"][2]["cheaper_every_seed"]
+    assert not s["rows"][2]["at_budget_every_seed"]  # each domain at 0.6 of the FLOPs
 
 
 def test_refuses_runs_of_different_recipes_or_repeated_seeds():
