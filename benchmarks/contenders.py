@@ -381,9 +381,13 @@ def per_domain_networks(model) -> List[torch.nn.Module]:
                     if m.weight is not None:
                         new.weight.copy_(m.weight[d, keep_in])
                         new.bias.copy_(m.bias[d, keep_in])
-            elif isinstance(m, fastmdl.DomainHeads):
+            elif isinstance(m, (fastmdl.DomainHeads, fastmdl.ConvHeads)):
                 w = m.weights[d]
-                new = nn.Linear(keep_in.numel(), w.shape[0], m.biases is not None)
+                if isinstance(m, fastmdl.ConvHeads):  # SqueezeNet's classifier
+                    new = nn.Conv2d(keep_in.numel(), w.shape[0], m.kernel_size, m.stride,
+                                    m.padding, m.dilation, bias=m.biases is not None)
+                else:
+                    new = nn.Linear(keep_in.numel(), w.shape[0], m.biases is not None)
                 with torch.no_grad():
                     new.weight.copy_(w[:, keep_in])
                     if m.biases is not None:

@@ -35,11 +35,9 @@ from fastmdl._io import write_report  # noqa: E402
 
 ARCHS = ("resnet18", "resnet50", "resnext50_32x4d", "densenet121", "mobilenet_v2",
          "efficientnet_b0")
-# Block patterns of the other families (tests/families.py). "fire" (SqueezeNet,
-# a convolutional classifier) is left out: contenders.per_domain_networks does
-# not build a per-domain convolutional head yet.
+# Block patterns of the other families (tests/families.py).
 FAMILIES = ("inverted_se", "grouped_bottleneck", "shuffle_unit", "convnext_block",
-            "dense_block", "inception")
+            "dense_block", "inception", "fire")
 
 
 def _network(arch: str):
