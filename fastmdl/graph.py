@@ -13,10 +13,10 @@ with their channels. So does any grouped convolution with C_in = C_out (ResNeXt,
 RegNet): output group j reads input group j alone, so the space is kept or removed
 in *blocks* of C/groups channels (a space read by several grouped convolutions
 takes the least common multiple of their block sizes), and a removed block takes
-a whole group of the convolution with it. A sigmoid or hard sigmoid keeps the labels but not the
-zeros (sigmoid(0) = 0.5): its output is a *gate*, which may go through ops that
-keep channels apart and multiply a tensor whose channels are zero where masked
-(squeeze-and-excitation, ``x * gate``: the product is 0 wherever x is, and the
+a whole group of the convolution with it. A sigmoid or hard sigmoid keeps the
+labels but not the zeros (sigmoid(0) = 0.5): its output is a *gate*, which may
+go through ops that keep channels apart and multiply a tensor whose channels are
+zero where masked (squeeze-and-excitation, ``x * gate``: the product is 0 wherever x is, and the
 gate's last convolution joins x's space); any other use of a gate (an add, a
 convolution reading it) keeps its spaces whole.
 
@@ -224,8 +224,7 @@ def is_depthwise(conv: nn.Module) -> bool:
     channel multiplier 1 (groups == C_in == C_out > 1): output channel c is input
     channel c filtered alone. (A pruned one that kept a single channel has groups=1
     and is an ordinary convolution.)"""
-    w = conv.weight
-    return conv.groups > 1 and w.shape[0] == conv.groups and w.shape[1] == 1
+    return tied_block(conv) == 1
 
 
 def tied_block(conv: nn.Module) -> int:

@@ -556,7 +556,7 @@ class _Builder:
         else:  # any other grouped conv is frozen: it reads and writes every channel
             target_in = Support.dense(self.D, x_sup.width)
             out_sup = Support.dense(self.D, c_out)
-        if block > 1 or not (m.groups == 1 or block):
+        if m.groups > 1 and block != 1:  # grouped, and not depthwise
             # The padded storage runs grouped convs as one union convolution with a
             # per-domain epilogue (its slots need not hold whole groups).
             gains = out_masks.to(device=w.device, dtype=w.dtype)
