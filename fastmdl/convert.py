@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import _domain, graph
+from . import _domain, channels_last, graph
 from .conv_heads import ClassPadding, ConvHeads
 from .head_path import find_head
 from .layers import BatchNorm2d, Conv2d, DomainHeads, _check_classes, _check_num_domains
@@ -125,7 +125,11 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
     :class:`fastmdl.ConvHeads` for a convolution whose output reaches it through
     ops that keep its channels apart (SqueezeNet's convolution, ReLU and global
     pooling; see ``fastmdl/head_path.py``). Any other model is refused with a
-    ``ValueError`` that names the layer and the reason. The model is traced
+    ``ValueError`` that names the layer and the reason. Channels-last blocks
+    (ConvNeXt's permute, LayerNorm, ``nn.Linear`` MLP, permute back) are first
+    rewritten to run channels-first (``fastmdl/channels_last.py``): their linear
+    layers become 1x1 convolutions that prune like any other, and ``model.module``
+    is then the rewritten ``torch.fx.GraphModule``. The model is traced
     with torch.fx at ``input_size`` = (C, H, W) to find the filters tied together,
     which then share one mask; costs are counted, and the pruned network served,
     at that size. Without ``input_size``, :func:`fastmdl.train` takes the size of
@@ -150,6 +154,9 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
                          "convolution filters, so there is nothing to convert")
     source = "assumed" if input_size is None else "given"
     input_size = _check_input_size(input_size, convs[0].in_channels)
+    example = torch.randn((1,) + input_size, device=convs[0].weight.device,
+                          dtype=convs[0].weight.dtype)
+    inner = _channels_first(inner, example, input_size)
     if num_classes is not None:
         num_classes = _check_classes(num_classes)
         if len(num_classes) != num_domains:
@@ -166,8 +173,6 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
         elif isinstance(m, nn.BatchNorm2d):
             _replace(inner, name, BatchNorm2d.from_batchnorm(m, num_domains))
 
-    example = torch.randn((1,) + input_size, device=convs[0].weight.device,
-                          dtype=convs[0].weight.dtype)
     gm = _traced(inner, example, input_size)
     head_name = find_head(gm)
     head = inner.get_submodule(head_name)
@@ -200,6 +205,14 @@ def analyse_at(model: MultiDomainModel, input_size: Tuple[int, int, int]) -> gra
     p = next(model.parameters())
     example = torch.randn((1,) + tuple(input_size), device=p.device, dtype=p.dtype)
     return graph.analyse(_traced(model.module, example, tuple(input_size)))
+
+
+def _channels_first(inner: nn.Module, example: torch.Tensor, input_size) -> nn.Module:
+    """``inner``, or its traced graph module with every channels-last block rewritten
+    to run channels-first (``fastmdl/channels_last.py``) if it has any: then the
+    blocks' linear layers are 1x1 convolutions and prune like any other."""
+    gm = _traced(inner, example, input_size)
+    return gm if channels_last.to_channels_first(gm, inner) else inner
 
 
 def _traced(inner: nn.Module, example: torch.Tensor, input_size) -> fx.GraphModule:

@@ -28,7 +28,9 @@ convolutions with C_in != C_out (a depthwise one with a channel multiplier > 1),
 grouped convolutions over a concatenation, splits of the channels (``chunk``:
 any op that returns several tensors), channel shuffles and other reshapes of
 the channel axis, and an ``nn.Linear`` over anything but (N, features), e.g. a
-channels-last MLP after a permute. Each unfrozen space becomes one mask group.
+channels-last MLP after a permute that ``fastmdl/channels_last.py`` could not
+rewrite to run channels-first (``convert`` tries that first). Each unfrozen space
+becomes one mask group.
 
 Three kinds of network are understood: a plain one (``nn.Conv2d``,
 ``nn.BatchNorm2d``, ``nn.Linear``), a converted one (fastmdl's layers) and the
@@ -52,6 +54,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from . import _domain
+from .channels_last import ChannelLayerNorm
 from .conv_heads import ConvHeads, PrunedConvHeads
 from .layers import BatchNorm2d, Conv2d, DomainHeads
 from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads
@@ -72,7 +75,7 @@ class Tracer(fx.Tracer):
     """torch.fx tracer that keeps fastmdl's layers and registered user layers as leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (isinstance(m, LEAVES) or type(m) in USER_LEAVES
+        return (isinstance(m, LEAVES + (ChannelLayerNorm,)) or type(m) in USER_LEAVES
                 or super().is_leaf_module(m, qualname))
 
 
@@ -85,7 +88,7 @@ def trace(module: nn.Module) -> fx.GraphModule:
             f"fastmdl could not trace {type(module).__name__}.forward with torch.fx to find "
             f"which channels are tied ({type(e).__name__}: {e}). Data-dependent control flow "
             "is the usual cause; move it out of forward or into a leaf module.") from e
-    return fx.GraphModule(module, graph)
+    return fx.GraphModule(module, graph, type(module).__name__)
 
 
 def shape_propagate(gm: fx.GraphModule, example: torch.Tensor, *more: Any) -> None:

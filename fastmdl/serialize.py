@@ -67,6 +67,7 @@ from torch.utils import _pytree
 
 from . import _shapes, ops
 from ._io import write_atomic_bytes
+from .channels_last import ChannelLayerNorm
 from .conv_heads import ClassPadding, PrunedConvHeads
 from .convert import INPUT_SIZE_SOURCES
 from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear, PrunedModel
@@ -119,8 +120,11 @@ _TORCH_LAYERS = {f"torch.nn.{c.__name__}": c
 # against the stored tensors before the constructor allocates anything.
 _TORCH_LAYERS.update({f"torch.nn.{c.__name__}": c for c in (nn.LayerNorm, nn.GroupNorm,
                                                                nn.Linear)})
+# fastmdl's own, rebuilt the same way: a LayerNorm over dim 1 (a rewritten channels-last block).
+_TORCH_LAYERS["fastmdl.ChannelLayerNorm"] = ChannelLayerNorm
 # Settings a constructor takes that __constants__ does not list.
 _EXTRA_CONFIG = {nn.LayerNorm: {"bias": lambda m: m.bias is not None},
+                 ChannelLayerNorm: {"bias": lambda m: m.bias is not None},
                  nn.Linear: {"bias": lambda m: m.bias is not None}}
 # Layers and functions a user registered (register_layer, register_function).
 _USER_LAYERS: Dict[str, Tuple[Callable, Callable]] = {}  # name -> (config, build)
@@ -521,7 +525,7 @@ def _check_torch_layer_sizes(name: str, layer_type: str, config: dict,
                              t: Dict[str, torch.Tensor]) -> None:
     """A norm layer's constructor allocates what its config claims: the claim must
     be what the stored tensors hold (or, without them, a bounded size)."""
-    if layer_type == "torch.nn.LayerNorm":
+    if layer_type in ("torch.nn.LayerNorm", "fastmdl.ChannelLayerNorm"):
         shape = config.get("normalized_shape")
         _expect(isinstance(shape, (list, tuple)) and 0 < len(shape) <= 8
                 and all(_is_int(k) and 0 < k <= _INT_LIMIT for k in shape),

@@ -190,6 +190,7 @@ def test_every_torch_layer_rebuilds(layer_type):
          "torch.nn.Dropout": lambda: cls(0.25),
          "torch.nn.Flatten": lambda: cls(2, -1),
          "torch.nn.LayerNorm": lambda: cls((4, 5), eps=1e-6, bias=False),
+         "fastmdl.ChannelLayerNorm": lambda: cls(6, eps=1e-6, bias=False),
          "torch.nn.GroupNorm": lambda: cls(2, 6, affine=False),
          "torch.nn.Linear": lambda: cls(5, 3, bias=False)}.get(layer_type, cls)()
     config = serialize._torch_layer_config(m)

@@ -117,12 +117,13 @@ class Normed(nn.Module):
         self.gn = nn.GroupNorm(2, 8)
         self.act = Swish(8, 0.7)
         self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.ln = nn.LayerNorm(6)
         self.head = nn.Linear(6, 4)
 
     def forward(self, x):
         x = self.act(self.gn(self.norm(self.conv1(x))))
         x = shift_channels(x)
-        return self.head(self.conv2(x).mean((2, 3)))
+        return self.head(self.ln(self.conv2(x).mean((2, 3))))
 
 
 def test_layernorm_groupnorm_and_registered_user_layers_save_and_load(tmp_path):
@@ -140,7 +141,8 @@ def test_layernorm_groupnorm_and_registered_user_layers_save_and_load(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(x, d), model(x, d), rtol=1e-4, atol=1e-4)
     kinds = {type(m).__name__ for m in back.net.modules()}
-    assert {"LayerNorm", "GroupNorm", "Swish"} <= kinds
+    # ChannelsLastNorm's permutes and LayerNorm ran channels-first from convert on.
+    assert {"ChannelLayerNorm", "LayerNorm", "GroupNorm", "Swish"} <= kinds
 
 
 def test_register_layer_checks_its_arguments():
@@ -156,7 +158,8 @@ def test_register_layer_checks_its_arguments():
         serialize.register_function("tests.nothing", 3)
 
 
-def test_a_layernorm_whose_config_claims_more_than_its_tensors_is_refused(tmp_path):
+@pytest.mark.parametrize("layer_type", ["torch.nn.LayerNorm", "fastmdl.ChannelLayerNorm"])
+def test_a_layernorm_whose_config_claims_more_than_its_tensors_is_refused(tmp_path, layer_type):
     """The constructor would allocate what normalized_shape claims: checked first,
     on a file crafted with every checksum recomputed."""
     from test_serialize import _rewrite
@@ -166,7 +169,7 @@ def test_a_layernorm_whose_config_claims_more_than_its_tensors_is_refused(tmp_pa
     fastmdl.save(fastmdl.prune(model), path)
 
     def claim(spec):
-        layer = next(m for m in spec["modules"] if m["type"] == "torch.nn.LayerNorm")
+        layer = next(m for m in spec["modules"] if m["type"] == layer_type)
         layer["config"]["normalized_shape"] = {"tuple": [10**9]}
 
     _rewrite(path, claim)

@@ -1,6 +1,8 @@
 """torchvision's classification networks (their look-alikes in tests/zoo.py)
 through convert and prune, the way a new user would run them."""
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -19,6 +21,8 @@ ZOO = {
     "densenet121": zoo.densenet121,
     "mobilenet_v2": zoo.mobilenet_v2,
     "efficientnet_b0": zoo.efficientnet_b0,
+    # A layer scale of 0.5, not 1e-6: the MLP's pruned channels must move the output.
+    "convnext_tiny": functools.partial(zoo.convnext_tiny, layer_scale=0.5),
 }
 
 # torchvision's published parameter counts (the weights' meta) at 1000 classes.
@@ -29,6 +33,7 @@ TORCHVISION_PARAMS = {
     "densenet121": 7_978_856,
     "mobilenet_v2": 3_504_872,
     "efficientnet_b0": 5_288_548,
+    "convnext_tiny": 28_589_128,
 }
 
 

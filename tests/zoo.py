@@ -1,7 +1,7 @@
 """Plain-PyTorch look-alikes of torchvision's classification networks.
 
 torchvision's wheel cannot be imported on the test machines, so these mirror its
-ResNet-18/50, DenseNet-121, MobileNetV2 and EfficientNet-B0 module by module: the
+ResNet-18/50, ResNeXt-50, DenseNet-121, MobileNetV2, EfficientNet-B0 and ConvNeXt-Tiny module by module: the
 same layers, in the same order, under the same attribute names (so
 ``state_dict()`` keys should line up with torchvision's; the parameter counts at
 ``num_classes=1000`` are checked against torchvision's in test_zoo.py). Only
@@ -636,3 +636,91 @@ def mobilenet_v3_small(num_classes: int = 10, dropout: float = 0.2) -> MobileNet
         (96, 5, 576, 96, True, "HS", 1),
     ]
     return MobileNetV3(setting, 1024, num_classes, dropout)
+
+
+# ---------------------------------------------------------------------- ConvNeXt
+
+
+class Permute(nn.Module):
+    """torchvision.ops.misc.Permute: ``torch.permute(x, dims)`` as a layer."""
+
+    def __init__(self, dims: List[int]):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.permute(x, self.dims)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's LayerNorm2d: a LayerNorm over the channels of (N, C, H, W),
+    run channels-last between two permutes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class CNBlock(nn.Module):
+    def __init__(self, dim: int, layer_scale: float):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim, bias=True),
+            Permute([0, 2, 3, 1]),
+            nn.LayerNorm(dim, eps=1e-6),
+            nn.Linear(dim, 4 * dim, bias=True),
+            nn.GELU(),
+            nn.Linear(4 * dim, dim, bias=True),
+            Permute([0, 3, 1, 2]),
+        )
+        self.layer_scale = nn.Parameter(torch.ones(dim, 1, 1) * layer_scale)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        result = self.layer_scale * self.block(input)
+        result += input
+        return result
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self, stages: Sequence[tuple], layer_scale: float, num_classes: int):
+        super().__init__()
+        first = stages[0][0]
+        # torchvision's Conv2dNormActivation with a LayerNorm2d and no activation.
+        layers: List[nn.Module] = [nn.Sequential(
+            nn.Conv2d(3, first, kernel_size=4, stride=4, padding=0, bias=True),
+            LayerNorm2d(first, eps=1e-6))]
+        for dim, out, depth in stages:
+            layers.append(nn.Sequential(*[CNBlock(dim, layer_scale) for _ in range(depth)]))
+            if out is not None:
+                layers.append(nn.Sequential(LayerNorm2d(dim, eps=1e-6),
+                                            nn.Conv2d(dim, out, kernel_size=2, stride=2)))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        last = stages[-1][1] or stages[-1][0]
+        self.classifier = nn.Sequential(LayerNorm2d(last, eps=1e-6), nn.Flatten(1),
+                                        nn.Linear(last, num_classes))
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.features(x))
+        return self.classifier(x)
+
+
+def convnext_tiny(num_classes: int = 10, layer_scale: float = 1e-6) -> ConvNeXt:
+    """torchvision.models.convnext_tiny: a 4x4 stride-4 stem with a LayerNorm over
+    channels, four stages of 3, 3, 9, 3 ConvNeXt blocks (depthwise 7x7, permute to
+    channels-last, LayerNorm, Linear(C, 4C), GELU, Linear(4C, C), permute back,
+    layer scale, residual) at 96, 192, 384, 768 channels with a LayerNorm and a
+    2x2 stride-2 convolution between stages, pooling, LayerNorm, Linear.
+
+    Differences: no stochastic depth (torchvision drops residual branches with
+    probability up to 0.1 in training; the identity in eval mode); ``layer_scale``
+    is exposed (torchvision fixes 1e-6 before training; tests pass a larger one,
+    so the MLP's pruned channels move the output by more than rounding)."""
+    stages = [(96, 192, 3), (192, 384, 3), (384, 768, 9), (768, None, 3)]
+    return ConvNeXt(stages, layer_scale, num_classes)

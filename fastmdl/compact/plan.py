@@ -12,6 +12,8 @@ Ops on channels the analysis keeps whole (a gate's sigmoid, a channel shuffle's
 view and transpose, a split of the channels) run per domain on every channel;
 nodes the analysis cannot follow run as *union islands* (``steps.Island``):
 counted in :attr:`CompactPlan.islands`, so a user can see what stays slow.
+A convolution or map whose every domain holds every channel (a frozen layer)
+runs once over all rows instead of once per domain (``Conv.whole``, ``Map.whole``).
 """
 
 from __future__ import annotations
@@ -241,7 +243,23 @@ class _Builder:
         self.kinds[node.name] = step.kind
         if step.support is not None:
             self.supports[node.name] = step.support
+        if isinstance(step, S.Map):
+            step.whole = self.runs_whole(node, step)
         self.steps.append(step)
+
+    def runs_whole(self, node: fx.Node, step: S.Map) -> bool:
+        """Whether a map can run once over all rows: it returns one tensor, and every
+        batch input, like its output, holds every channel and moves nowhere (so
+        channel j is the same channel in every row)."""
+        if self.D == 1 or step.support is None or not step.support.is_dense or \
+                not isinstance(node.meta.get("tensor_meta"), TensorMetadata):
+            return False
+        args = self.arg_nodes(node)
+        if any(self.kinds[a.name] not in (S.BATCH, S.PLAIN) for a in args):
+            return False
+        batch = [a for a in args if self.kinds[a.name] == S.BATCH]
+        return bool(batch) and all(self.support_of(a).is_dense for a in batch) and \
+            not any(m.moves_anything for m in step.args.moves.values())
 
     def make(self, node: fx.Node) -> Optional[S.Step]:
         op = node.op
@@ -348,9 +366,20 @@ class _Builder:
         if (module is not None and isinstance(module, _DENSE_MODULES)) or \
                 target in _DENSE_FUNCTIONS or name in _DENSE_METHODS:
             return self.dense_map(node, fn)
+        if x is not None and out_shape is not None and self.normalises_each_sample(node, module):
+            return self.dense_map(node, fn)
         what = type(module).__name__ if module is not None else (
             name or getattr(target, "__name__", str(target)))
         return self.island(node, fn, f"{what} is outside the channel analysis")
+
+    def normalises_each_sample(self, node: fx.Node, module) -> bool:
+        """Whether ``node`` is a LayerNorm or GroupNorm layer: each sample normalised
+        alone (a LayerNorm's normalized dims never reach dim 0), so it runs on each
+        domain's rows given every channel."""
+        if isinstance(module, nn.GroupNorm):
+            return True
+        rank = len(self.shape(node.args[0]) or ())
+        return isinstance(module, nn.LayerNorm) and len(module.normalized_shape) < rank
 
     def keeps_rows(self, node: fx.Node) -> bool:
         """Whether a view, reshape, transpose or permute keeps dim 0 as the samples:
@@ -589,6 +618,8 @@ class _Builder:
             blocks.append(wd.permute(0, 2, 3, 1).to(self.dtype))  # (cout_d, kh, kw, cin_d)
             biases.append(None if bd is None else bd.to(self.dtype))
         r_move = Move(self.support_of(residual), out_sup) if residual is not None else None
+        whole, whole_same = self._whole_conv(m, x_sup, out_sup, residual, in_masks, out_masks,
+                                             scale, shift)
         return self.packed_conv(
             node, x, blocks, biases, [m.weight, m.scale, m.shift],
             self._winograd(m, self.shape(x), self.shape(node)),
@@ -596,7 +627,30 @@ class _Builder:
             x_move=Move(x_sup, target_in), residual_move=r_move, stride=m.stride,
             padding=m.padding, dilation=m.dilation, groups=m.groups,
             padding_mode=m.padding_mode, relu=m.relu, kernel_size=m.weight.shape[2:],
-            shared=shared, tied=bool(block))
+            shared=shared, tied=bool(block), whole=whole, whole_same=whole_same)
+
+    def _whole_conv(self, m: PrunedConv2d, x_sup: Support, out_sup: Support,
+                    residual: Optional[fx.Node], in_masks, out_masks, scale, shift):
+        """(whole, whole_same) of :class:`steps.Conv`: where every domain reads and
+        writes every channel (a frozen layer), domain d's weights are W scaled by
+        its BatchNorm gain g_d per output channel, and the layer can run once over
+        every row with g_d and the bias b_d applied per row."""
+        if self.D == 1 or not (x_sup.is_dense and out_sup.is_dense and bool(in_masks.all())
+                               and bool(out_masks.all())):
+            return None, False
+        if residual is not None and not self.support_of(residual).is_dense:
+            return None, False
+        w = m.weight.detach()
+        gains = torch.ones((self.D, w.shape[0]), dtype=w.dtype, device=w.device) \
+            if scale is None else scale
+        same = bool((gains == gains[:1]).all()) and \
+            (shift is None or bool((shift == shift[:1]).all()))
+        if same:  # domain 0's packed weights and bias are every domain's
+            return None, True
+        whole = (w.to(self.dtype), None, gains.to(self.dtype),
+                 None if shift is None else shift.to(self.dtype))
+        self._count([whole[0]], [])
+        return whole, False
 
     def packed_conv(self, node, x: fx.Node, blocks: List[torch.Tensor],
                     biases: List[Optional[torch.Tensor]], union: List[Optional[torch.Tensor]],

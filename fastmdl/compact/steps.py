@@ -153,6 +153,20 @@ class Args:
             return value
         return fx.node.map_arg(self.args, pick), fx.node.map_arg(self.kwargs, pick)
 
+    def for_rows(self, env, live: Sequence[int]):
+        """The arguments over every live row at once (batch values as one tensor;
+        only for a step whose batch inputs move nowhere and hold no per-part value)."""
+        def pick(node: fx.Node):
+            return rows_of(env[node.name], live) if self.kinds[node.name] == BATCH \
+                else env[node.name]
+        return fx.node.map_arg(self.args, pick), fx.node.map_arg(self.kwargs, pick)
+
+    def first_batch(self) -> Optional[str]:
+        found: List[str] = []
+        fx.node.map_arg((self.args, self.kwargs), lambda n: found.append(n.name)
+                        if self.kinds[n.name] == BATCH else None)
+        return found[0] if found else None
+
     def for_union(self, env, state: RunState, supports: Dict[str, Support]):
         def pick(node: fx.Node):
             kind = self.kinds[node.name]
@@ -166,6 +180,42 @@ class Args:
     def to(self, device: torch.device) -> None:
         for move in self.moves.values():
             move.to(device)
+
+
+class Joined(list):
+    """A batch value computed once over the live rows of every domain: per domain a
+    view of ``whole`` (the rows of the live domains, in ascending domain order), so
+    the next step that also runs once reads ``whole`` without a concatenation."""
+
+    __slots__ = ("whole",)
+
+
+def rows_of(parts, live: Sequence[int]) -> torch.Tensor:
+    """The live domains' parts of a batch value as one tensor, in domain order."""
+    whole = getattr(parts, "whole", None)
+    if whole is not None:
+        return whole
+    held = [parts[d] for d in live]
+    return held[0] if len(held) == 1 else torch.cat(held)
+
+
+def joined(y: torch.Tensor, like, live: Sequence[int], num_domains: int) -> Joined:
+    """``y``, computed on ``rows_of(like, live)``, cut back into ``like``'s parts."""
+    out = Joined([None] * num_domains)
+    out.whole, start = y, 0
+    for d in live:
+        n = like[d].shape[0]
+        out[d] = y.narrow(0, start, n)
+        start += n
+    return out
+
+
+def per_row(table: torch.Tensor, like, live: Sequence[int]) -> torch.Tensor:
+    """(rows, C, 1, 1): row i holds ``table[d]`` (a (D, C) per-domain vector) for the
+    domain d of live row i."""
+    counts = torch.tensor([like[d].shape[0] for d in live], device=table.device)
+    picked = table.index_select(0, torch.tensor(live, device=table.device))
+    return picked.repeat_interleave(counts, dim=0)[:, :, None, None]
 
 
 def _live_map(state: RunState, fn: Callable[[int], Any]) -> List[Any]:
@@ -213,7 +263,8 @@ class Conv(Step):
                  weights: List[Optional[torch.Tensor]], biases: List[Optional[torch.Tensor]],
                  x_move: Move, residual_move: Optional[Move],
                  stride, padding, dilation, groups: int, padding_mode: str, relu: bool,
-                 kernel_size, memory_format, shared=None, tied: bool = False):
+                 kernel_size, memory_format, shared=None, tied: bool = False,
+                 whole: Optional[tuple] = None, whole_same: bool = False):
         super().__init__(name, support)
         self.x, self.residual = x, residual
         self.weights, self.biases = weights, biases
@@ -243,6 +294,13 @@ class Conv(Step):
         self.pointwise = (self.kernel_size == (1, 1) and self.stride == (1, 1)
                           and self.padding == (0, 0) and groups == 1 and self.pad is None
                           and memory_format == torch.channels_last)
+        # Set by the plan when every domain reads and writes every channel and its
+        # weights are one weight W times a per-domain gain g_d on the output channels
+        # (a frozen layer with its domain's BatchNorm folded in): then the layer runs
+        # once over all rows. ``whole`` is None, or (W, prepacked W or None, gains
+        # (D, C), biases (D, C) or None); ``whole_same`` when every g_d and b_d is the
+        # same, so domain 0's packed weights serve every row and no epilogue is left.
+        self.whole, self.whole_same = whole, whole_same
 
     def prepack(self, input_size) -> None:
         """Reorder each domain's weights into oneDNN's layout for inputs like
@@ -254,10 +312,16 @@ class Conv(Step):
                for w in self.weights):
             return
         n, _, h, w_ = input_size
-        self.prepacked = [None if w is None else _REORDER(
-            w.contiguous(memory_format=torch.channels_last), list(self.padding),
-            list(self.stride), list(self.dilation), self.groups_of(w),
-            [n, w.shape[1] * self.groups_of(w), h, w_]) for w in self.weights]
+
+        def reorder(w: torch.Tensor, groups: int) -> torch.Tensor:
+            return _REORDER(w.contiguous(memory_format=torch.channels_last), list(self.padding),
+                            list(self.stride), list(self.dilation), groups,
+                            [n, w.shape[1] * groups, h, w_])
+        self.prepacked = [None if w is None else reorder(w, self.groups_of(w))
+                          for w in self.weights]
+        if self.whole is not None and not self.whole_same and \
+                self.whole[0].dtype == torch.float32 and self.whole[0].device.type == "cpu":
+            self.whole = (self.whole[0], reorder(self.whole[0], self.groups)) + self.whole[2:]
 
     def groups_of(self, w: torch.Tensor) -> int:
         """The groups of a domain's packed weight ``w``: its kept groups if tied."""
@@ -266,46 +330,73 @@ class Conv(Step):
     def run(self, env, state):
         xs = env[self.x]
         rs = env[self.residual] if self.residual is not None else None
-        packed = self.prepacked
+        live = state.seg.live
+        if (self.whole is not None or self.whole_same) and len(live) > 1:
+            return joined(self._run_whole(xs, rs, live), xs, live, state.num_domains)
 
         def one(d: int) -> torch.Tensor:
-            x = self.x_move(xs[d], d)
-            if self.pad is not None:
-                x = F.pad(x, self.pad[0], mode=self.pad[1])
-            w, b = self.weights[d], self.biases[d]
-            if w is None:
-                y = self._constant(x, b, self.support.size(d))
-            elif self.winograd is not None:
-                r = None if rs is None else self.residual_move(rs[d], d).contiguous(
-                    memory_format=torch.channels_last)
-                return torch.ops.fastmdl.winograd_conv3x3(
-                    x.contiguous(memory_format=torch.channels_last), self.winograd[d], b, r,
-                    self.relu)
-            elif self.pointwise and x.is_contiguous(memory_format=torch.channels_last) and \
-                    x.numel() * w.shape[0] <= POINTWISE_BLAS_MACS and \
-                    w.shape[0] * w.shape[1] <= POINTWISE_BLAS_WEIGHTS:
-                n, c, h, w_ = x.shape
-                rows = x.permute(0, 2, 3, 1).reshape(n * h * w_, c)  # a view: no copy
-                flat = w.view(w.shape[0], c).t()
-                y2 = torch.mm(rows, flat) if b is None else torch.addmm(b, rows, flat)
-                y = y2.view(n, h, w_, -1).permute(0, 3, 1, 2)
-            elif packed is not None:
-                x = x.contiguous(memory_format=torch.channels_last)
-                args = (list(self.padding), list(self.stride), list(self.dilation),
-                        self.groups_of(w))
-                if rs is not None:  # conv, bias, + residual, ReLU: one oneDNN call
-                    r = self.residual_move(rs[d], d).contiguous(memory_format=torch.channels_last)
-                    return _POINTWISE.binary(x, r, packed[d], b, *args, "add", None,
-                                             "relu" if self.relu else None, [], "")
-                return _POINTWISE(x, packed[d], b, *args, "relu" if self.relu else "none",
-                                  [], "")
-            else:
-                y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation,
-                             self.groups_of(w))
-            if rs is not None:
-                y = y.add_(self.residual_move(rs[d], d))
-            return y.relu_() if self.relu else y
+            r = None if rs is None else self.residual_move(rs[d], d)
+            return self._apply(self.x_move(xs[d], d), r, d)
         return _live_map(state, one)
+
+    def _apply(self, x: torch.Tensor, r: Optional[torch.Tensor], d: int) -> torch.Tensor:
+        """Domain d's convolution of ``x`` (already in its input support), plus ``r``
+        (already in its output support), then the ReLU."""
+        if self.pad is not None:
+            x = F.pad(x, self.pad[0], mode=self.pad[1])
+        w, b = self.weights[d], self.biases[d]
+        if w is None:
+            y = self._constant(x, b, self.support.size(d))
+        elif self.winograd is not None:
+            r = None if r is None else r.contiguous(memory_format=torch.channels_last)
+            return torch.ops.fastmdl.winograd_conv3x3(
+                x.contiguous(memory_format=torch.channels_last), self.winograd[d], b, r,
+                self.relu)
+        elif self.pointwise and x.is_contiguous(memory_format=torch.channels_last) and \
+                x.numel() * w.shape[0] <= POINTWISE_BLAS_MACS and \
+                w.shape[0] * w.shape[1] <= POINTWISE_BLAS_WEIGHTS:
+            n, c, h, w_ = x.shape
+            rows = x.permute(0, 2, 3, 1).reshape(n * h * w_, c)  # a view: no copy
+            flat = w.view(w.shape[0], c).t()
+            y2 = torch.mm(rows, flat) if b is None else torch.addmm(b, rows, flat)
+            y = y2.view(n, h, w_, -1).permute(0, 3, 1, 2)
+        elif self.prepacked is not None:
+            x = x.contiguous(memory_format=torch.channels_last)
+            args = (list(self.padding), list(self.stride), list(self.dilation),
+                    self.groups_of(w))
+            if r is not None:  # conv, bias, + residual, ReLU: one oneDNN call
+                r = r.contiguous(memory_format=torch.channels_last)
+                return _POINTWISE.binary(x, r, self.prepacked[d], b, *args, "add", None,
+                                         "relu" if self.relu else None, [], "")
+            return _POINTWISE(x, self.prepacked[d], b, *args, "relu" if self.relu else "none",
+                              [], "")
+        else:
+            y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups_of(w))
+        if r is not None:
+            y = y.add_(r)
+        return y.relu_() if self.relu else y
+
+    def _run_whole(self, xs, rs, live: Sequence[int]) -> torch.Tensor:
+        """The layer over every live row at once (see ``whole``):
+        y = act(g_row * (W * x) + b_row + r)."""
+        x = rows_of(xs, live)
+        r = None if rs is None else rows_of(rs, live)
+        if self.whole_same:
+            return self._apply(x, r, live[0])
+        weight, prepacked, gains, biases = self.whole
+        if self.pad is not None:
+            x = F.pad(x, self.pad[0], mode=self.pad[1])
+        if prepacked is not None:
+            y = _POINTWISE(x.contiguous(memory_format=torch.channels_last), prepacked, None,
+                           list(self.padding), list(self.stride), list(self.dilation),
+                           self.groups, "none", [], "")
+        else:
+            y = F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        g = per_row(gains, xs, live)
+        y = y.mul_(g) if biases is None else torch.addcmul(per_row(biases, xs, live), y, g)
+        if r is not None:
+            y = y.add_(r)
+        return y.relu_() if self.relu else y
 
     def _constant(self, x: torch.Tensor, b: Optional[torch.Tensor], c_out: int) -> torch.Tensor:
         ho, wo = _shapes.conv_output_hw(x.shape[2:], self.kernel_size, self.stride,
@@ -317,8 +408,13 @@ class Conv(Step):
             memory_format=self.memory_format)
 
     def to(self, device):
-        if torch.device(device).type != "cpu":
+        cpu = torch.device(device).type == "cpu"
+        if not cpu:
             self.prepacked = self.winograd = None
+        if self.whole is not None and not self.whole_same:
+            w, prepacked, g, b = self.whole
+            self.whole = (w.to(device), prepacked if cpu else None, g.to(device),
+                          None if b is None else b.to(device))
         self.weights = [None if w is None else w.to(device) for w in self.weights]
         self.biases = [None if b is None else b.to(device) for b in self.biases]
         self.x_move.to(device)
@@ -419,8 +515,17 @@ class Map(Step):
     def __init__(self, name, support, fn: Callable, args: Args):
         super().__init__(name, support)
         self.fn, self.args = fn, args
+        # Set by the plan when every batch input holds every channel and moves
+        # nowhere: the op then runs once over all rows (see ``Joined``).
+        self.whole = False
 
     def run(self, env, state):
+        live = state.seg.live
+        if self.whole and len(live) > 1:
+            a, k = self.args.for_rows(env, live)
+            return joined(self.fn(*a, **k), env[self.args.first_batch()], live,
+                          state.num_domains)
+
         def one(d: int):
             a, k = self.args.for_domain(env, d)
             return self.fn(*a, **k)
