@@ -13,7 +13,8 @@ From the traced graph of a :class:`MultiDomainModel`:
    :class:`PrunedConvHeads`, and the graph ends in the model's
    :class:`ClassPadding` (the -inf past each domain's classes);
 3. fusion: a BatchNorm that only reads a convolution is folded into the
-   convolution's per-domain scale and shift; a residual add that only reads the
+   convolution's per-domain scale and shift, and so is a product with one constant
+   per channel after it (ConvNeXt's layer scale); a residual add that only reads the
    convolution becomes its residual input; a ReLU after either becomes its
    ``relu`` flag. Each fused step is exact: masked channels stay 0 throughout.
    The BatchNorm's running statistics stay with the layer that absorbed it, so
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -208,6 +209,40 @@ def _pad_classes(gm: fx.GraphModule, padding: ClassPadding) -> None:
     gm.recompile()
 
 
+_MULS = {operator.mul, torch.mul}
+
+
+def _channel_gain(gm: fx.GraphModule, node: fx.Node, x: fx.Node,
+                  channels: int) -> Optional[Tuple[torch.Tensor, str]]:
+    """(g (C,), the tensor's name) if ``node`` multiplies ``x`` (N, C, H, W) by a
+    tensor of the graph holding one number per channel (shape (C, 1, 1) or
+    (1, C, 1, 1), possibly through a view or reshape with constant sizes); else None."""
+    is_mul = (node.op == "call_function" and node.target in _MULS) or \
+        (node.op == "call_method" and node.target == "mul")
+    if not is_mul or len(node.args) != 2 or node.kwargs or x not in node.args or \
+            node.args[0] is node.args[1]:
+        return None
+    other = node.args[1] if node.args[0] is x else node.args[0]
+    shapes = []
+    while isinstance(other, fx.Node) and other.op == "call_method" and \
+            other.target in ("view", "reshape") and not other.kwargs and \
+            all(isinstance(a, int) for a in other.args[1:]):
+        shapes.append(other.args[1:])
+        other = other.args[0]
+    if not isinstance(other, fx.Node) or other.op != "get_attr":
+        return None
+    t = gm
+    for part in other.target.split("."):
+        t = getattr(t, part)
+    if not isinstance(t, torch.Tensor):
+        return None
+    for shape in reversed(shapes):
+        t = t.reshape(*shape)
+    if t.numel() != channels or t.dim() not in (3, 4) or tuple(t.shape[-3:]) != (channels, 1, 1):
+        return None
+    return t.reshape(channels), other.target
+
+
 def _only_user(node: fx.Node) -> Optional[fx.Node]:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -226,6 +261,7 @@ def _fuse(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    folded = set()  # the graph tensors folded into a convolution
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or calls.get(node.target) != 1:
             continue
@@ -249,6 +285,21 @@ def _fuse(gm: fx.GraphModule) -> None:
             if bn.has_stats:
                 mean, var, eps = bn.stats()
                 conv.set_bn_stats((mean if bias is None else mean - bias, var, eps))
+            nxt.replace_all_uses_with(tail)
+            gm.graph.erase_node(nxt)
+            nxt = _only_user(tail)
+        # Conv -> times one constant per channel (ConvNeXt's layer scale): into the
+        # scale and shift too, (s, t) -> (g s, g t).
+        gain = _channel_gain(gm, nxt, tail, conv.weight.shape[0]) if nxt is not None else None
+        if gain is not None:
+            gain, target = gain
+            folded.add(target)
+            gain = gain.detach().to(conv.weight)
+            scale = gain.expand(conv.num_domains, -1) if conv.scale is None \
+                else conv.scale.detach() * gain
+            conv.scale = nn.Parameter(scale.clone())
+            if conv.shift is not None:
+                conv.shift = nn.Parameter(conv.shift.detach() * gain)
             nxt.replace_all_uses_with(tail)
             gm.graph.erase_node(nxt)
             nxt = _only_user(tail)
@@ -276,3 +327,8 @@ def _fuse(gm: fx.GraphModule) -> None:
             nxt.replace_all_uses_with(tail)
             gm.graph.erase_node(nxt)
     gm.graph.eliminate_dead_code()
+    # A folded layer scale is read by nothing now: not a tensor of the network.
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in folded - read:
+        owner, _, attr = name.rpartition(".")
+        delattr(gm.get_submodule(owner) if owner else gm, attr)

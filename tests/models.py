@@ -140,3 +140,30 @@ class OddNet(nn.Module):
         x = F.relu(self.bn_b(self.b(x))) + 0.5
         x = self.c(x)
         return self.head(x.view(x.size(0), -1))
+
+
+class ScaledNet(nn.Module):
+    """Residual blocks with a learnt per-channel layer scale (ConvNeXt's): after a
+    BatchNorm (shape (C, 1, 1)), after a bias (a (C,) vector viewed as (1, C, 1, 1)),
+    and after a ReLU (which a scale cannot move past)."""
+
+    def __init__(self, c=8, num_classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                  nn.ReLU())
+        self.a1 = nn.Sequential(nn.Conv2d(c, 2 * c, 3, padding=1, bias=False),
+                                nn.BatchNorm2d(2 * c), nn.ReLU())
+        self.a2 = nn.Sequential(nn.Conv2d(2 * c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.scale_a = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.b = nn.Conv2d(c, c, 1)
+        self.scale_b = nn.Parameter(torch.rand(c) - 0.5)
+        self.c = nn.Conv2d(c, c, 1)
+        self.scale_c = nn.Parameter(torch.rand(c, 1, 1) - 0.5)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.scale_a * self.a2(self.a1(x))
+        x = x + self.b(x) * self.scale_b.view(1, -1, 1, 1)
+        x = x + F.relu(self.c(x)) * self.scale_c
+        return self.fc(x.mean((2, 3)))

@@ -1,5 +1,7 @@
 """fastmdl.prune: a physically smaller network that computes the same function."""
 
+import operator
+
 import pytest
 import torch
 from torch import nn
@@ -7,10 +9,10 @@ from torch import nn
 import fastmdl
 from fastmdl.pruned import PrunedBatchNorm2d, PrunedConv2d
 from fastmdl.train import recalibrate_bn
-from models import CatNet, TinyResNet, TinyVGG
+from models import CatNet, ScaledNet, TinyResNet, TinyVGG
 from problems import require_backend
 
-MODELS = {"resnet": TinyResNet, "vgg": TinyVGG, "cat": CatNet}
+MODELS = {"resnet": TinyResNet, "vgg": TinyVGG, "cat": CatNet, "scaled": ScaledNet}
 
 
 def trained(make, num_classes=(5, 2, 7), seed=0, keep=0.55):
@@ -117,6 +119,22 @@ def test_resnet_fuses_bn_residual_and_relu_into_the_op():
     code = p.net.code
     assert "relu" not in code.replace("relu = ", "")  # every ReLU went into an epilogue
     assert "add" not in code
+
+
+def test_a_layer_scale_folds_into_the_convolution_before_it():
+    """ConvNeXt's layer scale: a product with one constant per channel after a
+    convolution (and its BatchNorm) joins the convolution's scale and shift, so the
+    residual add fuses too; after a ReLU it cannot, and stays."""
+    p = fastmdl.prune(trained(ScaledNet))
+    ops = [n.target for n in p.net.graph.nodes if n.op in ("call_function", "call_method")]
+    assert ops.count(operator.mul) + ops.count("mul") == 1  # scale_c, after the ReLU
+    names = dict(p.net.named_parameters())
+    assert "scale_a" not in names and "scale_b" not in names and "scale_c" in names
+    for conv in ("a2.0", "b"):
+        layer = p.net.get_submodule(conv)
+        assert layer.scale is not None
+        assert any(n.op == "call_module" and n.target == conv and len(n.args) == 3
+                   for n in p.net.graph.nodes)  # the residual add is its third input
 
 
 def test_removes_filters_no_domain_uses():
