@@ -240,7 +240,10 @@ def _one_pass(model: nn.Module, tasks: Mapping[str, Callable[[nn.Module], float]
     ``model`` is a plain multitask network (``nn.Conv2d``/``nn.BatchNorm2d``; then
     ``example_input``, one input batch, is required to trace it), a
     :class:`fastmdl.MultiDomainModel` or a :class:`fastmdl.PrunedModel` (pruned
-    further); it is never modified. ``tasks`` maps each task's name to
+    further); it is never modified. A plain network with channels-last blocks
+    (ConvNeXt's MLP) is cut as :func:`fastmdl.convert` sees it, rewritten to run
+    channels-first (``fastmdl/channels_last.py``), and ``pruned`` is then that
+    ``torch.fx.GraphModule``. ``tasks`` maps each task's name to
     ``loss(model) -> float`` (>= 0) on that task's held-out data; it is called on
     candidate networks in evaluation mode under ``torch.no_grad()``.
     ``ratios``: the fractions of a group's channels tried, increasing in (0, 1);

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import graph
+from . import channels_last, graph
 from .conv_heads import ConvHeads, PrunedConvHeads
 from .convert import MultiDomainModel, _traced
 from .cost import CostLayer, costs, describe_head
@@ -96,6 +96,12 @@ class Network:
             else:
                 gm = graph.trace(root)
                 graph.shape_propagate(gm, example_input)
+                if channels_last.to_channels_first(gm, root):
+                    # ConvNeXt's MLP cut as 1x1 convolutions: the model becomes the
+                    # rewritten graph module (what convert does too).
+                    self.model = root = gm
+                    gm = graph.trace(root)
+                    graph.shape_propagate(gm, example_input)
         except ValueError:
             raise
         except Exception as e:

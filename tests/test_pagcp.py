@@ -410,6 +410,29 @@ def test_uniform_prune_matches_a_flops_target():
     matched(x)
 
 
+def test_a_channels_last_mlp_is_cut_as_1x1_convolutions():
+    """A plain ConvNeXt-style block: the surgery runs on the block rewritten
+    channels-first (fastmdl/channels_last.py), so the MLP's hidden channels are a
+    group. The hidden channels with all-zero filters contribute nothing (GELU(0) =
+    0) and have the lowest L1 norm: cutting exactly them leaves the output as it was."""
+    from test_channels_last import MethodBlock
+
+    torch.manual_seed(0)
+    net = MethodBlock(c=8).eval()
+    dead = torch.randperm(32)[:8]
+    with torch.no_grad():
+        net.fc1.weight[dead] = 0
+        net.fc1.bias[dead] = 0
+    x = torch.randn(3, 3, 16, 16)
+    small, info = uniform_prune(net, ratio=0.25, example_input=x[:1])
+    assert isinstance(small, torch.fx.GraphModule)
+    assert small.get_submodule("fc1").out_channels == 24
+    assert small.get_submodule("fc2").in_channels == 24
+    assert info["flops_after"] < info["flops_before"]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net(x), rtol=1e-5, atol=1e-5)
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 def test_bad_arguments_name_the_argument():
