@@ -118,7 +118,6 @@ def _region(start: fx.Node, modules, calls):
     """(inside, exits) of the channels-last region that ``start`` opens, or None if
     it cannot be rewritten. ``inside`` holds the ops on channels-last values (in
     graph order), ``exits`` the permutes back."""
-    width = _shape(start)[-1]
     inside: List[fx.Node] = []
     values: Set[fx.Node] = {start}
     exits: List[fx.Node] = []
@@ -128,7 +127,7 @@ def _region(start: fx.Node, modules, calls):
         if reads:
             if _is_permute(node, _TO_FIRST) and node.args[0] in values:
                 exits.append(node)
-            elif _convertible(node, values, width, modules, calls):
+            elif _convertible(node, values, modules, calls):
                 inside.append(node)
                 values.add(node)
             else:
@@ -137,20 +136,19 @@ def _region(start: fx.Node, modules, calls):
     return (inside, exits) if exits else None
 
 
-def _convertible(node: fx.Node, values: Set[fx.Node], width: int, modules, calls) -> bool:
-    """Whether ``node`` computes the same channels-first as channels-last, given
-    that its channels-last inputs are ``values`` (each of last dim ``width`` or the
-    width a linear layer inside gives)."""
+def _convertible(node: fx.Node, values: Set[fx.Node], modules, calls) -> bool:
+    """Whether ``node``, which reads some of the channels-last ``values``, computes
+    the same channels-first."""
     args = _tensor_args(node)
     if node.op == "call_module":
         m = modules[node.target]
-        if calls.get(node.target, 0) != 1 or len(args) != 1 or node.kwargs:
+        if len(args) != 1 or node.kwargs:
             return False
-        if type(m) is nn.Linear:
-            return True
-        if type(m) is nn.LayerNorm:
-            return len(m.normalized_shape) == 1
-        return isinstance(m, _ELEMENTWISE_MODULES)
+        if type(m) in (nn.Linear, nn.LayerNorm):
+            # Replaced by its channels-first form: no other call may still need it.
+            return calls.get(node.target, 0) == 1 and (
+                type(m) is nn.Linear or len(m.normalized_shape) == 1)
+        return isinstance(m, _ELEMENTWISE_MODULES)  # shared ones are fine
     if node.op == "call_function" and node.target is F.layer_norm:
         return _layer_norm_module(node, modules, calls) is not None
     fn = node.target if node.op == "call_function" else None

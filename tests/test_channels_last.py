@@ -57,6 +57,23 @@ class Functional(nn.Module):
         return self.head(self.conv(self.ln(self.stem(x))).mean((2, 3)))
 
 
+class SharedActivation(nn.Module):
+    """One GELU module used inside the channels-last MLP and again outside it."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.act = nn.GELU()
+        self.fc1 = nn.Linear(c, 2 * c)
+        self.fc2 = nn.Linear(2 * c, c)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.act(self.stem(x))
+        y = self.fc2(self.act(self.fc1(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+        return self.head((x + y).mean((2, 3)))
+
+
 def _rewritten(net: nn.Module, size: int = SIZE):
     gm = _traced(net, torch.randn(1, 3, size, size), (3, size, size))
     return gm, channels_last.to_channels_first(gm, net)
@@ -66,9 +83,10 @@ def _ops(gm):
     return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
 
 
-@pytest.mark.parametrize("make", [MethodBlock, Functional,
+@pytest.mark.parametrize("make", [MethodBlock, Functional, SharedActivation,
                                   lambda: zoo.convnext_tiny(10, layer_scale=0.5)],
-                         ids=["method-permutes", "layer-norm-2d", "convnext-tiny"])
+                         ids=["method-permutes", "layer-norm-2d", "shared-activation",
+                              "convnext-tiny"])
 def test_the_rewrite_computes_the_same_function(make):
     torch.manual_seed(0)
     net = make().eval()
