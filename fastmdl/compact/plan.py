@@ -647,9 +647,9 @@ class _Builder:
             (shift is None or bool((shift == shift[:1]).all()))
         if same:  # domain 0's packed weights and bias are every domain's
             return None, True
-        whole = (w.to(self.dtype), None, gains.to(self.dtype),
-                 None if shift is None else shift.to(self.dtype))
-        self._count([whole[0]], [])
+        whole = S.WholeConv(w.to(self.dtype), gains.to(self.dtype),
+                            None if shift is None else shift.to(self.dtype))
+        self._count([whole.weight], [])
         return whole, False
 
     def packed_conv(self, node, x: fx.Node, blocks: List[torch.Tensor],
@@ -676,6 +676,9 @@ class _Builder:
             step.winograd = [None if v is None else winograd.prepack(v.contiguous())
                              for v in weights]
             self._count(step.winograd, [])
+            if step.whole is not None:  # the one weight all rows share, likewise
+                step.whole.winograd = winograd.prepack(step.whole.weight.contiguous())
+                self._count([step.whole.winograd], [])
         elif x_shape is not None and len(x_shape) == 4:
             h, w_ = x_shape[2:]
             if step.pad is not None:

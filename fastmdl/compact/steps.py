@@ -16,6 +16,7 @@ weight packed per domain; at run time they only call the framework's kernels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -248,6 +249,27 @@ def _narrow(sorted_x: torch.Tensor, seg: Segments) -> List[Optional[torch.Tensor
     return [sorted_x.narrow(0, seg.starts[d], c) if c else None for d, c in enumerate(seg.counts)]
 
 
+@dataclass
+class WholeConv:
+    """A convolution over every live row at once (``Conv.whole``):
+    :math:`y = \mathrm{act}(g_{row} \odot (W \star x) + b_{row} + r)`, with ``gains``
+    and ``biases`` (D, C) per domain (its BatchNorm). ``prepacked`` and ``winograd``
+    are W in oneDNN's and in Winograd's layout, where the plan made them."""
+
+    weight: torch.Tensor
+    gains: torch.Tensor
+    biases: Optional[torch.Tensor]
+    prepacked: Optional[torch.Tensor] = None
+    winograd: Optional[torch.Tensor] = None
+
+    def to(self, device: torch.device) -> None:
+        cpu = torch.device(device).type == "cpu"
+        self.weight, self.gains = self.weight.to(device), self.gains.to(device)
+        self.biases = None if self.biases is None else self.biases.to(device)
+        if not cpu:
+            self.prepacked = self.winograd = None
+
+
 class Conv(Step):
     r"""A convolution of the pruned network with its domain's BatchNorm folded in:
     per domain d, :math:`y_d = \mathrm{act}(W_d \star x_d + b_d + r_d)` with
@@ -264,7 +286,7 @@ class Conv(Step):
                  x_move: Move, residual_move: Optional[Move],
                  stride, padding, dilation, groups: int, padding_mode: str, relu: bool,
                  kernel_size, memory_format, shared=None, tied: bool = False,
-                 whole: Optional[tuple] = None, whole_same: bool = False):
+                 whole: Optional[WholeConv] = None, whole_same: bool = False):
         super().__init__(name, support)
         self.x, self.residual = x, residual
         self.weights, self.biases = weights, biases
@@ -297,8 +319,7 @@ class Conv(Step):
         # Set by the plan when every domain reads and writes every channel and its
         # weights are one weight W times a per-domain gain g_d on the output channels
         # (a frozen layer with its domain's BatchNorm folded in): then the layer runs
-        # once over all rows. ``whole`` is None, or (W, prepacked W or None, gains
-        # (D, C), biases (D, C) or None); ``whole_same`` when every g_d and b_d is the
+        # once over all rows (``whole``); ``whole_same`` when every g_d and b_d is the
         # same, so domain 0's packed weights serve every row and no epilogue is left.
         self.whole, self.whole_same = whole, whole_same
 
@@ -309,7 +330,7 @@ class Conv(Step):
         if not _ONEDNN or self.memory_format != torch.channels_last:
             return
         if any(w is not None and (w.device.type != "cpu" or w.dtype != torch.float32)
-               for w in self.weights):
+               for w in self.weights + ([self.whole.weight] if self.whole else [])):
             return
         n, _, h, w_ = input_size
 
@@ -319,9 +340,8 @@ class Conv(Step):
                             [n, w.shape[1] * groups, h, w_])
         self.prepacked = [None if w is None else reorder(w, self.groups_of(w))
                           for w in self.weights]
-        if self.whole is not None and not self.whole_same and \
-                self.whole[0].dtype == torch.float32 and self.whole[0].device.type == "cpu":
-            self.whole = (self.whole[0], reorder(self.whole[0], self.groups)) + self.whole[2:]
+        if self.whole is not None:
+            self.whole.prepacked = reorder(self.whole.weight, self.groups)
 
     def groups_of(self, w: torch.Tensor) -> int:
         """The groups of a domain's packed weight ``w``: its kept groups if tied."""
@@ -383,17 +403,29 @@ class Conv(Step):
         r = None if rs is None else rows_of(rs, live)
         if self.whole_same:
             return self._apply(x, r, live[0])
-        weight, prepacked, gains, biases = self.whole
+        whole = self.whole
+        w = whole.weight
         if self.pad is not None:
             x = F.pad(x, self.pad[0], mode=self.pad[1])
-        if prepacked is not None:
-            y = _POINTWISE(x.contiguous(memory_format=torch.channels_last), prepacked, None,
+        if whole.winograd is not None:
+            y = torch.ops.fastmdl.winograd_conv3x3(
+                x.contiguous(memory_format=torch.channels_last), whole.winograd, None, None,
+                False)
+        elif self.pointwise and x.is_contiguous(memory_format=torch.channels_last) and \
+                x.numel() * w.shape[0] <= POINTWISE_BLAS_MACS and \
+                w.shape[0] * w.shape[1] <= POINTWISE_BLAS_WEIGHTS:
+            n, c, h, w_ = x.shape
+            y = torch.mm(x.permute(0, 2, 3, 1).reshape(n * h * w_, c), w.view(w.shape[0], c).t())
+            y = y.view(n, h, w_, -1).permute(0, 3, 1, 2)
+        elif whole.prepacked is not None:
+            y = _POINTWISE(x.contiguous(memory_format=torch.channels_last), whole.prepacked, None,
                            list(self.padding), list(self.stride), list(self.dilation),
                            self.groups, "none", [], "")
         else:
-            y = F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
-        g = per_row(gains, xs, live)
-        y = y.mul_(g) if biases is None else torch.addcmul(per_row(biases, xs, live), y, g)
+            y = F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+        g = per_row(whole.gains, xs, live)
+        y = y.mul_(g) if whole.biases is None else \
+            torch.addcmul(per_row(whole.biases, xs, live), y, g)
         if r is not None:
             y = y.add_(r)
         return y.relu_() if self.relu else y
@@ -408,13 +440,10 @@ class Conv(Step):
             memory_format=self.memory_format)
 
     def to(self, device):
-        cpu = torch.device(device).type == "cpu"
-        if not cpu:
+        if torch.device(device).type != "cpu":
             self.prepacked = self.winograd = None
-        if self.whole is not None and not self.whole_same:
-            w, prepacked, g, b = self.whole
-            self.whole = (w.to(device), prepacked if cpu else None, g.to(device),
-                          None if b is None else b.to(device))
+        if self.whole is not None:
+            self.whole.to(device)
         self.weights = [None if w is None else w.to(device) for w in self.weights]
         self.biases = [None if b is None else b.to(device) for b in self.biases]
         self.x_move.to(device)

@@ -62,6 +62,8 @@ def test_frozen_layers_run_once_and_equal_the_masked_model(pruned):
     plan = p.compact_plan()
     mid, last = _conv(plan, "mid"), _conv(plan, "last")
     assert mid.whole is not None and not mid.whole_same  # per-domain BatchNorm: an epilogue
+    # Where the per-domain calls would run Winograd (AVX-512 CPUs), the one call does too.
+    assert (mid.whole.winograd is not None) == (mid.winograd is not None)
     assert last.whole is None and last.whole_same  # one weight for every domain
     assert _conv(plan, "tail").whole is None and not _conv(plan, "tail").whole_same
     assert any(isinstance(s, S.Map) and s.whole for s in plan.steps)
