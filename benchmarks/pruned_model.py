@@ -10,6 +10,7 @@ are the domain's own. Contenders, on the same mixed batch in one process, timed
 in interleaved rounds:
 
   dense (one domain)      the original single-domain ResNet-26: the cost to beat
+                          (NCHW, and converted to channels_last)
   masked (convert)        the converted model in eval mode: dense convs, then masks
   per-domain nets (e)     one physically sliced ResNet-26 per domain, each with its
                           own BatchNorm and head, run on its own samples (what a
@@ -30,6 +31,7 @@ N in {1, 8, 32} x D in {2, 4, 10}.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import os
 import sys
@@ -98,7 +100,12 @@ def contenders(base, model, pruned, x, domain, *, masked: bool):
     """The timed functions, each checked against the masked model first."""
     with torch.no_grad():
         want = model(x, domain)
-    fns = {"dense (one domain)": lambda: base(x)}
+    base_cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        check_same_function(base_cl(x_cl), base(x), "dense, channels_last")
+    fns = {"dense (one domain)": lambda: base(x),
+           "dense (one domain), channels_last": lambda: base_cl(x_cl)}
     if masked:
         fns["masked (convert)"] = lambda: model(x, domain)
     nets = per_domain_networks(model)
@@ -165,12 +172,14 @@ def main(argv=None) -> int:
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, {stamp}; "
              f"matmul {peak:.0f} GFLOP/s", "",
              str(report), "",
-             "| contender | ms | vs dense (one domain) | vs per-domain nets (e) | "
-             "useful GFLOP/s | % of matmul |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| contender | ms | vs dense (one domain) | vs dense, channels_last | "
+             "vs per-domain nets (e) | useful GFLOP/s | % of matmul |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    ref_cl = times["dense (one domain), channels_last"]
     for name, t in times.items():
-        lines.append(f"| {name} | {t * 1e3:.1f} | {ref / t:.2f}x | {e / t:.2f}x | "
-                     f"{useful / t / 1e9:.1f} | {100 * useful / t / 1e9 / peak:.1f} |")
+        lines.append(f"| {name} | {t * 1e3:.1f} | {ref / t:.2f}x | {ref_cl / t:.2f}x | "
+                     f"{e / t:.2f}x | {useful / t / 1e9:.1f} | "
+                     f"{100 * useful / t / 1e9 / peak:.1f} |")
     result = {"args": vars(args), "date": stamp, "matmul_gflops": peak, "seconds": times,
               "cost": report.to_dict()}
 
