@@ -51,6 +51,11 @@ def main(out):
     if rank == 0:
         torch.save({"state": model.state_dict(), "history": history, "world": world}, out)
     if dist.is_initialized():
+        # Every rank done with every collective before any tears the group down: a
+        # rank that destroyed it while the other still had gloo work in flight
+        # aborted at exit ("terminate called without an active exception") once,
+        # on a machine busy with other work.
+        dist.barrier()
         dist.destroy_process_group()
 
 

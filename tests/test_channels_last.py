@@ -200,3 +200,20 @@ def test_linear_as_conv():
     conv = channels_last.linear_as_conv(lin)
     x = torch.randn(2, 5, 4, 3)
     torch.testing.assert_close(conv(x), lin(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+def test_the_pruned_block_compiles_in_one_graph():
+    """What runs on a GPU: the padded storage under torch.compile(fullgraph=True),
+    with the channels-first LayerNorm and the MLP's 1x1 convolutions."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = fastmdl.convert(MethodBlock(), 3, [5, 3, 4], input_size=(3, SIZE, SIZE))
+    set_masks(model, keep=0.5, shared=0.0, seed=3)
+    per_domain_statistics(model, SIZE)
+    pruned = fastmdl.prune(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(pruned, fullgraph=True)
+    x, d = torch.randn(6, 3, SIZE, SIZE), torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, d), model(x, d), rtol=1e-4, atol=1e-4)
