@@ -23,6 +23,7 @@ ZOO = {
     "efficientnet_b0": zoo.efficientnet_b0,
     # A layer scale of 0.5, not 1e-6: the MLP's pruned channels must move the output.
     "convnext_tiny": functools.partial(zoo.convnext_tiny, layer_scale=0.5),
+    "regnet_y_400mf": zoo.regnet_y_400mf,
 }
 
 # torchvision's published parameter counts (the weights' meta) at 1000 classes.
@@ -34,6 +35,7 @@ TORCHVISION_PARAMS = {
     "mobilenet_v2": 3_504_872,
     "efficientnet_b0": 5_288_548,
     "convnext_tiny": 28_589_128,
+    "regnet_y_400mf": 4_344_144,
 }
 
 
@@ -55,7 +57,7 @@ def test_parameter_counts_match_torchvision(name):
 
 
 @pytest.mark.parametrize("name", list(ZOO))
-def test_pruned_equals_the_masked_model(name):
+def test_pruned_equals_the_masked_model(name, tmp_path):
     torch.manual_seed(0)
     net = ZOO[name](num_classes=10).eval()
     for bn in net.modules():
@@ -92,6 +94,12 @@ def test_pruned_equals_the_masked_model(name):
                 torch.testing.assert_close(
                     pruned(xs, domain), model(xs, domain), rtol=1e-4, atol=1e-4,
                     msg=lambda m, case=case, layout=layout: f"{layout}, {case}: {m}")
+        # Saved and loaded, it is the same network (every layer and function of the
+        # family is on the allowlist; RegNet's "block1-0" names included).
+        fastmdl.save(pruned, tmp_path / "m.fmdl")
+        back = fastmdl.load(tmp_path / "m.fmdl")
+        xs, domain = cases["mixed batch"]
+        torch.testing.assert_close(back(xs, domain), model(xs, domain), rtol=1e-4, atol=1e-4)
     n_conv_before = sum(c.weight.numel() for c in model.modules()
                         if isinstance(c, fastmdl.Conv2d))
     n_conv_after = sum(c.weight.numel() for c in pruned.modules()

@@ -1,7 +1,8 @@
 """Plain-PyTorch look-alikes of torchvision's classification networks.
 
 torchvision's wheel cannot be imported on the test machines, so these mirror its
-ResNet-18/50, ResNeXt-50, DenseNet-121, MobileNetV2, EfficientNet-B0 and ConvNeXt-Tiny module by module: the
+ResNet-18/50, ResNeXt-50, DenseNet-121, MobileNetV2/V3, EfficientNet-B0,
+ConvNeXt-Tiny and RegNetY-400MF module by module: the
 same layers, in the same order, under the same attribute names (so
 ``state_dict()`` keys should line up with torchvision's; the parameter counts at
 ``num_classes=1000`` are checked against torchvision's in test_zoo.py). Only
@@ -388,12 +389,13 @@ def mobilenet_v2(num_classes: int = 10, width_mult: float = 1.0,
 class SqueezeExcitation(nn.Module):
     """torchvision.ops.SqueezeExcitation: per-channel gates from the pooled input."""
 
-    def __init__(self, input_channels: int, squeeze_channels: int):
+    def __init__(self, input_channels: int, squeeze_channels: int,
+                 activation: Type[nn.Module] = nn.SiLU):
         super().__init__()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
         self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
-        self.activation = nn.SiLU(inplace=True)
+        self.activation = activation(inplace=True)
         self.scale_activation = nn.Sigmoid()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -724,3 +726,90 @@ def convnext_tiny(num_classes: int = 10, layer_scale: float = 1e-6) -> ConvNeXt:
     so the MLP's pruned channels move the output by more than rounding)."""
     stages = [(96, 192, 3), (192, 384, 3), (384, 768, 9), (768, None, 3)]
     return ConvNeXt(stages, layer_scale, num_classes)
+
+
+# --------------------------------------------------------------------------- RegNet
+
+
+class ResBottleneckBlock(nn.Module):
+    """torchvision's RegNet block: 1x1, grouped 3x3 (maybe strided), squeeze-and-
+    excitation, 1x1, added to the input (projected when the shape changes), ReLU."""
+
+    def __init__(self, width_in: int, width_out: int, stride: int, group_width: int,
+                 se_ratio: Optional[float]):
+        super().__init__()
+        self.proj = None
+        if width_in != width_out or stride != 1:
+            self.proj = Conv2dNormActivation(width_in, width_out, 1, stride,
+                                             activation_layer=None)
+        w_b = width_out  # bottleneck multiplier 1.0
+        layers: "OrderedDict[str, nn.Module]" = OrderedDict()
+        layers["a"] = Conv2dNormActivation(width_in, w_b, 1)
+        layers["b"] = Conv2dNormActivation(w_b, w_b, 3, stride, groups=w_b // group_width)
+        if se_ratio:
+            layers["se"] = SqueezeExcitation(w_b, int(round(se_ratio * width_in)), nn.ReLU)
+        layers["c"] = Conv2dNormActivation(w_b, width_out, 1, activation_layer=None)
+        self.f = nn.Sequential(layers)
+        self.activation = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.proj is not None:
+            x = self.proj(x) + self.f(x)
+        else:
+            x = x + self.f(x)
+        return self.activation(x)
+
+
+class RegNet(nn.Module):
+    def __init__(self, stages: Sequence[tuple], se_ratio: Optional[float], num_classes: int,
+                 stem_width: int = 32):
+        super().__init__()
+        self.stem = Conv2dNormActivation(3, stem_width, 3, 2)
+        blocks, width = [], stem_width
+        for i, (width_out, depth, group_width) in enumerate(stages, start=1):
+            stage = nn.Sequential()
+            for j in range(depth):
+                # torchvision's names: "block1-0", hyphen and all.
+                stage.add_module(f"block{i}-{j}", ResBottleneckBlock(
+                    width if j == 0 else width_out, width_out, 2 if j == 0 else 1, group_width,
+                    se_ratio))
+            blocks.append((f"block{i}", stage))
+            width = width_out
+        self.trunk_output = nn.Sequential(OrderedDict(blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.trunk_output(self.stem(x))
+        return self.fc(self.avgpool(x).flatten(start_dim=1))
+
+
+def _regnet_stages(depth: int, w_0: int, w_a: float, w_m: float, group_width: int):
+    """torchvision's BlockParams.from_init_params (bottleneck multiplier 1.0): the
+    linear widths w_0 + w_a * i quantised to powers of w_m and multiples of 8, runs
+    of equal width made stages, each width rounded to a multiple of its group width.
+    Returns (width, depth, group width) per stage."""
+    cont = torch.arange(depth) * w_a + w_0
+    capacity = torch.round(torch.log(cont / w_0) / math.log(w_m))
+    widths = (torch.round(torch.divide(w_0 * torch.pow(w_m, capacity), 8)) * 8).int().tolist()
+    stages: List[list] = []
+    for w in widths:
+        if stages and stages[-1][0] == w:
+            stages[-1][1] += 1
+        else:
+            stages.append([w, 1])
+    out = []
+    for w, d in stages:
+        g = min(group_width, w)
+        out.append((_make_divisible(w, g), d, g))
+    return out
+
+
+def regnet_y_400mf(num_classes: int = 10) -> RegNet:
+    """torchvision.models.regnet_y_400mf: a 3x3 stride-2 stem, four stages (widths
+    48, 104, 208, 440; depths 1, 3, 6, 6) of ResBottleneckBlocks with group width 8
+    and squeeze-and-excitation (ratio 0.25 of the block's input width), pooling,
+    linear. Layers keep torchvision's names ("trunk_output.block1.block1-0.f.b").
+
+    Differences: none in the layers; no weight initialisation beyond torch's."""
+    return RegNet(_regnet_stages(16, 48, 27.89, 2.09, 8), 0.25, num_classes)
