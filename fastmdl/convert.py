@@ -113,7 +113,8 @@ class MultiDomainModel(nn.Module):
 
 def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[int]] = None, *,
             input_size: Tuple[int, int, int] = None,
-            score_init: Union[float, str] = "magnitude") -> MultiDomainModel:
+            score_init: Union[float, str] = "magnitude",
+            rewrite_channels_last: bool = True) -> MultiDomainModel:
     """A multi-domain copy of ``model`` (the original is left untouched).
 
     Every ``nn.Conv2d`` becomes a :class:`fastmdl.Conv2d` and every
@@ -129,7 +130,9 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
     (ConvNeXt's permute, LayerNorm, ``nn.Linear`` MLP, permute back) are first
     rewritten to run channels-first (``fastmdl/channels_last.py``): their linear
     layers become 1x1 convolutions that prune like any other, and ``model.module``
-    is then the rewritten ``torch.fx.GraphModule``. The model is traced
+    is then the rewritten ``torch.fx.GraphModule`` (which keeps the layers and
+    their names, not the model class's own methods; ``rewrite_channels_last=False``
+    keeps the model as it is, and such blocks whole). The model is traced
     with torch.fx at ``input_size`` = (C, H, W) to find the filters tied together,
     which then share one mask; costs are counted, and the pruned network served,
     at that size. Without ``input_size``, :func:`fastmdl.train` takes the size of
@@ -144,6 +147,9 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     num_domains = _check_num_domains(num_domains)
+    if not isinstance(rewrite_channels_last, bool):
+        raise TypeError(f"rewrite_channels_last must be a bool, got "
+                        f"{type(rewrite_channels_last).__name__}")
     if score_init != "magnitude" and (isinstance(score_init, bool) or not isinstance(
             score_init, (int, float)) or not score_init > 0):
         raise ValueError(f"score_init must be a positive number or 'magnitude', got {score_init!r}")
@@ -156,7 +162,8 @@ def convert(model: nn.Module, num_domains: int, num_classes: Optional[Sequence[i
     input_size = _check_input_size(input_size, convs[0].in_channels)
     example = torch.randn((1,) + input_size, device=convs[0].weight.device,
                           dtype=convs[0].weight.dtype)
-    inner = _channels_first(inner, example, input_size)
+    if rewrite_channels_last:
+        inner = _channels_first(inner, example, input_size)
     if num_classes is not None:
         num_classes = _check_classes(num_classes)
         if len(num_classes) != num_domains:

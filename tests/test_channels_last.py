@@ -176,6 +176,25 @@ def test_convert_masks_the_hidden_channels_and_prunes_them(tmp_path):
         torch.testing.assert_close(back(x, d), model(x, d), rtol=1e-4, atol=1e-4)
 
 
+def test_the_rewrite_can_be_turned_off():
+    """A user whose code calls the model class's own methods keeps the model as it
+    is; its channels-last block is then kept whole, as an op the analysis does not
+    follow."""
+    torch.manual_seed(0)
+    net = MethodBlock().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = fastmdl.convert(net, 2, [5, 5], input_size=(3, SIZE, SIZE),
+                                rewrite_channels_last=False)
+    assert type(model.module) is MethodBlock
+    assert isinstance(model.module.fc1, nn.Linear) and model.mask_groups() == []
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, 1), net(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="rewrite_channels_last must be a bool"):
+        fastmdl.convert(net, 2, [5, 5], rewrite_channels_last="no")
+
+
 def test_channel_layer_norm_is_a_layer_norm_over_dim_1():
     torch.manual_seed(0)
     ln = nn.LayerNorm(6, eps=1e-4)
