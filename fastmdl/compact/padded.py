@@ -165,6 +165,9 @@ class PaddedPlan:
             return None
         if isinstance(step, S.Map):
             return self._prepare_map(step, device)
+        if isinstance(step, S.Alias):
+            self.layouts[step.name] = self._layout(step.x)
+            return None
         if isinstance(step, S.Island):
             if step.support is not None:
                 self.layouts[step.name] = Layout(step.support, step.support.width)
@@ -362,6 +365,8 @@ class PaddedPlan:
             return y.reshape(y.shape[0], -1)
         if isinstance(step, S.Flatten):
             return env[step.x].flatten(1)
+        if isinstance(step, S.Alias):
+            return env[step.x]
         if isinstance(step, S.Map):
             if prep[0] == "cat":
                 a, k = self._args(step.args, env, state)
@@ -395,6 +400,11 @@ class PaddedPlan:
         raise TypeError(f"internal error: no padded form of step {type(step).__name__}")
 
     def _conv(self, step: S.Conv, prep, env, state: State) -> torch.Tensor:
+        # A fused activation maps 0 to 0: the padding slots stay 0.
+        y = self._conv_relu(step, prep, env, state)
+        return y if step.act is None else step.act.fn(y)
+
+    def _conv_relu(self, step: S.Conv, prep, env, state: State) -> torch.Tensor:
         x = env[step.x]
         residual = env[step.residual] if step.residual is not None else None
         if prep[0] == "depthwise":

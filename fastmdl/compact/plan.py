@@ -19,6 +19,7 @@ runs once over all rows instead of once per domain (``Conv.whole``, ``Map.whole`
 from __future__ import annotations
 
 import builtins
+import functools
 import math
 import operator
 import os
@@ -138,6 +139,44 @@ class CompactPlan:
                 f"{self.union_bytes / 2**20:.2f} MiB)")
 
 
+def _activation(node: fx.Node, module, target) -> Optional[S.Activation]:
+    """The :class:`steps.Activation` of ``node`` if it is one oneDNN can run as a
+    convolution's post-op (each maps 0 to 0) with no argument but its input and
+    these settings; else None."""
+    if module is not None:
+        if node.kwargs or len(node.args) != 1:
+            return None
+        if type(module) is nn.GELU:
+            a = module.approximate
+            return S.Activation(functools.partial(F.gelu, approximate=a), "gelu", (), a)
+        if type(module) is nn.LeakyReLU:
+            slope = float(module.negative_slope)
+            return S.Activation(functools.partial(F.leaky_relu, negative_slope=slope),
+                                "leaky_relu", (slope,))
+        fn = {nn.SiLU: (F.silu, "swish"), nn.Hardswish: (F.hardswish, "hardswish"),
+              nn.Tanh: (torch.tanh, "tanh")}.get(type(module))
+        if fn is not None:
+            return S.Activation(fn[0], fn[1])
+        if type(module) is nn.ReLU6:
+            return S.Activation(F.relu6, "hardtanh", (0.0, 6.0))
+        return None
+    extra = set(node.kwargs) - {"inplace"}
+    if len(node.args) != 1:
+        return None
+    if target is F.gelu and extra <= {"approximate"}:
+        a = node.kwargs.get("approximate", "none")
+        return S.Activation(functools.partial(F.gelu, approximate=a), "gelu", (), a) \
+            if a in ("none", "tanh") else None
+    if extra:
+        return None
+    fn = {F.silu: (F.silu, "swish", ()), F.hardswish: (F.hardswish, "hardswish", ()),
+          F.relu6: (F.relu6, "hardtanh", (0.0, 6.0)), torch.tanh: (torch.tanh, "tanh", ())}
+    if target in fn:
+        f, attr, scalars = fn[target]
+        return S.Activation(f, attr, scalars)
+    return None
+
+
 def _last_uses(steps: List[S.Step]) -> List[List[str]]:
     users: Dict[str, int] = {}
     reads: List[List[str]] = []
@@ -202,6 +241,7 @@ class _Builder:
         self.cost = [0.0] * num_domains  # multiply-adds per sample, per domain
         self.inputs: List[fx.Node] = []
         self.splits: Dict[str, fx.Node] = {}
+        self.step_of: Dict[str, S.Step] = {}
 
     # -- shapes ----------------------------------------------------------------------
 
@@ -246,6 +286,7 @@ class _Builder:
         if isinstance(step, S.Map):
             step.whole = self.runs_whole(node, step)
         self.steps.append(step)
+        self.step_of[node.name] = step
 
     def runs_whole(self, node: fx.Node, step: S.Map) -> bool:
         """Whether a map can run once over all rows: it returns one tensor, and every
@@ -343,6 +384,9 @@ class _Builder:
         if not self.is_batch_tensor(node) and out_shape is not None:
             return self.island(node, fn, "mixes the samples of the batch")
         if x is not None and out_shape is not None:
+            fused = self.fused_activation(node, module, target, x)
+            if fused is not None:
+                return fused
             if (module is not None and isinstance(module, graph._KEEP_MODULES)) or \
                     (target is not None and graph.keeps_channels(target)) or \
                     name in graph._KEEP_METHODS:
@@ -371,6 +415,21 @@ class _Builder:
         what = type(module).__name__ if module is not None else (
             name or getattr(target, "__name__", str(target)))
         return self.island(node, fn, f"{what} is outside the channel analysis")
+
+    def fused_activation(self, node: fx.Node, module, target, x: fx.Node) -> Optional[S.Step]:
+        """An activation that maps 0 to 0 right after a convolution that nothing else
+        reads (and that has no residual or ReLU of its own): it runs in that
+        convolution's epilogue (inside oneDNN's call on the CPU), and the node
+        becomes an alias of the convolution's value."""
+        conv = self.step_of.get(x.name)
+        if not isinstance(conv, S.Conv) or conv.residual is not None or conv.relu or \
+                conv.act is not None or len(x.users) != 1:
+            return None
+        act = _activation(node, module, target)
+        if act is None:
+            return None
+        conv.act = act
+        return S.Alias(node.name, conv.support, x.name)
 
     def normalises_each_sample(self, node: fx.Node, module) -> bool:
         """Whether ``node`` is a LayerNorm or GroupNorm layer: each sample normalised

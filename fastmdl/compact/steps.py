@@ -249,9 +249,21 @@ def _narrow(sorted_x: torch.Tensor, seg: Segments) -> List[Optional[torch.Tensor
     return [sorted_x.narrow(0, seg.starts[d], c) if c else None for d, c in enumerate(seg.counts)]
 
 
+@dataclass(frozen=True)
+class Activation:
+    """An activation that maps 0 to 0, run in a convolution's epilogue: ``fn`` on the
+    result, or inside oneDNN's call as the post-op ``attr`` with ``scalars`` and
+    ``algorithm``."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    attr: str
+    scalars: tuple = ()
+    algorithm: str = ""
+
+
 @dataclass
 class WholeConv:
-    """A convolution over every live row at once (``Conv.whole``):
+    r"""A convolution over every live row at once (``Conv.whole``):
     :math:`y = \mathrm{act}(g_{row} \odot (W \star x) + b_{row} + r)`, with ``gains``
     and ``biases`` (D, C) per domain (its BatchNorm). ``prepacked`` and ``winograd``
     are W in oneDNN's and in Winograd's layout, where the plan made them."""
@@ -322,6 +334,9 @@ class Conv(Step):
         # once over all rows (``whole``); ``whole_same`` when every g_d and b_d is the
         # same, so domain 0's packed weights serve every row and no epilogue is left.
         self.whole, self.whole_same = whole, whole_same
+        # Set by the plan: the activation after this convolution (which then has no
+        # residual and no ReLU), applied here instead of by a step of its own.
+        self.act: Optional[Activation] = None
 
     def prepack(self, input_size) -> None:
         """Reorder each domain's weights into oneDNN's layout for inputs like
@@ -359,9 +374,14 @@ class Conv(Step):
             return self._apply(self.x_move(xs[d], d), r, d)
         return _live_map(state, one)
 
+    def _blas(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+        return (self.pointwise and x.is_contiguous(memory_format=torch.channels_last)
+                and x.numel() * w.shape[0] <= POINTWISE_BLAS_MACS
+                and w.shape[0] * w.shape[1] <= POINTWISE_BLAS_WEIGHTS)
+
     def _apply(self, x: torch.Tensor, r: Optional[torch.Tensor], d: int) -> torch.Tensor:
         """Domain d's convolution of ``x`` (already in its input support), plus ``r``
-        (already in its output support), then the ReLU."""
+        (already in its output support), then the ReLU or the activation."""
         if self.pad is not None:
             x = F.pad(x, self.pad[0], mode=self.pad[1])
         w, b = self.weights[d], self.biases[d]
@@ -369,12 +389,11 @@ class Conv(Step):
             y = self._constant(x, b, self.support.size(d))
         elif self.winograd is not None:
             r = None if r is None else r.contiguous(memory_format=torch.channels_last)
-            return torch.ops.fastmdl.winograd_conv3x3(
+            y = torch.ops.fastmdl.winograd_conv3x3(
                 x.contiguous(memory_format=torch.channels_last), self.winograd[d], b, r,
                 self.relu)
-        elif self.pointwise and x.is_contiguous(memory_format=torch.channels_last) and \
-                x.numel() * w.shape[0] <= POINTWISE_BLAS_MACS and \
-                w.shape[0] * w.shape[1] <= POINTWISE_BLAS_WEIGHTS:
+            return y if self.act is None else self.act.fn(y)
+        elif self._blas(x, w):
             n, c, h, w_ = x.shape
             rows = x.permute(0, 2, 3, 1).reshape(n * h * w_, c)  # a view: no copy
             flat = w.view(w.shape[0], c).t()
@@ -388,13 +407,18 @@ class Conv(Step):
                 r = r.contiguous(memory_format=torch.channels_last)
                 return _POINTWISE.binary(x, r, self.prepacked[d], b, *args, "add", None,
                                          "relu" if self.relu else None, [], "")
+            act = self.act
+            if act is not None:  # in oneDNN's call (never with a residual or a ReLU)
+                return _POINTWISE(x, self.prepacked[d], b, *args, act.attr, list(act.scalars),
+                                  act.algorithm)
             return _POINTWISE(x, self.prepacked[d], b, *args, "relu" if self.relu else "none",
                               [], "")
         else:
             y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups_of(w))
         if r is not None:
             y = y.add_(r)
-        return y.relu_() if self.relu else y
+        y = y.relu_() if self.relu else y
+        return y if self.act is None else self.act.fn(y)
 
     def _run_whole(self, xs, rs, live: Sequence[int]) -> torch.Tensor:
         """The layer over every live row at once (see ``whole``):
@@ -403,6 +427,10 @@ class Conv(Step):
         r = None if rs is None else rows_of(rs, live)
         if self.whole_same:
             return self._apply(x, r, live[0])
+        y = self._conv_whole(x, r, xs, live)
+        return y if self.act is None else self.act.fn(y)
+
+    def _conv_whole(self, x, r, xs, live: Sequence[int]) -> torch.Tensor:
         whole = self.whole
         w = whole.weight
         if self.pad is not None:
@@ -411,9 +439,7 @@ class Conv(Step):
             y = torch.ops.fastmdl.winograd_conv3x3(
                 x.contiguous(memory_format=torch.channels_last), whole.winograd, None, None,
                 False)
-        elif self.pointwise and x.is_contiguous(memory_format=torch.channels_last) and \
-                x.numel() * w.shape[0] <= POINTWISE_BLAS_MACS and \
-                w.shape[0] * w.shape[1] <= POINTWISE_BLAS_WEIGHTS:
+        elif self._blas(x, w):
             n, c, h, w_ = x.shape
             y = torch.mm(x.permute(0, 2, 3, 1).reshape(n * h * w_, c), w.view(w.shape[0], c).t())
             y = y.view(n, h, w_, -1).permute(0, 3, 1, 2)
@@ -476,6 +502,20 @@ class Affine(Step):
         self.scales = [s.to(device) for s in self.scales]
         self.shifts = [t.to(device) for t in self.shifts]
         self.x_move.to(device)
+
+
+class Alias(Step):
+    """A node whose value another step already computes (an activation fused into
+    its convolution): the same value, no work."""
+
+    label = "fused"
+
+    def __init__(self, name, support, x: str):
+        super().__init__(name, support)
+        self.x = x
+
+    def run(self, env, state):
+        return env[self.x]
 
 
 class ClassPad(Step):
