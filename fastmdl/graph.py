@@ -59,7 +59,7 @@ from .conv_heads import ConvHeads, PrunedConvHeads
 from .layers import BatchNorm2d, Conv2d, DomainHeads
 from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads
 
-LEAVES = (Conv2d, BatchNorm2d, DomainHeads, ConvHeads)
+LEAVES = (Conv2d, BatchNorm2d, DomainHeads, ConvHeads, ChannelLayerNorm)
 # fastmdl.Conv2d is an nn.Conv2d; PrunedLinear an nn.Linear.
 _CONVS = (nn.Conv2d, PrunedConv2d)
 _BNS = (BatchNorm2d, nn.BatchNorm2d, PrunedBatchNorm2d)
@@ -75,8 +75,16 @@ class Tracer(fx.Tracer):
     """torch.fx tracer that keeps fastmdl's layers and registered user layers as leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (isinstance(m, LEAVES + (ChannelLayerNorm,)) or type(m) in USER_LEAVES
+        return (isinstance(m, LEAVES) or type(m) in USER_LEAVES
                 or super().is_leaf_module(m, qualname))
+
+
+def fetch_attr(module: nn.Module, target: str) -> Any:
+    """What a ``get_attr`` node with this dotted ``target`` reads from ``module``."""
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def trace(module: nn.Module) -> fx.GraphModule:

@@ -231,9 +231,7 @@ def _channel_gain(gm: fx.GraphModule, node: fx.Node, x: fx.Node,
         other = other.args[0]
     if not isinstance(other, fx.Node) or other.op != "get_attr":
         return None
-    t = gm
-    for part in other.target.split("."):
-        t = getattr(t, part)
+    t = graph.fetch_attr(gm, other.target)
     if not isinstance(t, torch.Tensor):
         return None
     for shape in reversed(shapes):

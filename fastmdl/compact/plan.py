@@ -288,19 +288,22 @@ class _Builder:
         self.steps.append(step)
         self.step_of[node.name] = step
 
-    def runs_whole(self, node: fx.Node, step: S.Map) -> bool:
-        """Whether a map can run once over all rows: it returns one tensor, and every
-        batch input, like its output, holds every channel and moves nowhere (so
-        channel j is the same channel in every row)."""
+    def runs_whole(self, node: fx.Node, step: S.Map) -> Optional[str]:
+        """``Map.whole``: a batch input's name if the map can run once over all rows
+        (it returns one tensor, and every batch input, like its output, holds every
+        channel and moves nowhere, so channel j is the same channel in every row);
+        else None."""
         if self.D == 1 or step.support is None or not step.support.is_dense or \
                 not isinstance(node.meta.get("tensor_meta"), TensorMetadata):
-            return False
+            return None
         args = self.arg_nodes(node)
         if any(self.kinds[a.name] not in (S.BATCH, S.PLAIN) for a in args):
-            return False
+            return None
         batch = [a for a in args if self.kinds[a.name] == S.BATCH]
-        return bool(batch) and all(self.support_of(a).is_dense for a in batch) and \
-            not any(m.moves_anything for m in step.args.moves.values())
+        if batch and all(self.support_of(a).is_dense for a in batch) and \
+                not any(m.moves_anything for m in step.args.moves.values()):
+            return batch[0].name
+        return None
 
     def make(self, node: fx.Node) -> Optional[S.Step]:
         op = node.op
@@ -318,7 +321,8 @@ class _Builder:
             return S.Output(node.name, self.args(node), self.supports)
         if op == "get_attr":
             target = node.target
-            return S.Plain(node.name, lambda: _fetch(self.net, target), S.Args((), {}, {}))
+            return S.Plain(node.name, lambda: graph.fetch_attr(self.net, target),
+                           S.Args((), {}, {}))
         if self.is_split(node):
             self.splits[node.name] = node
             self.kinds[node.name] = _PARTS
@@ -890,8 +894,3 @@ class Packed:
         return out
 
 
-def _fetch(net: nn.Module, target: str):
-    obj: Any = net
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

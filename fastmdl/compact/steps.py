@@ -162,12 +162,6 @@ class Args:
                 else env[node.name]
         return fx.node.map_arg(self.args, pick), fx.node.map_arg(self.kwargs, pick)
 
-    def first_batch(self) -> Optional[str]:
-        found: List[str] = []
-        fx.node.map_arg((self.args, self.kwargs), lambda n: found.append(n.name)
-                        if self.kinds[n.name] == BATCH else None)
-        return found[0] if found else None
-
     def for_union(self, env, state: RunState, supports: Dict[str, Support]):
         def pick(node: fx.Node):
             kind = self.kinds[node.name]
@@ -211,12 +205,28 @@ def joined(y: torch.Tensor, like, live: Sequence[int], num_domains: int) -> Join
     return out
 
 
-def per_row(table: torch.Tensor, like, live: Sequence[int]) -> torch.Tensor:
+def row_domains(like, live: Sequence[int], device) -> torch.Tensor:
+    """The domain of each live row of ``rows_of(like, live)`` (int64, on ``device``)."""
+    counts = torch.tensor([like[d].shape[0] for d in live], device=device)
+    return torch.tensor(live, device=device).repeat_interleave(counts)
+
+
+def per_row(table: torch.Tensor, like, live: Sequence[int],
+            rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(rows, C, 1, 1): row i holds ``table[d]`` (a (D, C) per-domain vector) for the
-    domain d of live row i."""
-    counts = torch.tensor([like[d].shape[0] for d in live], device=table.device)
-    picked = table.index_select(0, torch.tensor(live, device=table.device))
-    return picked.repeat_interleave(counts, dim=0)[:, :, None, None]
+    domain d of live row i (``rows``: those domains, if already made)."""
+    if rows is None:
+        rows = row_domains(like, live, table.device)
+    return table.index_select(0, rows)[:, :, None, None]
+
+
+def _pointwise_mm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """A 1x1 convolution of channels-last ``x`` as one matrix product over its pixels."""
+    n, c, h, w_ = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(n * h * w_, c)  # a view: no copy
+    flat = w.view(w.shape[0], c).t()
+    y = torch.mm(rows, flat) if b is None else torch.addmm(b, rows, flat)
+    return y.view(n, h, w_, -1).permute(0, 3, 1, 2)
 
 
 def _live_map(state: RunState, fn: Callable[[int], Any]) -> List[Any]:
@@ -394,11 +404,7 @@ class Conv(Step):
                 self.relu)
             return y if self.act is None else self.act.fn(y)
         elif self._blas(x, w):
-            n, c, h, w_ = x.shape
-            rows = x.permute(0, 2, 3, 1).reshape(n * h * w_, c)  # a view: no copy
-            flat = w.view(w.shape[0], c).t()
-            y2 = torch.mm(rows, flat) if b is None else torch.addmm(b, rows, flat)
-            y = y2.view(n, h, w_, -1).permute(0, 3, 1, 2)
+            y = _pointwise_mm(x, w, b)
         elif self.prepacked is not None:
             x = x.contiguous(memory_format=torch.channels_last)
             args = (list(self.padding), list(self.stride), list(self.dilation),
@@ -440,18 +446,17 @@ class Conv(Step):
                 x.contiguous(memory_format=torch.channels_last), whole.winograd, None, None,
                 False)
         elif self._blas(x, w):
-            n, c, h, w_ = x.shape
-            y = torch.mm(x.permute(0, 2, 3, 1).reshape(n * h * w_, c), w.view(w.shape[0], c).t())
-            y = y.view(n, h, w_, -1).permute(0, 3, 1, 2)
+            y = _pointwise_mm(x, w, None)
         elif whole.prepacked is not None:
             y = _POINTWISE(x.contiguous(memory_format=torch.channels_last), whole.prepacked, None,
                            list(self.padding), list(self.stride), list(self.dilation),
                            self.groups, "none", [], "")
         else:
             y = F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
-        g = per_row(whole.gains, xs, live)
+        rows = row_domains(xs, live, whole.gains.device)
+        g = per_row(whole.gains, xs, live, rows)
         y = y.mul_(g) if whole.biases is None else \
-            torch.addcmul(per_row(whole.biases, xs, live), y, g)
+            torch.addcmul(per_row(whole.biases, xs, live, rows), y, g)
         if r is not None:
             y = y.add_(r)
         return y.relu_() if self.relu else y
@@ -585,15 +590,15 @@ class Map(Step):
         super().__init__(name, support)
         self.fn, self.args = fn, args
         # Set by the plan when every batch input holds every channel and moves
-        # nowhere: the op then runs once over all rows (see ``Joined``).
-        self.whole = False
+        # nowhere: the op then runs once over all rows (see ``Joined``), and this
+        # names the batch input whose parts give each domain's rows.
+        self.whole: Optional[str] = None
 
     def run(self, env, state):
         live = state.seg.live
         if self.whole and len(live) > 1:
             a, k = self.args.for_rows(env, live)
-            return joined(self.fn(*a, **k), env[self.args.first_batch()], live,
-                          state.num_domains)
+            return joined(self.fn(*a, **k), env[self.whole], live, state.num_domains)
 
         def one(d: int):
             a, k = self.args.for_domain(env, d)
