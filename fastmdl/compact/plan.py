@@ -749,6 +749,8 @@ class _Builder:
             step.prepack((x_shape[0], x_shape[1], h, w_))
             if step.prepacked is not None:  # oneDNN's copy of the packed weights
                 self._count(step.prepacked, [])
+            if step.whole is not None and step.whole.prepacked is not None:
+                self._count([step.whole.prepacked], [])  # and of the all-rows weight
         return step
 
     def _winograd(self, m: PrunedConv2d, x_shape, out_shape) -> bool:
