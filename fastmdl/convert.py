@@ -14,7 +14,7 @@ from . import _domain, channels_last, graph
 from .conv_heads import ClassPadding, ConvHeads
 from .head_path import find_head
 from .layers import BatchNorm2d, Conv2d, DomainHeads, _check_classes, _check_num_domains
-from .masks import MaskGroup
+from .masks import MaskGroup, Segment
 
 
 class MultiDomainModel(nn.Module):
@@ -86,11 +86,11 @@ class MultiDomainModel(nn.Module):
                 continue
             n = info.module.weight.numel()
             total += n
-            if not g.is_frozen(info.out_space):
+            if not all(g.is_frozen(sp) for sp, _, _ in info.out_axis.segments):
                 continue
             layers.append((info.name, n))
             width = info.in_axis.width if info.in_axis is not None else 0
-            frozen_in = (sum(w for sp, w in info.in_axis.segments if g.is_frozen(sp))
+            frozen_in = (sum(w for sp, _, w in info.in_axis.segments if g.is_frozen(sp))
                          if info.in_axis is not None else 0)
             stuck += n * (frozen_in / width if width else 1.0)
         held = sum(n for _, n in layers)
@@ -311,11 +311,18 @@ def _wire_masks(module: nn.Module, g: graph.ChannelGraph) -> List[MaskGroup]:
             c.mask_block = g.block(root)
         scores_of[root] = scores
         groups.append(MaskGroup(members[0], tuple(members), scores, g.block(root)))
+    def masked(axis: graph.Axis) -> Optional[List[Segment]]:
+        segs = [Segment(scores_of.get(g.find(s)), w, g.block(s), first)
+                for s, first, w in axis.segments]
+        return segs if any(seg.scores is not None for seg in segs) else None
+
     for info in g.layers.values():
-        if info.kind == "conv" and g.find(info.out_space) not in scores_of:
+        if info.kind == "conv" and (info.out_space is None
+                                    or g.find(info.out_space) not in scores_of):
             info.module.prunable = False
             info.module.scores.requires_grad_(False)
+            if info.out_space is None:  # a depthwise conv over parts of several groups
+                info.module.out_segments = masked(info.out_axis)
         if info.kind == "bn":
-            segs = [(scores_of.get(g.find(s)), w, g.block(s)) for s, w in info.in_axis.segments]
-            info.module.mask_segments = segs if any(p is not None for p, _, _ in segs) else None
+            info.module.mask_segments = masked(info.in_axis)
     return groups

@@ -31,7 +31,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import graph
 from .masks import segment_masks
 
 METRICS = ("params", "flops")
@@ -131,8 +130,8 @@ def multidomain_layers(model, input_size: Optional[Tuple[int, int, int]] = None,
         in_masks = segment_masks(g.segments(info.in_axis), d, hard=hard, device=device)
         layer = CostLayer(info.name, info.kind, in_masks, repeat=info.in_axis.repeat)
         if info.kind == "conv":
-            out_axis = graph.Axis(((info.out_space, m.out_channels),))
-            layer.out_masks = segment_masks(g.segments(out_axis), d, hard=hard, device=device)
+            layer.out_masks = segment_masks(g.segments(info.out_axis), d, hard=hard,
+                                            device=device)
             layer.kernel = math.prod(m.kernel_size)
             layer.groups, layer.bias = m.groups, m.bias is not None
             layer.in_per_group = m.weight.shape[1] if m.groups > 1 else 0

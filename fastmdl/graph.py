@@ -45,7 +45,7 @@ import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -54,12 +54,14 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from . import _domain
+from .channel_select import ChannelSelect
 from .channels_last import ChannelLayerNorm
 from .conv_heads import ConvHeads, PrunedConvHeads
 from .layers import BatchNorm2d, Conv2d, DomainHeads
+from .masks import Segment
 from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads
 
-LEAVES = (Conv2d, BatchNorm2d, DomainHeads, ConvHeads, ChannelLayerNorm)
+LEAVES = (Conv2d, BatchNorm2d, DomainHeads, ConvHeads, ChannelLayerNorm, ChannelSelect)
 # fastmdl.Conv2d is an nn.Conv2d; PrunedLinear an nn.Linear.
 _CONVS = (nn.Conv2d, PrunedConv2d)
 _BNS = (BatchNorm2d, nn.BatchNorm2d, PrunedBatchNorm2d)
@@ -115,20 +117,48 @@ def shape_propagate(gm: fx.GraphModule, example: torch.Tensor, *more: Any) -> No
 
 # -- channel spaces ---------------------------------------------------------------------
 
+# A run of an axis: (space id, first channel, width), channels
+# first .. first + width - 1 of that space, in order.
+Run = Tuple[int, int, int]
+
+
 @dataclass(frozen=True)
 class Axis:
-    """A channel axis: consecutive (space id, width) segments, each channel
-    repeated ``repeat`` times (a flattened (C, H, W) map has repeat H*W).
-    ``keeps_zeros`` is False for a gate (a sigmoid's output): its channels are the
-    spaces' but a channel a domain masks is not 0 there."""
+    """A channel axis: consecutive runs, each (space id, first channel, width) of
+    one space's channels in order (a whole space is (s, 0, its width); a shuffled
+    or split tensor holds parts of spaces), each channel repeated ``repeat`` times
+    (a flattened (C, H, W) map has repeat H*W). ``keeps_zeros`` is False for a
+    gate (a sigmoid's output): its channels are the spaces' but a channel a domain
+    masks is not 0 there."""
 
-    segments: Tuple[Tuple[int, int], ...]
+    segments: Tuple[Run, ...]
     repeat: int = 1
     keeps_zeros: bool = True
 
+    @classmethod
+    def of(cls, space: int, width: int) -> "Axis":
+        """The axis of one whole space of ``width`` channels."""
+        return cls(((space, 0, width),))
+
     @property
     def width(self) -> int:
-        return sum(w for _, w in self.segments)
+        return sum(w for _, _, w in self.segments)
+
+    def channels(self) -> List[Tuple[int, int]]:
+        """(space, channel) of every position of the axis (repeats not expanded)."""
+        return [(s, a + i) for s, a, w in self.segments for i in range(w)]
+
+    def select(self, index: Sequence[int]) -> "Axis":
+        """The axis of ``x[:, index]`` (``index`` into this axis' positions)."""
+        labels = self.channels()
+        runs: List[List[int]] = []
+        for j in index:
+            s, c = labels[j]
+            if runs and runs[-1][0] == s and runs[-1][1] + runs[-1][2] == c:
+                runs[-1][2] += 1
+            else:
+                runs.append([s, c, 1])
+        return dataclasses.replace(self, segments=tuple(tuple(r) for r in runs))
 
 
 @dataclass
@@ -139,8 +169,11 @@ class LayerInfo:
     kind: str  # "conv", "bn", "linear" or "head"
     module: nn.Module
     in_axis: Optional[Axis]
-    out_space: Optional[int] = None
+    out_space: Optional[int] = None  # the one whole space it writes, if it writes one
     out_hw: Tuple[int, ...] = ()  # the output's pixels (a convolution's, a conv head's)
+    # What a convolution writes: the out space, or for a depthwise one over parts of
+    # several spaces (a shuffled tensor) its input's runs.
+    out_axis: Optional[Axis] = None
 
 
 @dataclass
@@ -154,6 +187,10 @@ class ChannelGraph:
     frozen: List[bool] = field(default_factory=list)
     blocks: List[int] = field(default_factory=list)
     head: Optional[str] = None
+    # Channel selections the analysis followed (a shuffle, a split's part, a slice),
+    # in graph order: node name -> (the node whose channels it selects, the index
+    # into them, that node's axis).
+    selects: Dict[str, Tuple[str, torch.Tensor, Axis]] = field(default_factory=dict)
 
     def new_space(self, width: int, frozen: bool = False) -> int:
         self.parent.append(len(self.parent))
@@ -194,8 +231,13 @@ class ChannelGraph:
 
     def freeze(self, axis: Optional[Axis]) -> None:
         if axis is not None:
-            for s, _ in axis.segments:
+            for s, _, _ in axis.segments:
                 self.frozen[self.find(s)] = True
+
+    def is_whole(self, run: Run) -> bool:
+        """Whether ``run`` holds every channel of its space."""
+        s, first, width = run
+        return first == 0 and width == self.widths[self.find(s)]
 
     def is_frozen(self, s: int) -> bool:
         return self.frozen[self.find(s)]
@@ -206,17 +248,18 @@ class ChannelGraph:
         out = {}
         for info in self.layers.values():
             m = info.module
-            if (info.kind == "conv" and isinstance(m, Conv2d)
+            if (info.kind == "conv" and isinstance(m, Conv2d) and info.out_space is not None
                     and (m.groups == 1 or tied_block(m)) and m.prunable
                     and not self.is_frozen(info.out_space)):
                 out[self.find(info.out_space)] = m.scores
         return out
 
-    def segments(self, axis: Axis) -> List[Tuple[Optional[nn.Parameter], int, int]]:
-        """``axis`` as (scores, width, block) segments (see ``fastmdl.masks.Segment``),
-        scores None where channels are kept whole."""
+    def segments(self, axis: Axis) -> List[Segment]:
+        """``axis`` as :class:`fastmdl.masks.Segment` runs, scores None where channels
+        are kept whole."""
         scores = self.scores_by_root()
-        return [(scores.get(self.find(s)), w, self.block(s)) for s, w in axis.segments]
+        return [Segment(scores.get(self.find(s)), w, self.block(s), first)
+                for s, first, w in axis.segments]
 
     def groups(self) -> Dict[int, List[str]]:
         """Unfrozen spaces (roots) -> the convolutions that write them, in graph order
@@ -282,9 +325,11 @@ _FLATTEN = {torch.flatten, "flatten", "view", "reshape"}
 _REDUCE = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
 
 
-def analyse(gm: fx.GraphModule) -> ChannelGraph:
+def analyse(gm: fx.GraphModule, selections: bool = True) -> ChannelGraph:
     """Label every node of a shape-propagated trace with channel spaces (see the
-    module docstring) and collect the layers."""
+    module docstring) and collect the layers. ``selections=False`` keeps the spaces
+    of channel shuffles, splits and slices whole (for a pass that cannot rewrite
+    them the way ``fastmdl.prune`` does)."""
     g = ChannelGraph()
     labels: Dict[fx.Node, Optional[Axis]] = {}
     modules = dict(gm.named_modules())
@@ -298,7 +343,7 @@ def analyse(gm: fx.GraphModule) -> ChannelGraph:
         s = shape(node)
         if s is None or len(s) < 2:
             return None
-        return Axis(((g.new_space(s[1], frozen), s[1]),))
+        return Axis.of(g.new_space(s[1], frozen), s[1])
 
     def tensor_args(node) -> List[Any]:
         found: List[Any] = []
@@ -306,9 +351,15 @@ def analyse(gm: fx.GraphModule) -> ChannelGraph:
         return [a for a in found if isinstance(a, fx.Node) and shape(a) is not None]
 
     def tie(a: Axis, b: Axis) -> Axis:
-        if a.repeat == b.repeat and [w for _, w in a.segments] == [w for _, w in b.segments]:
-            for (sa, _), (sb, _) in zip(a.segments, b.segments):
-                g.union(sa, sb)
+        if a.repeat == b.repeat and [r[2] for r in a.segments] == [r[2] for r in b.segments]:
+            for ra, rb in zip(a.segments, b.segments):
+                if g.is_whole(ra) and g.is_whole(rb):
+                    g.union(ra[0], rb[0])
+                elif not (g.find(ra[0]) == g.find(rb[0]) and ra[1] == rb[1]):
+                    # Parts of two spaces meet: keep both whole (a union of spaces
+                    # is all or nothing).
+                    g.freeze(Axis((ra,)))
+                    g.freeze(Axis((rb,)))
         else:
             g.freeze(a)
             g.freeze(b)
@@ -328,11 +379,67 @@ def analyse(gm: fx.GraphModule) -> ChannelGraph:
             if axis is not None and not axis.keeps_zeros:
                 g.freeze(axis)
 
+    # Selections followed over several nodes: a shuffle's grouped view and its
+    # transpose (node -> (source, the source's channels as laid out in dims 1, 2)),
+    # and a split's tuple (node -> (source, each part's channels)).
+    grouped: Dict[fx.Node, Tuple[fx.Node, torch.Tensor]] = {}
+    splits: Dict[fx.Node, Tuple[fx.Node, List[torch.Tensor]]] = {}
+
+    def select(node, source, index: torch.Tensor) -> Axis:
+        g.selects[node.name] = (source.name, index, labels[source])
+        return labels[source].select(index.tolist())
+
+    def follow(node) -> Tuple[bool, Optional[Axis]]:
+        """(True, label) if ``node`` is a channel selection or a step of one."""
+        first = node.args[0] if node.args else None
+        if not isinstance(first, fx.Node):
+            return False, None
+        if first in grouped:
+            src, idx = grouped[first]
+            step = _shuffle_step(node, shape(first), shape(node), shape(src))
+            if step == "transpose":
+                grouped[node] = (src, idx.t())
+            elif step == "keep":
+                grouped[node] = (src, idx)
+            elif step == "merge":
+                return True, select(node, src, idx.reshape(-1))
+            return step is not None, None
+        if first in splits:
+            part = node.args[1] if len(node.args) > 1 else None
+            if node.op == "call_function" and node.target is operator.getitem and \
+                    isinstance(part, int) and -len(splits[first][1]) <= part < len(splits[first][1]):
+                return True, select(node, splits[first][0], splits[first][1][part])
+            return False, None
+        axis = labels.get(first)
+        s_in, s_out = shape(first), shape(node)
+        if axis is None or axis.repeat != 1 or s_in is None or len(s_in) < 2:
+            return False, None
+        index = _selection(node, modules, s_in, s_out)
+        if index is not None:
+            return True, select(node, first, index)
+        if _splits_view(node, s_in, s_out):
+            grouped[node] = (first, torch.arange(s_in[1]).view(s_out[1], s_out[2]))
+            return True, None
+        parts = _split_parts(node, s_in)
+        if parts is not None:
+            splits[node] = (first, parts)
+            return True, None
+        return False, None
+
     for node in gm.graph.nodes:
         op, target = node.op, node.target
         first = node.args[0] if node.args else None
         in_axis = labels.get(first) if isinstance(first, fx.Node) else None
         out: Optional[Axis]
+        if selections:
+            handled, out = follow(node)
+            if handled:
+                labels[node] = out
+                continue
+            for a in node.all_input_nodes:  # a selection read some other way
+                src = grouped.get(a, splits.get(a, (None,)))[0]
+                if src is not None:
+                    g.freeze(labels.get(src))
         if not _reads_gates(node, modules):
             freeze_gates(node)
         if op == "placeholder":
@@ -355,13 +462,18 @@ def analyse(gm: fx.GraphModule) -> ChannelGraph:
                 s = shape(node)
                 if m.groups == 1:
                     width = m.weight.shape[0]
-                    out = Axis(((g.new_space(width), width),))
-                elif tied_block(m) and len(in_axis.segments) == 1:
+                    out = Axis.of(g.new_space(width), width)
+                elif tied_block(m) and len(in_axis.segments) == 1 and \
+                        g.is_whole(in_axis.segments[0]):
                     # Output group j reads input group j alone: the same space, so
                     # the filters are removed with the channels they read, a whole
                     # group at a time (a depthwise conv's groups are single channels).
                     out = in_axis
                     g.tie_blocks(in_axis.segments[0][0], tied_block(m))
+                elif selections and is_depthwise(m) and in_axis.repeat == 1:
+                    # Over parts of several spaces (a shuffled tensor): filter c still
+                    # reads channel c alone and is kept exactly where channel c is.
+                    out = in_axis
                 else:  # other grouped convs (and grouped ones over a concatenation)
                     g.freeze(in_axis)
                     out = fresh(node)
@@ -370,8 +482,10 @@ def analyse(gm: fx.GraphModule) -> ChannelGraph:
                     # A fused residual add: the output lives in the residual's space.
                     r_axis = labels.get(residual)
                     out = tie(out, r_axis) if r_axis is not None else unknown(node)
-                g.layers[target] = LayerInfo(target, "conv", m, in_axis, out.segments[0][0],
-                                             tuple(s[2:]))
+                one = len(out.segments) == 1 and g.is_whole(out.segments[0])
+                g.layers[target] = LayerInfo(target, "conv", m, in_axis,
+                                             out.segments[0][0] if one else None,
+                                             tuple(s[2:]), out_axis=out)
             elif isinstance(m, _BNS) and in_axis is not None:
                 seen_modules[target] = in_axis
                 out = in_axis
@@ -424,6 +538,112 @@ def analyse(gm: fx.GraphModule) -> ChannelGraph:
                 out = unknown(node)
         labels[node] = out
     return g
+
+
+_VIEWS = {torch.reshape, "view", "reshape"}
+_COPIES = {torch.clone, "contiguous", "clone"}
+_SPLIT_OPS = {torch.chunk, torch.split, "chunk", "split"}
+_CHANNEL_SHUFFLES = {getattr(torch, "channel_shuffle", None), getattr(F, "channel_shuffle", None),
+                     getattr(torch, "native_channel_shuffle", None)} - {None}
+
+
+def _key(node: fx.Node) -> Any:
+    return node.target if node.op in ("call_function", "call_method") else None
+
+
+def _shuffle_index(channels: int, groups: int) -> torch.Tensor:
+    """The channel shuffle's selection: output channel b*g + a is input channel
+    a*(C/g) + b (view as (g, C/g), transpose, view back)."""
+    return torch.arange(channels).view(groups, channels // groups).t().reshape(-1)
+
+
+def _splits_view(node: fx.Node, s_in, s_out) -> bool:
+    """Whether ``node`` views (N, C, ...) as (N, g, C/g, ...): a channel shuffle's first step."""
+    return (_key(node) in _VIEWS and s_out is not None and len(s_out) == len(s_in) + 1
+            and s_out[0] == s_in[0] and tuple(s_out[3:]) == tuple(s_in[2:])
+            and s_out[1] * s_out[2] == s_in[1])
+
+
+def _shuffle_step(node: fx.Node, s_first, s_out, s_src) -> Optional[str]:
+    """What ``node`` does to a grouped view (N, a, b, ...) of a tensor of shape
+    ``s_src``: "transpose" (swaps a and b), "keep" (a copy), "merge" (back to
+    ``s_src``, dims 1 and 2 merged in order), or None (anything else)."""
+    key, rank = _key(node), len(s_first)
+    rest = list(node.args[1:])
+    if key in _COPIES and not rest and set(node.kwargs) <= {"memory_format"}:
+        return "keep"
+    if key in (torch.transpose, "transpose") and len(rest) == 2 and not node.kwargs and \
+            all(isinstance(d, int) for d in rest) and {d % rank for d in rest} == {1, 2}:
+        return "transpose"
+    if key in (torch.permute, "permute") and not node.kwargs:
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        if all(isinstance(d, int) for d in dims) and \
+                [d % rank for d in dims] == [0, 2, 1] + list(range(3, rank)):
+            return "transpose"
+    if s_out is None or tuple(s_out) != tuple(s_src):
+        return None
+    if key in _VIEWS:
+        return "merge"  # (N, a, b, ...) to (N, a*b, ...): only a merge of dims 1, 2 gives it
+    if key in (torch.flatten, "flatten"):
+        dims = list(node.args[1:3]) + [node.kwargs.get(k) for k in ("start_dim", "end_dim")
+                                       if k in node.kwargs]
+        if len(dims) == 2 and all(isinstance(d, int) for d in dims) and \
+                [d % rank for d in dims] == [1, 2]:
+            return "merge"
+    return None
+
+
+def _selection(node: fx.Node, modules, s_in, s_out) -> Optional[torch.Tensor]:
+    """The channels ``node`` picks from its first input (``y = x[:, index]``) if it is
+    a channel selection of one step: a :class:`ChannelSelect`, ``nn.ChannelShuffle``
+    or ``torch.channel_shuffle``, or a slice of dim 1 (``x[:, a:b]``); else None."""
+    channels = s_in[1]
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, ChannelSelect) and m.in_channels_needed <= channels:
+            return m.index.detach().cpu()
+        if isinstance(m, nn.ChannelShuffle) and len(node.args) == 1 and channels % m.groups == 0:
+            return _shuffle_index(channels, m.groups)
+        return None
+    if node.op == "call_function" and node.target in _CHANNEL_SHUFFLES and len(node.args) == 2 \
+            and not node.kwargs and isinstance(node.args[1], int) and node.args[1] > 0 \
+            and channels % node.args[1] == 0:
+        return _shuffle_index(channels, node.args[1])
+    if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
+        key = node.args[1]
+        if not isinstance(key, tuple) or len(key) < 2 or key[0] != slice(None) or \
+                not isinstance(key[1], slice) or \
+                not all(k == slice(None) or k is Ellipsis for k in key[2:]):
+            return None
+        sl = key[1]
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool))
+                   for v in (sl.start, sl.stop, sl.step)):
+            return None
+        picked = list(range(channels))[sl]
+        if picked and s_out is not None and len(s_out) == len(s_in) and s_out[1] == len(picked):
+            return torch.tensor(picked, dtype=torch.int64)
+    return None
+
+
+def _split_parts(node: fx.Node, s_in) -> Optional[List[torch.Tensor]]:
+    """Each part's channels if ``node`` splits its input along dim 1 (``x.chunk(2, 1)``,
+    ``torch.split``) and only indexing by a number reads the parts; else None."""
+    if _key(node) not in _SPLIT_OPS:
+        return None
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    meta = node.meta.get("tensor_meta")
+    if not isinstance(dim, int) or dim % len(s_in) != 1 or \
+            not isinstance(meta, (tuple, list)) or isinstance(meta, TensorMetadata) or \
+            not all(isinstance(m, TensorMetadata) for m in meta):
+        return None
+    if not all(u.op == "call_function" and u.target is operator.getitem
+               and isinstance(u.args[1], int) for u in node.users):
+        return None
+    widths = [int(m.shape[1]) for m in meta]
+    if sum(widths) != s_in[1] or not all(w > 0 for w in widths):
+        return None
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    return [torch.arange(a, a + w) for a, w in zip(starts, widths)]
 
 
 def _reads_gates(node: fx.Node, modules) -> bool:

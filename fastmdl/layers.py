@@ -60,6 +60,8 @@ class Conv2d(nn.Conv2d):
     scores: its filter c is masked exactly where input channel c is; so does a
     grouped one with C_in = C_out, whose channels then go in blocks of
     ``mask_block`` = C/groups (one decision per block: a group is kept or removed).
+    A depthwise convolution over parts of several groups (after a channel shuffle)
+    masks its output with its input's masks, ``out_segments``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -73,6 +75,10 @@ class Conv2d(nn.Conv2d):
         self.prunable = True
         # Filters kept or removed together, in blocks (a grouped conv's groups).
         self.mask_block = 1
+        # Set by convert for a depthwise convolution over parts of several groups
+        # (a shuffled tensor): its output is masked like its input, run by run,
+        # instead of by its own scores.
+        self.out_segments: Optional[List[Segment]] = None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, num_domains: int, score_init: float = 1.0) -> "Conv2d":
@@ -97,6 +103,9 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor, domain: Optional[_domain.Domain] = None) -> torch.Tensor:
         domain = _resolve_domain(self, x, domain)
         y = self._conv_forward(x, self.weight, self.bias)
+        if self.out_segments is not None:
+            return apply_mask(y, segment_masks(self.out_segments, self.num_domains,
+                                               device=x.device), domain)
         return apply_mask(y, self.masks(), domain) if self.prunable else y
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

@@ -14,16 +14,22 @@ straight-through gradient to every score.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-# A channel axis described as consecutive segments; a segment is (scores, width,
-# block) for channels masked by a group's scores in blocks of `block`, or (None,
-# width, 1) for channels that are never pruned (the image, outputs of layers
-# fastmdl cannot prune).
-Segment = Tuple[Optional[nn.Parameter], int, int]
+class Segment(NamedTuple):
+    """A run of a channel axis: ``width`` channels masked by a group's ``scores``
+    (its columns ``start`` .. ``start + width - 1``; a shuffled or split tensor
+    holds parts of groups) in blocks of ``block``, or, with ``scores`` None,
+    channels that are never pruned (the image, outputs of layers fastmdl cannot
+    prune)."""
+
+    scores: Optional[nn.Parameter]
+    width: int
+    block: int = 1
+    start: int = 0
 
 
 def hard_mask(scores: torch.Tensor, block: int = 1) -> torch.Tensor:
@@ -49,12 +55,19 @@ def segment_masks(segments: Sequence[Segment], num_domains: int, *, hard: bool =
     """(D, C) mask of a channel axis made of ``segments``: binarised scores where a
     segment has scores, ones where it has none. ``hard`` detaches the scores."""
     parts = []
-    for scores, width, block in segments:
+    decided = {}  # one binarisation per group, however many runs it has here
+    for seg in segments:
+        scores, width, block = seg[0], seg[1], seg[2]
+        start = seg[3] if len(seg) > 3 else 0
         if scores is None:
             parts.append(torch.ones((num_domains, width), device=device, dtype=dtype))
-        else:
+            continue
+        key = (id(scores), block)
+        if key not in decided:
             m = hard_mask(scores, block).to(dtype) if hard else binarize(scores, block).to(dtype)
-            parts.append(m.to(device) if device is not None else m)
+            decided[key] = m.to(device) if device is not None else m
+        m = decided[key]
+        parts.append(m if start == 0 and width == m.shape[1] else m[:, start:start + width])
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import graph
+from .channel_select import ChannelSelect
 from .conv_heads import ClassPadding, ConvHeads, PrunedConvHeads
 from .convert import MultiDomainModel, _traced
 from .cost import baseline_costs
@@ -60,14 +61,16 @@ def prune(model: MultiDomainModel, *, fuse: bool = True) -> PrunedModel:
     gm = _traced(inner, example, model.input_size)
     g = graph.analyse(gm)
     kept, masks = _kept_channels(g, model.num_domains, p.device)
+    _keep_selections_nonempty(g, kept)
 
     def axis_masks(axis: graph.Axis):
-        """(kept index, (D, kept) masks) of an input axis, in the axis' channel order."""
+        """(kept index, (D, kept) masks) of an axis, in the axis' channel order."""
         idx, ms, start = [], [], 0
-        for s, w in axis.segments:
+        for s, first, w in axis.segments:
             root = g.find(s)
-            idx.append(kept[root] + start)
-            ms.append(masks[root][:, kept[root]])
+            k = _within(kept[root], first, w)
+            idx.append(k - first + start)
+            ms.append(masks[root][:, k])
             start += w
         idx, m = torch.cat(idx), torch.cat(ms, dim=1)
         if axis.repeat > 1:
@@ -81,14 +84,13 @@ def prune(model: MultiDomainModel, *, fuse: bool = True) -> PrunedModel:
         m = info.module
         in_idx, in_m = axis_masks(info.in_axis)
         if info.kind == "conv":
-            root = g.find(info.out_space)
-            out_idx = kept[root]
+            out_idx, out_m = axis_masks(info.out_axis)
             w, groups = _conv_weight(name, m, in_idx, out_idx)
             shift = None
             if m.bias is not None:
                 shift = m.bias[out_idx].expand(model.num_domains, -1)
             replacements[name] = PrunedConv2d(
-                w, in_m, masks[root][:, out_idx], None, shift,
+                w, in_m, out_m, None, shift,
                 stride=m.stride, padding=m.padding, dilation=m.dilation, groups=groups,
                 padding_mode=m.padding_mode)
         elif info.kind == "bn":
@@ -109,6 +111,7 @@ def prune(model: MultiDomainModel, *, fuse: bool = True) -> PrunedModel:
             replacements[name] = PrunedLinear(m.weight[:, in_idx], m.bias, in_m)
 
     net = _rebuild(gm, replacements)
+    _replace_selections(net, g, kept)
     if getattr(model, "class_padding", None) is not None:
         _pad_classes(net, ClassPadding(model.num_classes, p.device))
     if fuse:
@@ -166,6 +169,62 @@ def _kept_channels(g: graph.ChannelGraph, num_domains: int, device: torch.device
         kept[root] = any_domain.nonzero().squeeze(1)
         masks[root] = m
     return kept, masks
+
+
+def _within(kept: torch.Tensor, first: int, width: int) -> torch.Tensor:
+    """The entries of ``kept`` (ascending channels) in first .. first + width - 1."""
+    return kept[(kept >= first) & (kept < first + width)]
+
+
+def _kept_flags(axis: graph.Axis, g: graph.ChannelGraph, kept) -> torch.Tensor:
+    """(axis width,) bool: which positions of ``axis`` hold a kept channel."""
+    flags = []
+    for s, first, w in axis.segments:
+        f = torch.zeros(w, dtype=torch.bool)
+        f[_within(kept[g.find(s)], first, w).cpu() - first] = True
+        flags.append(f)
+    return torch.cat(flags)
+
+
+def _keep_selections_nonempty(g: graph.ChannelGraph, kept) -> None:
+    """A selection (a shuffled tensor's split half) may hold parts of spaces none of
+    whose kept channels it picks; it keeps its first channel then (one that every
+    domain may mask), so no tensor is ever empty."""
+    for _, index, axis in g.selects.values():
+        if bool(_kept_flags(axis, g, kept)[index].any()):
+            continue
+        space, channel = axis.channels()[int(index[0])]
+        root = g.find(space)
+        k = kept[root]
+        kept[root] = torch.unique(torch.cat([k, k.new_tensor([channel])]))
+
+
+def _replace_selections(gm: fx.GraphModule, g: graph.ChannelGraph, kept) -> None:
+    """Each channel selection the analysis followed (a shuffle's view, transpose and
+    view; a split's part; a slice) becomes one :class:`ChannelSelect` of the kept
+    channels: the reshape it replaces would mix the wrong channels once spaces
+    lost some."""
+    if not g.selects:
+        return
+    nodes = {n.name: n for n in gm.graph.nodes}
+    new_nodes: Dict[str, fx.Node] = {}
+    for name, (source, index, axis) in g.selects.items():
+        flags = _kept_flags(axis, g, kept)
+        position = flags.long().cumsum(0) - 1  # where each kept channel lands
+        picked = index[flags[index]]
+        layer = ChannelSelect(position[picked].to(torch.int64))
+        target = "channel_select_" + name
+        while hasattr(gm, target):
+            target = "_" + target
+        gm.add_submodule(target, layer.to(next(gm.parameters()).device))
+        node = nodes[name]
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(target, (new_nodes.get(source, nodes[source]),))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        new_nodes[name] = new
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
 
 
 def _rebuild(gm: fx.GraphModule, replacements: Dict[str, nn.Module]) -> fx.GraphModule:

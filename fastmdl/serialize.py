@@ -67,6 +67,7 @@ from torch.utils import _pytree
 
 from . import _shapes, ops
 from ._io import write_atomic_bytes
+from .channel_select import ChannelSelect
 from .channels_last import ChannelLayerNorm
 from .conv_heads import ClassPadding, PrunedConvHeads
 from .convert import INPUT_SIZE_SOURCES
@@ -110,7 +111,7 @@ _METHODS = set("""view reshape size dim flatten mean sum amax relu relu_ sigmoid
                   expand_as view_as clamp""".split())
 _PRUNED_LAYERS = {f"fastmdl.{c.__name__}": c
                   for c in (PrunedConv2d, PrunedBatchNorm2d, PrunedHeads, PrunedLinear,
-                            PrunedConvHeads, ClassPadding)}
+                            PrunedConvHeads, ClassPadding, ChannelSelect)}
 _TORCH_LAYERS = {f"torch.nn.{c.__name__}": c
                  for c in (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish,
                            nn.Hardsigmoid, nn.Mish, nn.ELU, nn.SELU, nn.Hardtanh,
@@ -834,6 +835,13 @@ def _check_layer_input(name: str, m: nn.Module, args: tuple) -> None:
         dims, axis, width = 2, 1, max(m.num_classes)
     elif isinstance(m, PrunedLinear):
         dims, axis, width = None, -1, m.weight.shape[1]
+    elif isinstance(m, ChannelSelect):
+        x = args[0] if args else None
+        _expect_layer(isinstance(x, torch.Tensor) and x.dim() >= 2
+                      and x.shape[1] >= m.in_channels_needed,
+                      f"layer {name!r} selects channels up to {m.in_channels_needed - 1}, "
+                      f"got input {_shape_of(x)}")
+        return
     else:
         return
     x = args[0] if args else None
@@ -978,6 +986,12 @@ def _pruned_layer(layer_type: str, name: str, config: dict, t: Dict[str, torch.T
                 f"got {v.dtype} {tuple(v.shape)}")
 
     D = num_domains
+    if layer_type == "fastmdl.ChannelSelect":
+        _expect(config == {}, f"layer {name!r} has config {config!r}, expected {{}}")
+        index = take("index", 1, torch.int64)
+        _expect(index.numel() > 0 and bool((index >= 0).all()) and int(index.max()) < _INT_LIMIT,
+                f"layer {name!r} must select at least one channel, each numbered from 0")
+        return ChannelSelect(index)
     if layer_type == "fastmdl.PrunedConv2d":
         return _pruned_conv(name, config, take, shaped, D, budget)
     if layer_type == "fastmdl.PrunedConvHeads":

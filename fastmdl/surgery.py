@@ -30,7 +30,7 @@ from .conv_heads import ConvHeads, PrunedConvHeads
 from .convert import MultiDomainModel, _traced
 from .cost import CostLayer, costs, describe_head
 from .layers import BatchNorm2d, Conv2d, DomainHeads
-from .masks import hard_mask
+from .masks import Segment, hard_mask
 from .pruned import PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear, PrunedModel, _csr
 
 Kept = Dict[int, torch.Tensor]
@@ -108,7 +108,9 @@ class Network:
             raise ValueError(f"running the model on example_input of shape "
                              f"{tuple(example_input.shape)} failed "
                              f"({type(e).__name__}: {e})") from e
-        self.graph = g = graph.analyse(gm)
+        # Shuffles and splits stay whole: materialise slices layers, it does not
+        # rewrite the graph's reshapes the way fastmdl.prune does.
+        self.graph = g = graph.analyse(gm, selections=False)
         self.num_domains = 1 if self.kind == "plain" else self.model.num_domains
         self.groups = [Group(r, names[0], tuple(names), g.widths[r])
                        for r, names in g.groups().items() if g.blocks[r] == 1]
@@ -139,7 +141,7 @@ class Network:
         """Kept channel positions along an input axis (before the flatten's repeat),
         and whether any of its segments is cut."""
         idx, start, cut = [], 0, False
-        for s, w in axis.segments:
+        for s, _, w in axis.segments:
             r = self.graph.find(s)
             cut = cut or (r in kept and len(kept[r]) < w)
             idx.append(self.kept_or_all(kept, r) + start)
@@ -154,7 +156,7 @@ class Network:
         for name, info in g.layers.items():
             m = info.module
             in_masks = torch.cat([self.masks[g.find(s)][:, self.kept_or_all(kept, g.find(s))]
-                                  for s, _ in info.in_axis.segments], dim=1)
+                                  for s, _, _ in info.in_axis.segments], dim=1)
             layer = CostLayer(name, info.kind, in_masks, repeat=info.in_axis.repeat)
             if info.kind == "conv":
                 r = g.find(info.out_space)
@@ -234,10 +236,10 @@ class Network:
                 _slice_bn(m, chan)
                 if isinstance(m, BatchNorm2d) and m.mask_segments is not None:
                     m.mask_segments = [
-                        (new_scores.get(g.find(s), sc) if sc is not None else None,
-                         len(self.kept_or_all(kept, g.find(s))), block)
-                        for (s, _), (sc, _, block) in zip(info.in_axis.segments,
-                                                          m.mask_segments)]
+                        Segment(new_scores.get(g.find(s), seg.scores)
+                                if seg.scores is not None else None,
+                                len(self.kept_or_all(kept, g.find(s))), seg.block)
+                        for (s, _, _), seg in zip(info.in_axis.segments, m.mask_segments)]
             else:
                 _slice_reader(m, feat)
         return model

@@ -52,7 +52,7 @@ def test_concatenation_masks_each_branch_and_the_bn_after_the_cat():
     m = fastmdl.convert(CatNet(), 2, [3, 4], input_size=(3, 8, 8))
     assert {g.members for g in m.mask_groups()} == {("a",), ("b",), ("mix",)}
     bn = m.module.bn_cat
-    assert [(w, block) for _, w, block in bn.mask_segments] == [(6, 1), (5, 1)]
+    assert [(s.width, s.block, s.start) for s in bn.mask_segments] == [(6, 1, 0), (5, 1, 0)]
     assert bn.mask_segments[0][0] is m.module.a.scores
 
 

@@ -7,10 +7,11 @@ gate's last convolution is tied to x's channels too. Blocks as MobileNetV2,
 MobileNetV3 and EfficientNet build them (tests/zoo.py) go through convert ->
 one training step -> random per-domain masks -> prune, and the pruned network
 must compute what the masked model computes, in both layouts and after
-save/load. Also: a gate used any other way keeps its channels whole; so do a
-Linear over channels-last features, a channel split and a shuffle (which the
-compact layout runs per domain); stochastic depth keeps a residual stream
-prunable; pagcp's surgery cuts depthwise convolutions with their channels."""
+save/load. Also: a gate used any other way keeps its channels whole; so does a
+Linear over channels-last features; a channel split and a shuffle carry the
+masks through (tests/test_shuffle.py has the rest); stochastic depth keeps a
+residual stream prunable; pagcp's surgery cuts depthwise convolutions with their
+channels."""
 
 import warnings
 
@@ -478,9 +479,9 @@ def test_stochastic_depth_keeps_the_residual_stream_prunable(tmp_path):
 
 class ShuffleV2Unit(nn.Module):
     """ShuffleNetV2's unit: split the channels in two, a branch (1x1, depthwise 3x3,
-    1x1) on one half, concatenate, shuffle the channels. The split and the shuffle
-    keep their channels whole; the branch's inner group prunes, and the compact
-    layout runs the split and the shuffle's views per domain."""
+    1x1) on one half, concatenate, shuffle the channels. The masks go through the
+    split and the shuffle: the stem's channels and the branch's prune, and both
+    become channel selections that the compact layout runs per domain."""
 
     def __init__(self, num_classes=5):
         super().__init__()
@@ -500,14 +501,17 @@ class ShuffleV2Unit(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def test_a_channel_split_and_shuffle_stay_whole_and_run_compact():
+def test_a_channel_split_and_shuffle_prune_and_run_compact():
     torch.manual_seed(0)
     model = _convert_frozen(ShuffleV2Unit(), 3, NUM_CLASSES, input_size=(3, 8, 8))
-    assert [g.members for g in model.mask_groups()] == [("branch.0.0", "branch.1.0")]
+    assert model.frozen_layers()["layers"] == []
+    assert [g.members for g in model.mask_groups()] == [
+        ("stem.0",), ("branch.0.0", "branch.1.0"), ("branch.2.0",)]
     _random_masks(model)
     _per_domain_statistics_at(model, 8)
     pruned = fastmdl.prune(model)
     assert pruned.net.get_submodule("branch.1.0").groups < 8
+    assert pruned.net.get_submodule("stem.0").weight.shape[0] < 16
     assert pruned.compact_plan().islands == []
     x = torch.randn(5, 3, 8, 8)
     d = torch.tensor([0, 2, 2, 1, 0])

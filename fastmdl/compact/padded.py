@@ -71,9 +71,11 @@ class Layout:
         self.support, self.slots = support, n_slots
 
 
-def _table(src: Layout, dst: Layout) -> torch.Tensor:
+def _table(src: Layout, dst: Layout, through: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(D, dst.slots) int64: for each slot of the destination, the source slot holding
-    the same union channel, or src.slots (the fill column) where the source has none."""
+    the same union channel (with ``through``, union channel ``through[c]`` for the
+    destination's channel c: a channel selection), or src.slots (the fill column)
+    where the source has none."""
     d_count = dst.support.masks.shape[0]
     out = torch.full((d_count, dst.slots), src.slots, dtype=torch.int64)
     for d in range(d_count):
@@ -81,7 +83,7 @@ def _table(src: Layout, dst: Layout) -> torch.Tensor:
         s = src.support.index(d)
         rank[s] = torch.arange(s.numel())
         t = dst.support.index(d)
-        out[d, :t.numel()] = rank[t]
+        out[d, :t.numel()] = rank[t if through is None else through[t]]
     return out
 
 
@@ -158,6 +160,11 @@ class PaddedPlan:
             return (table, scale.to(device), shift.to(device))
         if isinstance(step, S.Linear):
             return self._prepare_linear(step, device)
+        if isinstance(step, S.Select):
+            x = self._layout(step.x)
+            out = Layout(step.support, self.slots(step.support))
+            self.layouts[step.name] = out
+            return _table(x, out, step.index).to(device)
         if isinstance(step, S.Flatten):
             x = self._layout(step.x)
             pixels = step.support.width // x.support.width
@@ -363,6 +370,8 @@ class PaddedPlan:
                 self.layouts[step.name].slots, [1, 1], [1, 1], [0, 0], [1, 1], False,
                 self.backend)
             return y.reshape(y.shape[0], -1)
+        if isinstance(step, S.Select):
+            return _take(env[step.x], prep, state, self._layout(step.x).support.fill)
         if isinstance(step, S.Flatten):
             return env[step.x].flatten(1)
         if isinstance(step, S.Alias):

@@ -33,6 +33,7 @@ from torch._subclasses import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .. import graph, winograd
+from ..channel_select import ChannelSelect
 from ..conv_heads import ClassPadding, PrunedConvHeads
 from ..pruned import DOMAIN_LAYERS, PrunedBatchNorm2d, PrunedConv2d, PrunedHeads, PrunedLinear
 from . import parallel, steps as S
@@ -337,6 +338,8 @@ class _Builder:
                 return self.layer(node, m)
             if isinstance(m, PrunedLinear):
                 return self.linear(node, m)
+            if isinstance(m, ChannelSelect):
+                return self.select(node, m)
             fn: Callable = m
         elif op == "call_function":
             fn = node.target
@@ -498,6 +501,20 @@ class _Builder:
         moves = {} if sup.is_dense else {x.name: Move(sup, Support.dense(self.D, sup.width))}
         s = self.shape(node)
         return S.Map(node.name, Support.dense(self.D, s[1]), part, self.args(src, moves))
+
+    def select(self, node: fx.Node, m: ChannelSelect) -> S.Step:
+        """A pruned shuffle or split: each domain's held channels of ``x[:, index]``,
+        gathered per segment from the channels it holds of x."""
+        x = node.args[0] if node.args else None
+        if len(node.args) != 1 or node.kwargs or not isinstance(x, fx.Node) or \
+                self.kinds[x.name] != S.BATCH or not self.support_of(x).has_channels:
+            return self.island(node, m, "a channel selection of a value the analysis lost")
+        x_sup = self.support_of(x)
+        index = m.index.detach().cpu()
+        out = Support(index.numel(), x_sup.masks[:, index], x_sup.fill)
+        step = S.Select(node.name, out, x.name, index, Move(x_sup, out, index))
+        step.to(self.device)
+        return step
 
     def keep(self, node, fn, x) -> S.Step:
         sup = self.support_of(x)

@@ -609,6 +609,25 @@ class Map(Step):
         self.args.to(device)
 
 
+class Select(Step):
+    """Channels picked by a :class:`fastmdl.ChannelSelect` (a pruned channel shuffle
+    or split), ``y = x[:, index]``: per segment, the domain's held channels of y
+    gathered from the ones it holds of x (``move``, made once)."""
+
+    label = "select"
+
+    def __init__(self, name, support, x: str, index: torch.Tensor, move: Move):
+        super().__init__(name, support)
+        self.x, self.index, self.move = x, index, move
+
+    def run(self, env, state):
+        xs = env[self.x]
+        return _live_map(state, lambda d: self.move(xs[d], d))
+
+    def to(self, device):
+        self.move.to(device)
+
+
 class Flatten(Step):
     """(n, C, H, W) -> (n, C*H*W) per segment, whatever call the graph used for it
     (``torch.flatten(x, 1)``, ``x.view(x.size(0), -1)``, ``nn.Flatten()``)."""

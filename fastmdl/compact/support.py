@@ -105,10 +105,12 @@ class Reindex:
         return Reindex(self.src.to(device), dst, self.width, self.fill)
 
 
-def reindex(source: Support, target: Support) -> List[Optional[Reindex]]:
+def reindex(source: Support, target: Support,
+            through: Optional[torch.Tensor] = None) -> List[Optional[Reindex]]:
     """Per domain, the :class:`Reindex` from ``source`` to ``target`` (same union
-    width), or None where the two hold the same channels."""
-    if source.width != target.width:
+    width), or None where the two hold the same channels. With ``through``, target
+    channel j is source channel ``through[j]`` (a channel selection, ``x[:, through]``)."""
+    if through is None and source.width != target.width:
         raise ValueError(f"internal error: supports of widths {source.width} and "
                          f"{target.width} cannot be reindexed")
     if source.masks is None:
@@ -116,12 +118,13 @@ def reindex(source: Support, target: Support) -> List[Optional[Reindex]]:
     out: List[Optional[Reindex]] = []
     for d in range(source.masks.shape[0]):
         s, t = source.index(d), target.index(d)
-        if torch.equal(s, t):
+        wanted = t if through is None else through[t]  # the source channel of each
+        if torch.equal(s, wanted):
             out.append(None)
             continue
         rank = torch.full((source.width,), -1, dtype=torch.int64)
         rank[s] = torch.arange(s.numel())
-        pos = rank[t]  # where each target channel sits in the source's form, or -1
+        pos = rank[wanted]  # where each target channel sits in the source's form, or -1
         kept = pos >= 0
         if bool(kept.all()):
             out.append(Reindex(pos, None, t.numel(), source.fill))
@@ -132,11 +135,13 @@ def reindex(source: Support, target: Support) -> List[Optional[Reindex]]:
 
 class Move:
     """Domain by domain, the :class:`Reindex` that brings a batch value from its own
-    support to ``target`` (None where nothing moves)."""
+    support to ``target`` (None where nothing moves); with ``through``, to the
+    channels ``x[:, through]`` held on ``target``."""
 
-    def __init__(self, source: Support, target: Support):
-        self.source, self.target = source, target
-        self.steps = reindex(source, target)
+    def __init__(self, source: Support, target: Support,
+                 through: Optional[torch.Tensor] = None):
+        self.source, self.target, self.through = source, target, through
+        self.steps = reindex(source, target, through)
 
     @property
     def moves_anything(self) -> bool:

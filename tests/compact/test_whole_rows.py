@@ -15,13 +15,17 @@ SIZE = 12
 
 
 def _shuffle(x, groups: int = 2):
-    # -1, not x.size(0): the view reads no per-segment size, so it can run once.
+    """A channel shuffle that also transposes each image: the channel analysis
+    follows shuffles, not this, so the channels stay whole; the compact layout runs
+    its views per domain, or once over all rows. -1, not x.size(0): the view reads
+    no per-segment size, so it can run once."""
     _, c, h, w = x.shape
-    return x.view(-1, groups, c // groups, h, w).transpose(1, 2).reshape(-1, c, h, w)
+    return x.view(-1, groups, c // groups, h, w).transpose(1, 2).transpose(3, 4) \
+        .reshape(-1, c, w, h)
 
 
 class FrozenMiddle(nn.Module):
-    """Channel shuffles keep the middle convolutions' channels whole: ``mid`` (with
+    """Shuffles with a transpose (``_shuffle``) keep the middle convolutions' channels whole: ``mid`` (with
     a per-domain BatchNorm: weights that differ by a per-channel gain) and ``last``
     (no BatchNorm: the same weights for every domain). ``tail`` prunes: its
     domains write different channels, so it runs per domain."""
