@@ -396,5 +396,31 @@ def per_domain_networks(model) -> List[torch.nn.Module]:
                 continue
             parent, _, child = name.rpartition(".")
             setattr(net.get_submodule(parent) if parent else net, child, new.eval())
-        nets.append(net)
+        nets.append(_domain_selections(net, model, d))
     return nets
+
+
+def _domain_selections(net, model, d: int):
+    """``net`` (domain d's cut copy) with each channel shuffle, split and slice the
+    analysis followed made a selection of the channels domain d keeps, as
+    fastmdl.prune does for the union (a user of a per-domain tool rewrites them the
+    same way: the reshapes would mix the wrong channels)."""
+    from fastmdl import graph
+    from fastmdl.masks import hard_mask
+    from fastmdl.prune import _replace_selections
+
+    g = model._graph
+    if not g.selects:
+        return net
+    scores = g.scores_by_root()
+    kept = {}
+    for s in range(len(g.parent)):
+        root = g.find(s)
+        if root not in kept:
+            if root in scores and not g.frozen[root]:
+                kept[root] = hard_mask(scores[root].detach(), g.blocks[root])[d].nonzero()[:, 0]
+            else:
+                kept[root] = torch.arange(g.widths[root])
+    gm = graph.trace(net)
+    _replace_selections(gm, g, kept)
+    return gm.eval()

@@ -3,7 +3,8 @@
     python benchmarks/zoo_speed.py [--size 64] [--n 8] [--domains 3] [--keep 0.5]
                                    [--repeats 7] [--out benchmarks/out]
 
-For ResNet-18/50, ResNeXt-50, DenseNet-121, MobileNetV2, EfficientNet-B0, ConvNeXt-Tiny and RegNetY-400MF (the plain-PyTorch
+For ResNet-18/50, ResNeXt-50, DenseNet-121, MobileNetV2, EfficientNet-B0, ConvNeXt-Tiny,
+RegNetY-400MF and ShuffleNetV2 x1.0 (the plain-PyTorch
 look-alikes in tests/zoo.py; torchvision does not import on the CPU build of
 torch) and the block patterns of tests/families.py, each domain keeps a random
 half of every mask group's filters. The table says how much of the convolution
@@ -37,7 +38,7 @@ import fastmdl  # noqa: E402
 from fastmdl._io import write_report  # noqa: E402
 
 ARCHS = ("resnet18", "resnet50", "resnext50_32x4d", "densenet121", "mobilenet_v2",
-         "efficientnet_b0", "convnext_tiny", "regnet_y_400mf")
+         "efficientnet_b0", "convnext_tiny", "regnet_y_400mf", "shufflenet_v2_x1_0")
 # A layer scale the MLP's pruned channels show through (torchvision starts at 1e-6,
 # under which the check against the masked model would see nothing).
 _KWARGS = {"convnext_tiny": {"layer_scale": 0.5}}

@@ -1,11 +1,18 @@
 """Which channels are tied together: tracing a model with torch.fx.
 
-Every tensor's channel axis (dim 1) is labelled with the *space* its channels
-belong to: a convolution's output opens a new space; BatchNorm, ReLU, pooling,
-stochastic depth and other ops that map 0 to 0 channel-wise keep the label; an
-elementwise add/sub/mul of two tensors ties their spaces into one (a residual
-block's convolutions then share one mask); ``cat`` on channels concatenates
-labels; a flatten to features repeats each channel's label over its pixels.
+Every tensor's channel axis (dim 1) is labelled with the *space* each channel
+belongs to, as runs (space, first channel, width): a convolution's output opens
+a new space; BatchNorm, ReLU, pooling, stochastic depth and other ops that map 0
+to 0 channel-wise keep the label; an elementwise add/sub/mul of two tensors ties
+their spaces into one (a residual block's convolutions then share one mask);
+``cat`` on channels concatenates labels; a flatten to features repeats each
+channel's label over its pixels. A *selection* picks channels by a fixed index:
+a channel shuffle (view as (N, g, C/g, H, W), transpose, view back; or
+``nn.ChannelShuffle``), a part of a split (``chunk``, ``split``) or a slice of
+dim 1, so a shuffled tensor's runs interleave spaces one channel at a time. Its
+index is recorded (``ChannelGraph.selects``) for ``fastmdl.prune`` to rewrite.
+A depthwise convolution over such a mixture keeps its input's runs: filter c is
+kept exactly where its channel is, and masked like it.
 
 A depthwise convolution (groups = C_in = C_out: output channel c filters input
 channel c alone) writes the space it reads, so its filters are kept and removed
@@ -25,9 +32,10 @@ reaches the model's output other than through the classifier head, and anything
 touched by an op it does not understand (a conservative default: it can only
 cost pruning opportunities, never correctness). Frozen so far: grouped
 convolutions with C_in != C_out (a depthwise one with a channel multiplier > 1),
-grouped convolutions over a concatenation, splits of the channels (``chunk``:
-any op that returns several tensors), channel shuffles and other reshapes of
-the channel axis, and an ``nn.Linear`` over anything but (N, features), e.g. a
+grouped (not depthwise) convolutions over a concatenation or part of a space,
+splits whose parts are read other than by indexing with a number, reshapes of
+the channel axis other than a shuffle, runs of different spaces tied by an add,
+and an ``nn.Linear`` over anything but (N, features), e.g. a
 channels-last MLP after a permute that ``fastmdl/channels_last.py`` could not
 rewrite to run channels-first (``convert`` tries that first). Each unfrozen space
 becomes one mask group.

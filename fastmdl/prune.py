@@ -11,7 +11,10 @@ From the traced graph of a :class:`MultiDomainModel`:
    ``nn.Linear`` that reads pruned features is sliced along its inputs; a
    convolutional head (:class:`fastmdl.ConvHeads`) becomes
    :class:`PrunedConvHeads`, and the graph ends in the model's
-   :class:`ClassPadding` (the -inf past each domain's classes);
+   :class:`ClassPadding` (the -inf past each domain's classes); each channel
+   shuffle, split part and slice the analysis followed becomes a
+   :class:`ChannelSelect` of the kept channels (a selection that would keep none
+   keeps one channel every domain masks);
 3. fusion: a BatchNorm that only reads a convolution is folded into the
    convolution's per-domain scale and shift, and so is a product with one constant
    per channel after it (ConvNeXt's layer scale); a residual add that only reads the

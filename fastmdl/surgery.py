@@ -108,12 +108,14 @@ class Network:
             raise ValueError(f"running the model on example_input of shape "
                              f"{tuple(example_input.shape)} failed "
                              f"({type(e).__name__}: {e})") from e
-        # Shuffles and splits stay whole: materialise slices layers, it does not
-        # rewrite the graph's reshapes the way fastmdl.prune does.
-        self.graph = g = graph.analyse(gm, selections=False)
+        self.graph = g = graph.analyse(gm)
         self.num_domains = 1 if self.kind == "plain" else self.model.num_domains
+        # Channels that pass a shuffle, split or slice stay whole here: materialise
+        # slices layers, it does not rewrite the selections the way fastmdl.prune does.
+        selected = {g.find(s) for _, _, axis in g.selects.values() for s, _, _ in axis.segments}
         self.groups = [Group(r, names[0], tuple(names), g.widths[r])
-                       for r, names in g.groups().items() if g.blocks[r] == 1]
+                       for r, names in g.groups().items() if g.blocks[r] == 1
+                       and r not in selected]
         self.masks = self._domain_masks()
 
     # -- which domains use each channel ------------------------------------------------
@@ -137,16 +139,28 @@ class Network:
         """The channels of space ``root`` that ``kept`` keeps (all when it is not cut)."""
         return kept[root] if root in kept else torch.arange(self.graph.widths[root])
 
+    def _run_channels(self, kept: Kept, root: int, first: int, width: int) -> torch.Tensor:
+        """The kept channels of space ``root`` among first .. first + width - 1."""
+        k = self.kept_or_all(kept, root)
+        return k[(k >= first) & (k < first + width)]
+
     def _in_index(self, axis: graph.Axis, kept: Kept) -> Tuple[torch.Tensor, bool]:
         """Kept channel positions along an input axis (before the flatten's repeat),
-        and whether any of its segments is cut."""
+        and whether any of its runs is cut."""
         idx, start, cut = [], 0, False
-        for s, _, w in axis.segments:
+        for s, first, w in axis.segments:
             r = self.graph.find(s)
-            cut = cut or (r in kept and len(kept[r]) < w)
-            idx.append(self.kept_or_all(kept, r) + start)
+            k = self._run_channels(kept, r, first, w)
+            cut = cut or len(k) < w
+            idx.append(k - first + start)
             start += w
         return torch.cat(idx), cut
+
+    def _axis_masks(self, axis: graph.Axis, kept: Kept) -> torch.Tensor:
+        """(D, kept channels) masks of an axis."""
+        g = self.graph
+        return torch.cat([self.masks[g.find(s)][:, self._run_channels(kept, g.find(s), first, w)]
+                          for s, first, w in axis.segments], dim=1)
 
     # -- costs -------------------------------------------------------------------------
 
@@ -155,12 +169,10 @@ class Network:
         g, out = self.graph, []
         for name, info in g.layers.items():
             m = info.module
-            in_masks = torch.cat([self.masks[g.find(s)][:, self.kept_or_all(kept, g.find(s))]
-                                  for s, _, _ in info.in_axis.segments], dim=1)
+            in_masks = self._axis_masks(info.in_axis, kept)
             layer = CostLayer(name, info.kind, in_masks, repeat=info.in_axis.repeat)
             if info.kind == "conv":
-                r = g.find(info.out_space)
-                layer.out_masks = self.masks[r][:, self.kept_or_all(kept, r)]
+                layer.out_masks = self._axis_masks(info.out_axis, kept)
                 layer.kernel = math.prod(m.weight.shape[2:])
                 layer.groups, layer.pixels = m.groups, math.prod(info.out_hw)
                 layer.in_per_group = m.weight.shape[1] if m.groups > 1 else 0
@@ -220,7 +232,8 @@ class Network:
         for name, info in g.layers.items():
             m = root.get_submodule(name)
             chan, cut = self._in_index(info.in_axis, kept)
-            r_out = g.find(info.out_space) if info.kind == "conv" else None
+            r_out = g.find(info.out_space) if info.kind == "conv" and \
+                info.out_space is not None else None
             out = kept.get(r_out)
             if not cut and out is None:
                 continue
@@ -238,7 +251,8 @@ class Network:
                     m.mask_segments = [
                         Segment(new_scores.get(g.find(s), seg.scores)
                                 if seg.scores is not None else None,
-                                len(self.kept_or_all(kept, g.find(s))), seg.block)
+                                len(kept[g.find(s)]), seg.block)
+                        if g.find(s) in kept else seg
                         for (s, _, _), seg in zip(info.in_axis.segments, m.mask_segments)]
             else:
                 _slice_reader(m, feat)

@@ -24,6 +24,7 @@ ZOO = {
     # A layer scale of 0.5, not 1e-6: the MLP's pruned channels must move the output.
     "convnext_tiny": functools.partial(zoo.convnext_tiny, layer_scale=0.5),
     "regnet_y_400mf": zoo.regnet_y_400mf,
+    "shufflenet_v2_x1_0": zoo.shufflenet_v2_x1_0,
 }
 
 # torchvision's published parameter counts (the weights' meta) at 1000 classes.
@@ -36,6 +37,7 @@ TORCHVISION_PARAMS = {
     "efficientnet_b0": 5_288_548,
     "convnext_tiny": 28_589_128,
     "regnet_y_400mf": 4_344_144,
+    "shufflenet_v2_x1_0": 2_278_604,
 }
 
 

@@ -2,7 +2,7 @@
 
 torchvision's wheel cannot be imported on the test machines, so these mirror its
 ResNet-18/50, ResNeXt-50, DenseNet-121, MobileNetV2/V3, EfficientNet-B0,
-ConvNeXt-Tiny and RegNetY-400MF module by module: the
+ConvNeXt-Tiny, RegNetY-400MF and ShuffleNetV2 x1.0 module by module: the
 same layers, in the same order, under the same attribute names (so
 ``state_dict()`` keys should line up with torchvision's; the parameter counts at
 ``num_classes=1000`` are checked against torchvision's in test_zoo.py). Only
@@ -813,3 +813,76 @@ def regnet_y_400mf(num_classes: int = 10) -> RegNet:
 
     Differences: none in the layers; no weight initialisation beyond torch's."""
     return RegNet(_regnet_stages(16, 48, 27.89, 2.09, 8), 0.25, num_classes)
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """torchvision's ShuffleNetV2 shuffle, written as it writes it: sizes unpacked
+    from ``x.size()``, a floor division, view, transpose, contiguous, view."""
+    batchsize, num_channels, height, width = x.size()
+    channels_per_group = num_channels // groups
+    x = x.view(batchsize, groups, channels_per_group, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(batchsize, num_channels, height, width)
+
+
+class ShuffleUnit(nn.Module):
+    """torchvision's shufflenetv2.InvertedResidual. Stride 1: split the channels,
+    branch2 (1x1, depthwise 3x3, 1x1) on the second half, concatenate, shuffle.
+    Stride 2: branch1 (depthwise 3x3 stride 2, 1x1) and branch2 both read the whole
+    input; concatenate, shuffle."""
+
+    def __init__(self, inp: int, oup: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        half = oup // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(
+                nn.Conv2d(inp, inp, 3, stride, 1, bias=False, groups=inp), nn.BatchNorm2d(inp),
+                nn.Conv2d(inp, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+        else:
+            self.branch1 = nn.Sequential()
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(inp if stride > 1 else half, half, 1, bias=False), nn.BatchNorm2d(half),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(half, half, 3, stride, 1, bias=False, groups=half), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNetV2(nn.Module):
+    def __init__(self, repeats: Sequence[int], widths: Sequence[int], num_classes: int):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False),
+                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        cin = widths[0]
+        for name, n, cout in zip(("stage2", "stage3", "stage4"), repeats, widths[1:]):
+            units = [ShuffleUnit(cin, cout, 2)] + [ShuffleUnit(cout, cout, 1) for _ in range(n - 1)]
+            setattr(self, name, nn.Sequential(*units))
+            cin = cout
+        self.conv5 = nn.Sequential(nn.Conv2d(cin, widths[-1], 1, bias=False),
+                                   nn.BatchNorm2d(widths[-1]), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.conv1(x))
+        x = self.stage4(self.stage3(self.stage2(x)))
+        x = self.conv5(x).mean([2, 3])
+        return self.fc(x)
+
+
+def shufflenet_v2_x1_0(num_classes: int = 10) -> ShuffleNetV2:
+    """torchvision.models.shufflenet_v2_x1_0: a 3x3 stride-2 stem and max pooling,
+    three stages (4, 8, 4 units; 116, 232, 464 channels), each opening with a
+    stride-2 unit, then a 1x1 convolution to 1024 channels, a global mean and a
+    linear layer.
+
+    Differences: none in the layers; no weight initialisation beyond torch's."""
+    return ShuffleNetV2((4, 8, 4), (24, 116, 232, 464, 1024), num_classes)

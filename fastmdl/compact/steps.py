@@ -619,10 +619,22 @@ class Select(Step):
     def __init__(self, name, support, x: str, index: torch.Tensor, move: Move):
         super().__init__(name, support)
         self.x, self.index, self.move = x, index, move
+        # A domain whose part is a run of its held channels (a split's half) takes
+        # a view of them: its reader (a concatenation, a convolution) copies anyway.
+        self.runs: List[Optional[tuple]] = []
+        for r in move.steps:
+            src = None if r is None or r.dst is not None else r.src
+            whole = src is not None and src.numel() > 0 and torch.equal(
+                src, torch.arange(int(src[0]), int(src[0]) + src.numel()))
+            self.runs.append((int(src[0]), src.numel()) if whole else None)
 
     def run(self, env, state):
         xs = env[self.x]
-        return _live_map(state, lambda d: self.move(xs[d], d))
+
+        def one(d: int) -> torch.Tensor:
+            run = self.runs[d]
+            return xs[d].narrow(1, run[0], run[1]) if run is not None else self.move(xs[d], d)
+        return _live_map(state, one)
 
     def to(self, device):
         self.move.to(device)
