@@ -210,22 +210,29 @@ def _replace_selections(gm: fx.GraphModule, g: graph.ChannelGraph, kept) -> None
     if not g.selects:
         return
     nodes = {n.name: n for n in gm.graph.nodes}
-    new_nodes: Dict[str, fx.Node] = {}
+    # name -> (the node it selects from, the kept channels it picks there)
+    made: Dict[str, Tuple[fx.Node, torch.Tensor]] = {}
     for name, (source, index, axis) in g.selects.items():
         flags = _kept_flags(axis, g, kept)
         position = flags.long().cumsum(0) - 1  # where each kept channel lands
-        picked = index[flags[index]]
-        layer = ChannelSelect(position[picked].to(torch.int64))
+        picked = position[index[flags[index]]]
+        if source in made:
+            # A selection of a selection (a shuffle's split half) is one selection:
+            # one gather, and the shuffled tensor itself is never made.
+            src, inner = made[source]
+            picked = inner[picked]
+        else:
+            src = nodes[source]
         target = "channel_select_" + name
         while hasattr(gm, target):
             target = "_" + target
-        gm.add_submodule(target, layer.to(next(gm.parameters()).device))
+        gm.add_submodule(target, ChannelSelect(picked).to(next(gm.parameters()).device))
         node = nodes[name]
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(target, (new_nodes.get(source, nodes[source]),))
+            new = gm.graph.call_module(target, (src,))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
-        new_nodes[name] = new
+        made[name] = (src, picked)
     gm.graph.eliminate_dead_code()
     gm.recompile()
 
