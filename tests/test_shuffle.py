@@ -276,3 +276,46 @@ def test_pagcp_keeps_shuffled_channels_whole_and_counts_them_right():
     with torch.no_grad():
         want, got = out(x, 2), fastmdl.prune(out)(x, 2)
     torch.testing.assert_close(got, want, **TOL)
+
+
+def test_the_padded_storage_with_selections_compiles_in_one_graph():
+    torch.manual_seed(0)
+    model = _convert(ShuffleSplit("view", "chunk"))
+    set_masks(model, keep=0.5, shared=0.0, seed=3)
+    per_domain_statistics(model, SIZE)
+    pruned = fastmdl.prune(model)
+    x = torch.randn(6, 3, SIZE, SIZE)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(pruned, fullgraph=True)  # inductor
+        with torch.no_grad():
+            for d in (torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([2, 2, 0, 2, 2, 0])):
+                torch.testing.assert_close(compiled(x, d), model(x, d), **TOL)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_the_budget_sees_the_mixture_and_training_moves_both_groups():
+    """The budget's cost of the depthwise convolution over the mixture is a function
+    of both groups' masks: its gradient reaches the scores of a and b."""
+    torch.manual_seed(0)
+    model = _convert(ShuffleSplit("view", "chunk"))
+    loss = fastmdl.BudgetLoss(model, budget=0.3, metric="flops", sharing="jaccard")
+    layers = {layer.name: layer for layer in fastmdl.cost.multidomain_layers(model)}
+    assert layers["dw"].out_masks.shape == (3, 6) and layers["dw"].out_masks.requires_grad
+    loss().backward()
+    for name in ("a", "b"):
+        assert model.module.get_submodule(name)[0].scores.grad.abs().sum() > 0
+    fastmdl.train(model, [_batches(k) for k in CLASSES], epochs=1, budget=0.5,
+                  train_weights=True, progress=False, log=None, recalibrate=1)
+    pruned = fastmdl.prune(model.eval())
+    x, d = torch.randn(5, 3, SIZE, SIZE), torch.tensor([2, 0, 1, 1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x, d), model(x, d), **TOL)
+
+
+def _batches(classes: int):
+    g = torch.Generator().manual_seed(classes)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, SIZE, SIZE, generator=g),
+                                          torch.randint(0, classes, (8,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=4)

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .. import _shapes
 from . import steps as S
@@ -338,7 +339,7 @@ class PaddedPlan:
                     value = _take(value, table, state, fill)
                 return value
             return env[node.name]
-        return fx.node.map_arg(args.args, pick), fx.node.map_arg(args.kwargs, pick)
+        return _plain(fx.node.map_arg(args.args, pick)), _plain(fx.node.map_arg(args.kwargs, pick))
 
     def _run(self, step: S.Step, env, state: State) -> Any:
         prep = self.prepared[step.name]
@@ -454,6 +455,18 @@ class PaddedPlan:
             z = z + residual
         z = torch.relu(z) if step.relu else z
         return z.contiguous(memory_format=torch.channels_last)
+
+
+def _plain(value: Any) -> Any:
+    """fx's immutable lists and dicts as plain ones: torch.compile cannot pass an
+    immutable_list (``torch.cat``'s tensors) to an op."""
+    if isinstance(value, immutable_list) or type(value) is list:
+        return [_plain(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, immutable_dict) or type(value) is dict:
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _rowwise_depthwise(x: torch.Tensor, weight: torch.Tensor, step: S.Conv) -> torch.Tensor:
