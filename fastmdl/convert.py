@@ -317,12 +317,14 @@ def _wire_masks(module: nn.Module, g: graph.ChannelGraph) -> List[MaskGroup]:
         return segs if any(seg.scores is not None for seg in segs) else None
 
     for info in g.layers.values():
+        if info.kind == "conv":
+            # A depthwise conv over parts of several groups is masked like its input.
+            info.module.out_segments = masked(info.out_axis) if info.out_space is None \
+                else None
         if info.kind == "conv" and (info.out_space is None
                                     or g.find(info.out_space) not in scores_of):
             info.module.prunable = False
             info.module.scores.requires_grad_(False)
-            if info.out_space is None:  # a depthwise conv over parts of several groups
-                info.module.out_segments = masked(info.out_axis)
         if info.kind == "bn":
             info.module.mask_segments = masked(info.in_axis)
     return groups

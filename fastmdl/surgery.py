@@ -111,8 +111,12 @@ class Network:
         self.graph = g = graph.analyse(gm)
         self.num_domains = 1 if self.kind == "plain" else self.model.num_domains
         # Channels that pass a shuffle, split or slice stay whole here: materialise
-        # slices layers, it does not rewrite the selections the way fastmdl.prune does.
+        # slices layers, it does not rewrite the selections the way fastmdl.prune
+        # does; nor a depthwise convolution's over several groups (masked run by run).
         selected = {g.find(s) for _, _, axis in g.selects.values() for s, _, _ in axis.segments}
+        selected |= {g.find(s) for info in g.layers.values()
+                     if info.kind == "conv" and info.out_space is None
+                     for s, _, _ in info.out_axis.segments}
         self.groups = [Group(r, names[0], tuple(names), g.widths[r])
                        for r, names in g.groups().items() if g.blocks[r] == 1
                        and r not in selected]

@@ -319,3 +319,39 @@ def _batches(classes: int):
     data = torch.utils.data.TensorDataset(torch.randn(8, 3, SIZE, SIZE, generator=g),
                                           torch.randint(0, classes, (8,), generator=g))
     return torch.utils.data.DataLoader(data, batch_size=4)
+
+
+class CatDepthwise(nn.Module):
+    """A depthwise convolution (with a bias) over the concatenation of two groups:
+    the same mixture as a shuffle's, in whole runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _cbr(3, 5), _cbr(3, 4)
+        self.dw = nn.Conv2d(9, 9, 3, padding=1, groups=9)
+        self.c = _cbr(9, 6)
+        self.head = nn.Linear(6, CLASSES[0])
+
+    def forward(self, x):
+        y = self.dw(torch.cat([self.a(x), self.b(x)], 1))
+        return self.head(self.c(F.relu(y)).mean((2, 3)))
+
+
+def test_a_depthwise_convolution_over_a_concatenation_prunes_with_both_groups(tmp_path):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = _convert(CatDepthwise())
+    assert [s.width for s in model.module.dw.out_segments] == [5, 4]
+    set_masks(model, keep=0.5, shared=0.0, seed=4)
+    per_domain_statistics(model, SIZE)
+    pruned = fastmdl.prune(model)
+    kept = [pruned.net.get_submodule(n).weight.shape[0] for n in ("a.0", "b.0", "dw")]
+    assert kept[2] == kept[0] + kept[1] < 9
+    check_every_layout(pruned, model, "CatDepthwise", SIZE, **TOL)
+    # PAGCP's surgery does not cut the groups the depthwise convolution mixes.
+    x, y = torch.randn(6, 3, SIZE, SIZE), torch.randint(0, 3, (6,))
+    tasks = {"all": lambda net: float(F.cross_entropy(net(x, 0)[:, :3], y))}
+    with torch.no_grad():
+        out, report = fastmdl.pagcp(model, tasks, initial_threshold=5.0, ratios=(0.5,))
+    assert {r.name for r in report.groups} == {"c.0"}
