@@ -30,9 +30,14 @@ from .support import Move, Support
 BATCH, PER_PART, PLAIN, DOMAIN = "batch", "per-part", "plain", "domain"
 
 # A pointwise convolution goes to BLAS below these sizes (multiply-adds of the
-# call; elements of its weight), to oneDNN above them (measured, NOTES.md).
+# call; elements of its weight), to oneDNN above them; and to oneDNN for a tall,
+# narrow product: 8 to 15 filters over at most 16 input channels and at least
+# 2048 pixel rows (Fire's and SqueezeNet's layers; measured, NOTES.md).
 POINTWISE_BLAS_MACS = 1 << 24
 POINTWISE_BLAS_WEIGHTS = 1 << 16
+POINTWISE_NARROW_FILTERS = range(8, 16)
+POINTWISE_NARROW_INPUTS = 16
+POINTWISE_MANY_ROWS = 2048
 
 # oneDNN's fused convolution on prepacked weights (what inductor's CPU freezing
 # uses), where this build of torch has it.
@@ -385,9 +390,13 @@ class Conv(Step):
         return _live_map(state, one)
 
     def _blas(self, x: torch.Tensor, w: torch.Tensor) -> bool:
-        return (self.pointwise and x.is_contiguous(memory_format=torch.channels_last)
+        if not (self.pointwise and x.is_contiguous(memory_format=torch.channels_last)
                 and x.numel() * w.shape[0] <= POINTWISE_BLAS_MACS
-                and w.shape[0] * w.shape[1] <= POINTWISE_BLAS_WEIGHTS)
+                and w.shape[0] * w.shape[1] <= POINTWISE_BLAS_WEIGHTS):
+            return False
+        cout, cin = w.shape[0], w.shape[1]
+        return not (cout in POINTWISE_NARROW_FILTERS and cin <= POINTWISE_NARROW_INPUTS
+                    and x.numel() >= POINTWISE_MANY_ROWS * max(1, x.shape[1]))
 
     def _apply(self, x: torch.Tensor, r: Optional[torch.Tensor], d: int) -> torch.Tensor:
         """Domain d's convolution of ``x`` (already in its input support), plus ``r``

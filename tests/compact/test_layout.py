@@ -334,3 +334,59 @@ def test_the_domain_workers_leave_other_threads_thread_count_alone():
     t.start()
     t.join()
     assert torch.get_num_threads() == before and seen == [before]
+
+
+def test_pointwise_convolutions_choose_blas_or_onednn_by_shape():
+    """The rule in steps.Conv._blas (measured in benchmarks/NOTES.md): BLAS for small
+    products, oneDNN for large ones and for tall, narrow ones (8-15 filters over at
+    most 16 channels and 2048 or more pixel rows); both give the same result."""
+    from fastmdl.compact import steps as S
+
+    p = fastmdl.prune(trained(TinyVGG))
+    plan = p.compact_plan()
+    conv = next(s for s in plan.steps if isinstance(s, S.Conv))
+    conv.pointwise = True  # the rule only: which path a 1x1 call of these shapes takes
+
+    def blas(rows_hw, cin, cout):
+        x = torch.randn(2, cin, *rows_hw).contiguous(memory_format=torch.channels_last)
+        return conv._blas(x, torch.randn(cout, cin, 1, 1))
+
+    assert blas((8, 8), 16, 10)  # 128 rows: BLAS
+    assert not blas((32, 32), 16, 10)  # 2048 rows, 10 filters over 16 channels: oneDNN
+    assert blas((32, 32), 16, 4)  # 4 filters: BLAS was faster
+    assert blas((32, 32), 32, 8)  # 32 channels in: BLAS
+    assert blas((32, 32), 16, 16)  # 16 filters: BLAS
+    assert not blas((64, 64), 256, 256)  # past the multiply-add bound: oneDNN
+    assert not conv._blas(torch.randn(2, 16, 32, 32), torch.randn(10, 16, 1, 1))  # NCHW input
+
+
+def test_narrow_pointwise_layers_on_onednn_equal_the_masked_model():
+    """Fire's squeeze/expand layers at 64x64: several domains' calls take the
+    oneDNN path of the rule above; the compact batch still equals the masked model."""
+    import families
+    from layouts import check_every_layout, per_domain_statistics
+    from pruned_model import set_masks
+    from fastmdl.compact import steps as S
+
+    torch.manual_seed(0)
+    model = fastmdl.convert(families.fire(), 3, [10, 4, 7], input_size=(3, 64, 64))
+    set_masks(model, keep=0.5, shared=0.0, seed=0)
+    per_domain_statistics(model, 64)
+    pruned = fastmdl.prune(model)
+    taken = []
+    blas = S.Conv._blas
+
+    def spy(self, x, w):
+        chose = blas(self, x, w)
+        if self.pointwise:
+            taken.append((chose, w.shape[0], x.numel() // x.shape[1]))
+        return chose
+
+    S.Conv._blas = spy
+    try:
+        check_every_layout(pruned, model, "fire at 64x64", 64, **TOL)
+    finally:
+        S.Conv._blas = blas
+    onednn = [(cout, rows) for chose, cout, rows in taken if not chose]
+    assert onednn and all(8 <= cout < 16 and rows >= 2048 for cout, rows in onednn)
+    assert any(chose for chose, _, _ in taken)
