@@ -14,8 +14,21 @@ ops it replaced.
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 from torch import nn
+
+
+def as_run(index: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """(first, count) if the 1-D ``index`` is first, first + 1, ..., first + count - 1
+    (then ``x[:, index]`` is the view ``x.narrow(1, first, count)``); else None."""
+    idx = index.cpu()
+    if idx.numel() == 0:
+        return None
+    first = int(idx[0])
+    whole = torch.equal(idx, torch.arange(first, first + idx.numel(), dtype=idx.dtype))
+    return (first, int(idx.numel())) if whole else None
 
 
 class ChannelSelect(nn.Module):
@@ -38,11 +51,8 @@ class ChannelSelect(nn.Module):
 
     def _refresh(self) -> None:
         # Plain Python facts, so the forward pass reads no tensor to decide its path.
-        idx = self.index.cpu()
-        first = int(idx[0])
-        steps = torch.arange(first, first + idx.numel())
-        self._run = (first, int(idx.numel())) if torch.equal(idx, steps) else None
-        self._needs = int(idx.max()) + 1
+        self._run = as_run(self.index)
+        self._needs = int(self.index.max()) + 1
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

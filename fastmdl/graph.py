@@ -130,6 +130,12 @@ def shape_propagate(gm: fx.GraphModule, example: torch.Tensor, *more: Any) -> No
 Run = Tuple[int, int, int]
 
 
+def in_run(channels: torch.Tensor, first: int, width: int) -> torch.Tensor:
+    """The entries of ``channels`` (a space's channel numbers, ascending) that a run
+    holds: those in first .. first + width - 1."""
+    return channels[(channels >= first) & (channels < first + width)]
+
+
 @dataclass(frozen=True)
 class Axis:
     """A channel axis: consecutive runs, each (space id, first channel, width) of
@@ -550,7 +556,8 @@ def analyse(gm: fx.GraphModule, selections: bool = True) -> ChannelGraph:
 
 _VIEWS = {torch.reshape, "view", "reshape"}
 _COPIES = {torch.clone, "contiguous", "clone"}
-_SPLIT_OPS = {torch.chunk, torch.split, "chunk", "split"}
+# Ops that cut a tensor into parts (the compact plan runs frozen ones per domain).
+SPLIT_OPS = {torch.chunk, torch.split, "chunk", "split"}
 _CHANNEL_SHUFFLES = {getattr(torch, "channel_shuffle", None), getattr(F, "channel_shuffle", None),
                      getattr(torch, "native_channel_shuffle", None)} - {None}
 
@@ -636,7 +643,7 @@ def _selection(node: fx.Node, modules, s_in, s_out) -> Optional[torch.Tensor]:
 def _split_parts(node: fx.Node, s_in) -> Optional[List[torch.Tensor]]:
     """Each part's channels if ``node`` splits its input along dim 1 (``x.chunk(2, 1)``,
     ``torch.split``) and only indexing by a number reads the parts; else None."""
-    if _key(node) not in _SPLIT_OPS:
+    if _key(node) not in SPLIT_OPS:
         return None
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     meta = node.meta.get("tensor_meta")

@@ -57,8 +57,7 @@ def segment_masks(segments: Sequence[Segment], num_domains: int, *, hard: bool =
     parts = []
     decided = {}  # one binarisation per group, however many runs it has here
     for seg in segments:
-        scores, width, block = seg[0], seg[1], seg[2]
-        start = seg[3] if len(seg) > 3 else 0
+        scores, width, block, start = Segment(*seg)  # (scores, width, block) too
         if scores is None:
             parts.append(torch.ones((num_domains, width), device=device, dtype=dtype))
             continue

@@ -71,7 +71,7 @@ def prune(model: MultiDomainModel, *, fuse: bool = True) -> PrunedModel:
         idx, ms, start = [], [], 0
         for s, first, w in axis.segments:
             root = g.find(s)
-            k = _within(kept[root], first, w)
+            k = graph.in_run(kept[root], first, w)
             idx.append(k - first + start)
             ms.append(masks[root][:, k])
             start += w
@@ -174,17 +174,12 @@ def _kept_channels(g: graph.ChannelGraph, num_domains: int, device: torch.device
     return kept, masks
 
 
-def _within(kept: torch.Tensor, first: int, width: int) -> torch.Tensor:
-    """The entries of ``kept`` (ascending channels) in first .. first + width - 1."""
-    return kept[(kept >= first) & (kept < first + width)]
-
-
 def _kept_flags(axis: graph.Axis, g: graph.ChannelGraph, kept) -> torch.Tensor:
     """(axis width,) bool: which positions of ``axis`` hold a kept channel."""
     flags = []
     for s, first, w in axis.segments:
         f = torch.zeros(w, dtype=torch.bool)
-        f[_within(kept[g.find(s)], first, w).cpu() - first] = True
+        f[graph.in_run(kept[g.find(s)], first, w).cpu() - first] = True
         flags.append(f)
     return torch.cat(flags)
 

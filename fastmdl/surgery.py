@@ -143,18 +143,13 @@ class Network:
         """The channels of space ``root`` that ``kept`` keeps (all when it is not cut)."""
         return kept[root] if root in kept else torch.arange(self.graph.widths[root])
 
-    def _run_channels(self, kept: Kept, root: int, first: int, width: int) -> torch.Tensor:
-        """The kept channels of space ``root`` among first .. first + width - 1."""
-        k = self.kept_or_all(kept, root)
-        return k[(k >= first) & (k < first + width)]
-
     def _in_index(self, axis: graph.Axis, kept: Kept) -> Tuple[torch.Tensor, bool]:
         """Kept channel positions along an input axis (before the flatten's repeat),
         and whether any of its runs is cut."""
         idx, start, cut = [], 0, False
         for s, first, w in axis.segments:
             r = self.graph.find(s)
-            k = self._run_channels(kept, r, first, w)
+            k = graph.in_run(self.kept_or_all(kept, r), first, w)
             cut = cut or len(k) < w
             idx.append(k - first + start)
             start += w
@@ -163,7 +158,8 @@ class Network:
     def _axis_masks(self, axis: graph.Axis, kept: Kept) -> torch.Tensor:
         """(D, kept channels) masks of an axis."""
         g = self.graph
-        return torch.cat([self.masks[g.find(s)][:, self._run_channels(kept, g.find(s), first, w)]
+        return torch.cat([self.masks[g.find(s)][:, graph.in_run(self.kept_or_all(kept, g.find(s)),
+                                                                first, w)]
                           for s, first, w in axis.segments], dim=1)
 
     # -- costs -------------------------------------------------------------------------

@@ -8,8 +8,10 @@ groups the batch by domain, runs the steps, and puts the result back in the
 caller's order: no channel gather, no zero-filled output and no argument check
 inside the network.
 
-Ops on channels the analysis keeps whole (a gate's sigmoid, a channel shuffle's
-view and transpose, a split of the channels) run per domain on every channel;
+A channel shuffle or split that prune made a ``ChannelSelect`` is a per-domain
+gather made once (``steps.Select``). Ops on channels the analysis keeps whole (a
+gate's sigmoid, a shuffle or split it did not follow) run per domain on every
+channel;
 nodes the analysis cannot follow run as *union islands* (``steps.Island``):
 counted in :attr:`CompactPlan.islands`, so a user can see what stays slow.
 A convolution or map whose every domain holds every channel (a frozen layer)
@@ -60,7 +62,6 @@ _INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
 _SHAPE_METHODS = {"size", "dim"}
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
 _FLATTENS = {torch.flatten, "flatten", "view", "reshape"}
-_SPLITS = {torch.chunk, torch.split, "chunk", "split"}
 _RESHAPES = {torch.reshape, "view", "reshape", torch.transpose, "transpose", torch.permute,
              "permute"}
 _PARTS = "parts"  # a split's tuple: no step of its own (see _Builder.split_part)
@@ -471,8 +472,8 @@ class _Builder:
         """Whether ``node`` cuts a batch value into a tuple along a non-batch dim
         (``x.chunk(2, 1)``: ShuffleNet's split) with sizes fixed in the graph, and
         only indexing reads the tuple."""
-        if not ((node.op == "call_function" and node.target in _SPLITS) or
-                (node.op == "call_method" and node.target in _SPLITS)):
+        if not ((node.op == "call_function" and node.target in graph.SPLIT_OPS) or
+                (node.op == "call_method" and node.target in graph.SPLIT_OPS)):
             return False
         x = node.args[0] if node.args else None
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)

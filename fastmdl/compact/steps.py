@@ -17,13 +17,14 @@ weight packed per domain; at run time they only call the framework's kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from .. import _shapes
+from ..channel_select import as_run
 from .segments import Segments
 from .support import Move, Support
 
@@ -630,12 +631,8 @@ class Select(Step):
         self.x, self.index, self.move = x, index, move
         # A domain whose part is a run of its held channels (a split's half) takes
         # a view of them: its reader (a concatenation, a convolution) copies anyway.
-        self.runs: List[Optional[tuple]] = []
-        for r in move.steps:
-            src = None if r is None or r.dst is not None else r.src
-            whole = src is not None and src.numel() > 0 and torch.equal(
-                src, torch.arange(int(src[0]), int(src[0]) + src.numel()))
-            self.runs.append((int(src[0]), src.numel()) if whole else None)
+        self.runs: List[Optional[Tuple[int, int]]] = [
+            None if r is None or r.dst is not None else as_run(r.src) for r in move.steps]
 
     def run(self, env, state):
         xs = env[self.x]

@@ -148,7 +148,7 @@ class Move:
 
     def __init__(self, source: Support, target: Support,
                  through: Optional[torch.Tensor] = None):
-        self.source, self.target, self.through = source, target, through
+        self.source, self.target = source, target
         self.steps = reindex(source, target, through)
 
     @property
